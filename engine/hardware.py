@@ -1,0 +1,160 @@
+"""The one place that detects devices and their abilities.
+
+Nothing else in the project looks at torch.cuda or /proc/cpuinfo to decide anything.
+"""
+from __future__ import annotations
+
+import os
+import platform
+from dataclasses import asdict, dataclass, field
+
+import psutil
+
+
+@dataclass(frozen=True)
+class CudaDevice:
+    index: int
+    name: str
+    vram_bytes: int
+    capability: tuple[int, int]
+
+
+@dataclass(frozen=True)
+class CpuInfo:
+    model: str
+    vendor: str
+    logical_cores: int
+    avx2: bool = False
+    avx512: bool = False
+    avx512_bf16: bool = False
+    amx_bf16: bool = False
+    amx_int8: bool = False
+
+    @property
+    def has_fast_bf16(self) -> bool:
+        """bf16 matmuls in hardware (AVX512-BF16 or AMX); elsewhere bf16 is emulated and slower than fp32."""
+        return self.avx512_bf16 or self.amx_bf16
+
+
+@dataclass(frozen=True)
+class HardwareReport:
+    cpu: CpuInfo
+    ram_total_bytes: int
+    cuda_devices: tuple[CudaDevice, ...] = ()
+    mps_available: bool = False
+    openvino_devices: tuple[str, ...] = ()
+    openvino_version: str | None = None
+    torch_version: str = ""
+    notes: tuple[str, ...] = field(default_factory=tuple)
+
+    @property
+    def has_cuda(self) -> bool:
+        return bool(self.cuda_devices)
+
+    @property
+    def intel_cpu(self) -> bool:
+        return "intel" in self.cpu.vendor.lower()
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def __str__(self) -> str:
+        gib = 1024**3
+        c = self.cpu
+        feats = [n for n, on in (("AVX2", c.avx2), ("AVX-512", c.avx512), ("AVX512-BF16", c.avx512_bf16),
+                                 ("AMX-BF16", c.amx_bf16), ("AMX-INT8", c.amx_int8)) if on]
+        lines = [
+            f"CPU: {c.model} ({c.vendor}), {c.logical_cores} logical cores; features: {', '.join(feats) or 'none of note'}",
+            f"RAM: {self.ram_total_bytes / gib:.1f} GiB",
+        ]
+        if self.cuda_devices:
+            for d in self.cuda_devices:
+                lines.append(f"CUDA {d.index}: {d.name}, {d.vram_bytes / gib:.1f} GiB VRAM, "
+                             f"compute capability {d.capability[0]}.{d.capability[1]}")
+        else:
+            lines.append("CUDA: none")
+        lines.append(f"MPS: {'yes' if self.mps_available else 'no'}")
+        if self.openvino_version:
+            lines.append(f"OpenVINO {self.openvino_version}: devices {', '.join(self.openvino_devices) or 'none'}")
+        else:
+            lines.append("OpenVINO: not installed")
+        lines.append(f"torch {self.torch_version}")
+        lines.extend(self.notes)
+        return "\n".join(lines)
+
+
+def parse_cpuinfo(text: str, logical_cores: int | None = None) -> CpuInfo:
+    """Read model, vendor and SIMD/AMX features from /proc/cpuinfo text."""
+    model, vendor, flags = "unknown CPU", "unknown", set()
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        key = key.strip()
+        if key == "model name" and model == "unknown CPU":
+            model = value.strip()
+        elif key == "vendor_id" and vendor == "unknown":
+            vendor = value.strip()
+        elif key == "flags" and not flags:
+            flags = set(value.split())
+    if vendor == "GenuineIntel":
+        vendor = "Intel"
+    elif vendor == "AuthenticAMD":
+        vendor = "AMD"
+    return CpuInfo(
+        model=model,
+        vendor=vendor,
+        logical_cores=logical_cores or os.cpu_count() or 1,
+        avx2="avx2" in flags,
+        avx512="avx512f" in flags,
+        avx512_bf16="avx512_bf16" in flags,
+        amx_bf16="amx_bf16" in flags,
+        amx_int8="amx_int8" in flags,
+    )
+
+
+def _detect_cpu() -> CpuInfo:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            return parse_cpuinfo(f.read(), psutil.cpu_count(logical=True))
+    except OSError:
+        return CpuInfo(model=platform.processor() or platform.machine(), vendor="unknown",
+                       logical_cores=psutil.cpu_count(logical=True) or 1)
+
+
+def _detect_cuda() -> tuple[CudaDevice, ...]:
+    import torch
+
+    if not torch.cuda.is_available():
+        return ()
+    devices = []
+    for i in range(torch.cuda.device_count()):
+        p = torch.cuda.get_device_properties(i)
+        devices.append(CudaDevice(index=i, name=p.name, vram_bytes=int(p.total_memory),
+                                  capability=(p.major, p.minor)))
+    return tuple(devices)
+
+
+def _detect_openvino() -> tuple[tuple[str, ...], str | None]:
+    try:
+        import openvino as ov
+    except Exception:  # not installed or broken install: report, don't fail
+        return (), None
+    try:
+        return tuple(ov.Core().available_devices), ov.get_version()
+    except Exception:
+        return (), ov.get_version()
+
+
+def detect() -> HardwareReport:
+    import torch
+
+    ov_devices, ov_version = _detect_openvino()
+    mps = bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())
+    return HardwareReport(
+        cpu=_detect_cpu(),
+        ram_total_bytes=psutil.virtual_memory().total,
+        cuda_devices=_detect_cuda(),
+        mps_available=mps,
+        openvino_devices=ov_devices,
+        openvino_version=ov_version,
+        torch_version=torch.__version__,
+    )

@@ -1,0 +1,405 @@
+"""Resolve a model source and load it as a diffusers pipeline.
+
+Sources: `builtin:NAME` (built here from a fixed seed), a local diffusers folder, a
+single `.safetensors` / `.ckpt` file, or a hub id. The family (sd1, sd2, sdxl) is read
+from the files and picks the matching diffusers pipeline class.
+"""
+from __future__ import annotations
+
+import json
+import re
+import struct
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from .errors import ModelLoadError
+
+SD_SCHEDULER_CONFIG = {
+    "num_train_timesteps": 1000,
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "prediction_type": "epsilon",
+    "steps_offset": 1,
+    "timestep_spacing": "leading",
+}
+SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+FAMILIES = ("sd1", "sd2", "sdxl")
+
+
+@dataclass
+class ModelSource:
+    kind: str  # builtin | folder | file | hub
+    value: str  # builtin name, path, or hub id
+    text: str  # what the user typed
+
+    @property
+    def path(self) -> Path:
+        return Path(self.value)
+
+
+@dataclass
+class LoadedModel:
+    pipe: Any  # a diffusers StableDiffusionPipeline or StableDiffusionXLPipeline
+    family: str
+    name: str
+    source: ModelSource
+    load_seconds: float
+    scheduler_config: dict = field(default_factory=dict)
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return int(self.pipe.vae_scale_factor)
+
+    @property
+    def native_size(self) -> int:
+        return int(self.pipe.unet.config.sample_size) * self.vae_scale_factor
+
+    @property
+    def is_sdxl(self) -> bool:
+        return self.family == "sdxl"
+
+
+# ---------------------------------------------------------------- built-in models
+
+
+def _text_config(vocab_size: int, hidden: int, layers: int, heads: int, inter: int, eos_id: int, bos_id: int,
+                 act: str = "quick_gelu", projection_dim: int | None = None):
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(
+        vocab_size=vocab_size, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+        intermediate_size=inter, max_position_embeddings=77, hidden_act=act,
+        projection_dim=projection_dim or hidden, bos_token_id=bos_id, eos_token_id=eos_id, pad_token_id=eos_id,
+    )
+
+
+def _vae(block_out: tuple[int, ...], layers: int, groups: int, sample_size: int, scaling: float):
+    from diffusers import AutoencoderKL
+
+    n = len(block_out)
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4,
+        down_block_types=("DownEncoderBlock2D",) * n, up_block_types=("UpDecoderBlock2D",) * n,
+        block_out_channels=block_out, layers_per_block=layers, norm_num_groups=groups,
+        sample_size=sample_size, scaling_factor=scaling,
+    )
+
+
+def _build_sd(size: str):
+    from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    from .vocab import load_tokenizer
+
+    tokenizer = load_tokenizer()
+    eos, bos = tokenizer.eos_token_id, tokenizer.bos_token_id
+    if size == "tiny":
+        text_config = _text_config(len(tokenizer), 32, 2, 4, 64, eos, bos)
+        unet = UNet2DConditionModel(
+            sample_size=32, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+            cross_attention_dim=32, attention_head_dim=8, norm_num_groups=32,
+        )
+        vae = _vae((16, 32, 32, 32), 1, 16, 256, 0.18215)
+    else:  # the SD 1.5 architecture
+        text_config = _text_config(49408, 768, 12, 12, 3072, eos, bos)
+        unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768, attention_head_dim=8)
+        vae = _vae((128, 256, 512, 512), 2, 32, 512, 0.18215)
+    text_encoder = CLIPTextModel(text_config)
+    scheduler = EulerDiscreteScheduler(**SD_SCHEDULER_CONFIG)
+    return StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+
+
+def _build_sdxl(size: str):
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    from .vocab import load_tokenizer
+
+    tokenizer = load_tokenizer()
+    tokenizer_2 = load_tokenizer()
+    eos, bos = tokenizer.eos_token_id, tokenizer.bos_token_id
+    if size == "tiny":
+        te1 = _text_config(len(tokenizer), 32, 2, 4, 64, eos, bos)
+        te2 = _text_config(len(tokenizer), 32, 2, 4, 64, eos, bos, act="gelu", projection_dim=32)
+        unet = UNet2DConditionModel(
+            sample_size=32, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+            attention_head_dim=(2, 4), use_linear_projection=True, transformer_layers_per_block=(1, 2),
+            addition_embed_type="text_time", addition_time_embed_dim=8,
+            projection_class_embeddings_input_dim=6 * 8 + 32, cross_attention_dim=64, norm_num_groups=32,
+        )
+        vae = _vae((16, 32, 32, 32), 1, 16, 256, 0.13025)
+    else:  # the SDXL base architecture
+        te1 = _text_config(49408, 768, 12, 12, 3072, eos, bos)
+        te2 = _text_config(49408, 1280, 32, 20, 5120, eos, bos, act="gelu", projection_dim=1280)
+        unet = UNet2DConditionModel(
+            sample_size=128, block_out_channels=(320, 640, 1280),
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+            transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20), use_linear_projection=True,
+            cross_attention_dim=2048, addition_embed_type="text_time", addition_time_embed_dim=256,
+            projection_class_embeddings_input_dim=2816,
+        )
+        vae = _vae((128, 256, 512, 512), 2, 32, 1024, 0.13025)
+    scheduler = EulerDiscreteScheduler(**SD_SCHEDULER_CONFIG)
+    return StableDiffusionXLPipeline(
+        vae=vae, text_encoder=CLIPTextModel(te1), text_encoder_2=CLIPTextModelWithProjection(te2),
+        tokenizer=tokenizer, tokenizer_2=tokenizer_2, unet=unet, scheduler=scheduler,
+    )
+
+
+# name -> (family, builder, description)
+BUILTINS: dict[str, tuple[str, Callable[[], Any], str]] = {
+    "tiny": ("sd1", lambda: _build_sd("tiny"), "SD 1.x architecture, tiny widths, random weights (tests, demos)"),
+    "tiny-sdxl": ("sdxl", lambda: _build_sdxl("tiny"), "SDXL architecture, tiny widths, random weights (tests)"),
+    "sd15": ("sd1", lambda: _build_sd("sd15"), "SD 1.5 architecture, full size, random weights (benchmarks)"),
+    "sdxl": ("sdxl", lambda: _build_sdxl("sdxl"), "SDXL base architecture, full size, random weights (benchmarks)"),
+}
+BUILTIN_SEED = 0
+
+
+def build_builtin(name: str):
+    family, builder, _ = BUILTINS[name]
+    # A fixed seed without disturbing the caller's global RNG.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(BUILTIN_SEED)
+        pipe = builder()
+    pipe.set_progress_bar_config(disable=True)
+    return family, pipe
+
+
+# ---------------------------------------------------------------- resolving a source
+
+
+def resolve_source(text: str, *, models_dir: Path | None = None, allow_any_path: bool = True) -> ModelSource:
+    """Decide what kind of source `text` names, without loading anything.
+
+    With allow_any_path=False (what remote UI users get) only builtins, hub ids and names
+    inside `models_dir` are accepted: no absolute paths, no `..`, no symlinks out of it.
+    """
+    text = (text or "").strip()
+    if not text:
+        raise ModelLoadError("No model given: use builtin:tiny, a hub id, a diffusers folder or a .safetensors file.")
+    if text.startswith("builtin:"):
+        name = text.split(":", 1)[1]
+        if name not in BUILTINS:
+            raise ModelLoadError(f"Unknown built-in model {text!r}; built-ins are: "
+                                 + ", ".join(f"builtin:{n}" for n in BUILTINS) + ".")
+        return ModelSource("builtin", name, text)
+
+    if not allow_any_path:
+        candidate = _inside_models_dir(text, models_dir)
+        if candidate is not None:
+            return _local_source(candidate, text)
+        if HUB_ID.match(text) and ".." not in text:
+            return ModelSource("hub", text, text)
+        raise ModelLoadError(f"{text!r} is neither a model under the models folder nor a hub id (owner/name).")
+
+    path = Path(text).expanduser()
+    if path.exists():
+        return _local_source(path, text)
+    if models_dir is not None and (Path(models_dir) / text).exists():
+        return _local_source(Path(models_dir) / text, text)
+    looks_like_path = text.startswith(("/", ".", "~")) or text.lower().endswith(SINGLE_FILE_SUFFIXES) or "\\" in text
+    if HUB_ID.match(text) and not looks_like_path:
+        return ModelSource("hub", text, text)
+    raise ModelLoadError(f"Model not found: {text!r} does not exist (expected a diffusers folder, "
+                         f"a .safetensors/.ckpt file, a hub id like owner/name, or builtin:tiny).")
+
+
+def _inside_models_dir(text: str, models_dir: Path | None) -> Path | None:
+    if models_dir is None:
+        return None
+    if Path(text).is_absolute() or ".." in Path(text).parts:
+        raise ModelLoadError("Model names must be plain names inside the models folder (no absolute paths or '..').")
+    root = Path(models_dir).resolve()
+    candidate = root / text
+    if not candidate.exists() and not candidate.is_symlink():
+        return None
+    real = candidate.resolve()
+    if real != root and root not in real.parents:
+        raise ModelLoadError(f"{text!r} points outside the models folder; refused.")
+    return real
+
+
+def _local_source(path: Path, text: str) -> ModelSource:
+    if path.is_dir():
+        return ModelSource("folder", str(path), text)
+    if path.suffix.lower() in SINGLE_FILE_SUFFIXES:
+        return ModelSource("file", str(path), text)
+    raise ModelLoadError(f"{text!r} is not a model: expected a diffusers folder or a "
+                         f"{'/'.join(SINGLE_FILE_SUFFIXES)} file.")
+
+
+# ---------------------------------------------------------------- family detection
+
+
+def family_of_folder(folder: Path) -> str:
+    index = folder / "model_index.json"
+    if not index.is_file():
+        raise ModelLoadError(f"{folder} is not a diffusers model folder (it has no model_index.json).")
+    try:
+        class_name = json.loads(index.read_text(encoding="utf-8")).get("_class_name", "")
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"{index} is damaged: {e}") from None
+    if "XL" in class_name or (folder / "text_encoder_2").is_dir():
+        return "sdxl"
+    te_config = folder / "text_encoder" / "config.json"
+    try:
+        hidden = json.loads(te_config.read_text(encoding="utf-8")).get("hidden_size")
+    except (OSError, ValueError):
+        hidden = None
+    return "sd2" if hidden == 1024 else "sd1"
+
+
+def family_of_keys(keys: set[str] | list[str]) -> str:
+    """SD family from the key names of an original-format (LDM) checkpoint."""
+    keys = set(keys)
+    if any(k.startswith("conditioner.embedders.1.") for k in keys) or "model.diffusion_model.label_emb.0.0.weight" in keys:
+        return "sdxl"
+    if any(k.startswith("cond_stage_model.model.") for k in keys):
+        return "sd2"
+    if any(k.startswith("model.diffusion_model.") for k in keys):
+        return "sd1"
+    raise ModelLoadError("This file is not a Stable Diffusion checkpoint (no model.diffusion_model weights found).")
+
+
+def checkpoint_keys(path: Path) -> list[str]:
+    """Key names of a single-file checkpoint; pickles only through weights_only=True."""
+    if path.suffix.lower() == ".safetensors":
+        return list(_safetensors_header(path))
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # weights_only refuses code; truncated zips fail here too
+        raise ModelLoadError(f"Could not read {path.name} as a weights-only checkpoint: {_one_line(e)}") from None
+    while isinstance(state, dict) and "state_dict" in state:
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise ModelLoadError(f"{path.name} does not hold a state dict.")
+    return list(state)
+
+
+def _safetensors_header(path: Path) -> dict:
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        if len(raw) < 8:
+            raise ModelLoadError(f"{path.name} is truncated or not a safetensors file.")
+        (n,) = struct.unpack("<Q", raw)
+        if n > min(size - 8, 100 * 1024 * 1024):
+            raise ModelLoadError(f"{path.name} is truncated or not a safetensors file.")
+        try:
+            header = json.loads(f.read(n))
+        except ValueError:
+            raise ModelLoadError(f"{path.name} has a damaged safetensors header.") from None
+    header.pop("__metadata__", None)
+    end = max((v["data_offsets"][1] for v in header.values()), default=0)
+    if 8 + n + end > size:
+        raise ModelLoadError(f"{path.name} is truncated: it is {size} bytes but its header needs {8 + n + end}.")
+    return header
+
+
+# ---------------------------------------------------------------- loading
+
+
+def pipeline_class(family: str):
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    return StableDiffusionXLPipeline if family == "sdxl" else StableDiffusionPipeline
+
+
+def _family_kwargs(family: str) -> dict:
+    return {} if family == "sdxl" else {"safety_checker": None, "requires_safety_checker": False}
+
+
+def load_model(text: str, *, models_dir: Path | None = None, allow_any_path: bool = True,
+               config_dir: str | Path | None = None) -> LoadedModel:
+    """Load a model source as a pipeline on CPU in fp32; runtimes move and convert it."""
+    source = resolve_source(text, models_dir=models_dir, allow_any_path=allow_any_path)
+    start = time.perf_counter()
+    if source.kind == "builtin":
+        family, pipe = build_builtin(source.value)
+    elif source.kind == "folder":
+        family = family_of_folder(source.path)
+        pipe = _guarded(lambda: pipeline_class(family).from_pretrained(source.value, **_family_kwargs(family)),
+                        source)
+    elif source.kind == "file":
+        family = family_of_keys(checkpoint_keys(source.path))
+        pipe = _load_single_file(source, family, config_dir)
+    else:
+        pipe, family = _load_hub(source)
+    pipe.set_progress_bar_config(disable=True)
+    return LoadedModel(pipe=pipe, family=family, name=source.text, source=source,
+                       load_seconds=time.perf_counter() - start,
+                       scheduler_config=dict(pipe.scheduler.config))
+
+
+def _load_single_file(source: ModelSource, family: str, config_dir) -> Any:
+    cls = pipeline_class(family)
+    kwargs = _family_kwargs(family)
+    if config_dir is not None:
+        kwargs["config"] = str(config_dir)
+    try:
+        return cls.from_single_file(source.value, **kwargs)
+    except Exception as e:
+        if _is_network_error(e):
+            raise ModelLoadError(
+                f"{source.path.name} is a {family} checkpoint, but its diffusers config could not be fetched from "
+                f"the hub (no network). Pass --model-config DIR with a diffusers folder of the same architecture."
+            ) from None
+        raise ModelLoadError(f"Could not load {source.path.name}: {_one_line(e)}") from None
+
+
+def _load_hub(source: ModelSource):
+    from diffusers import DiffusionPipeline
+
+    try:
+        pipe = DiffusionPipeline.from_pretrained(source.value, safety_checker=None)
+    except Exception as e:
+        if _is_network_error(e):
+            raise ModelLoadError(f"Could not download {source.value!r} from the Hugging Face hub: no network "
+                                 f"connection, and it is not in the local cache.") from None
+        raise ModelLoadError(f"Could not load {source.value!r} from the hub: {_one_line(e)}") from None
+    name = type(pipe).__name__
+    if name not in ("StableDiffusionPipeline", "StableDiffusionXLPipeline"):
+        raise ModelLoadError(f"{source.value!r} is a {name}; only Stable Diffusion 1.x/2.x and SDXL are supported.")
+    family = "sdxl" if "XL" in name else ("sd2" if pipe.text_encoder.config.hidden_size == 1024 else "sd1")
+    return pipe, family
+
+
+def _guarded(load: Callable[[], Any], source: ModelSource):
+    try:
+        return load()
+    except Exception as e:
+        raise ModelLoadError(f"Could not load {source.text!r}: {_one_line(e)}") from None
+
+
+def _is_network_error(e: BaseException) -> bool:
+    from huggingface_hub.errors import LocalEntryNotFoundError, OfflineModeIsEnabled
+
+    seen = 0
+    while e is not None and seen < 10:
+        if isinstance(e, (LocalEntryNotFoundError, OfflineModeIsEnabled, ConnectionError, TimeoutError)):
+            return True
+        text = str(e).lower()
+        if any(s in text for s in ("connection", "offline", "name or service not known", "resolve host",
+                                    "cannot reach", "network")):
+            return True
+        e = e.__cause__ or e.__context__
+        seen += 1
+    return False
+
+
+def _one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split())
+    return (text[:300] + "...") if len(text) > 300 else (text or type(e).__name__)

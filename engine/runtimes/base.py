@@ -1,0 +1,66 @@
+"""The small interface every runtime implements."""
+from __future__ import annotations
+
+import contextlib
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+from ..hardware import HardwareReport
+from ..options import Optimizations
+
+
+@dataclass
+class WarmupResult:
+    width: int
+    height: int
+    batch_size: int
+    seconds: float
+    compiled: bool  # False: the shape was already warm
+
+
+class Runtime(ABC):
+    """Prepares a loaded pipeline's heavy components for the hardware; tasks then run the pipeline.
+
+    Runtimes swap or compile components (unet, vae, text encoders) in place, the way OneDiff
+    does; the pipeline stays a diffusers pipeline.
+    """
+
+    name: str = "base"
+
+    def __init__(self, hardware: HardwareReport, optimizations: Optimizations):
+        self.hardware = hardware
+        self.optimizations = optimizations
+
+    @classmethod
+    @abstractmethod
+    def available(cls, hardware: HardwareReport) -> str | None:
+        """None when this runtime can run here, else one line saying why not."""
+
+    @property
+    @abstractmethod
+    def device(self) -> str:
+        """torch device string the pipeline's inputs live on."""
+
+    @property
+    @abstractmethod
+    def precision(self) -> str:
+        """What the heavy maths runs in: fp32, bf16, fp16, int8 weights..."""
+
+    @abstractmethod
+    def prepare(self, model) -> None:
+        """Make `model.pipe` ready for this runtime (device, dtype, attention, compile)."""
+
+    def inference_context(self):
+        """Context every task runs inside (autocast and no_grad where needed)."""
+        return contextlib.nullcontext()
+
+    def warmup(self, model, shapes: list[tuple[int, int, int]]) -> list[WarmupResult]:
+        """Compile ahead for (width, height, batch) shapes; eager runtimes have nothing to do."""
+        return [WarmupResult(w, h, b, 0.0, False) for w, h, b in shapes]
+
+    def shape_status(self, width: int, height: int, batch_size: int) -> str:
+        """'warm' / 'compiled now' for runtimes that compile per shape; 'eager' otherwise."""
+        return "eager (no compile)"
+
+    def describe(self) -> str:
+        return f"{self.name} on {self.device} ({self.precision})"

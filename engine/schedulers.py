@@ -1,0 +1,44 @@
+"""Sampler names as users know them (A1111 style) -> diffusers scheduler configs."""
+from __future__ import annotations
+
+from diffusers import (
+    DDIMScheduler,
+    DPMSolverMultistepScheduler,
+    EulerAncestralDiscreteScheduler,
+    EulerDiscreteScheduler,
+    LCMScheduler,
+    UniPCMultistepScheduler,
+)
+
+from .errors import UserError
+
+# name -> (scheduler class, config overrides)
+SAMPLERS: dict[str, tuple[type, dict]] = {
+    "Euler": (EulerDiscreteScheduler, {}),
+    "Euler a": (EulerAncestralDiscreteScheduler, {}),
+    "DPM++ 2M": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++", "solver_order": 2,
+                                               "use_karras_sigmas": False}),
+    "DPM++ 2M Karras": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++", "solver_order": 2,
+                                                      "use_karras_sigmas": True}),
+    "UniPC": (UniPCMultistepScheduler, {}),
+    "DDIM": (DDIMScheduler, {}),
+    "LCM": (LCMScheduler, {}),
+}
+
+SAMPLER_NAMES: tuple[str, ...] = tuple(SAMPLERS)
+DEFAULT_SAMPLER = "DPM++ 2M Karras"
+
+
+def canonical_sampler(name: str) -> str:
+    """Accept any capitalisation / spacing of a known name; anything else is a clear error."""
+    wanted = " ".join(str(name).split()).lower()
+    for known in SAMPLERS:
+        if known.lower() == wanted:
+            return known
+    raise UserError(f"Unknown sampler {name!r}; choose one of: {', '.join(SAMPLER_NAMES)}.")
+
+
+def make_scheduler(name: str, base_config):
+    """A fresh scheduler of the named kind, keeping the model's own noise schedule (betas, prediction type)."""
+    cls, overrides = SAMPLERS[canonical_sampler(name)]
+    return cls.from_config(base_config, **overrides)

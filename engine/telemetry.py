@@ -1,0 +1,125 @@
+"""Stage timer, peak RAM / VRAM sampling, iterations per second."""
+from __future__ import annotations
+
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+
+import psutil
+
+
+class PeakRssSampler:
+    """Samples this process's RSS in a thread; peak_rss_bytes is the highest seen."""
+
+    def __init__(self, interval_s: float = 0.01):
+        self.interval_s = interval_s
+        self._process = psutil.Process()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.peak_rss_bytes = 0
+
+    def _sample(self) -> None:
+        rss = self._process.memory_info().rss
+        if rss > self.peak_rss_bytes:
+            self.peak_rss_bytes = rss
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self._sample()
+
+    def __enter__(self) -> "PeakRssSampler":
+        self._sample()
+        self._thread = threading.Thread(target=self._run, name="rss-sampler", daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        self._sample()
+
+
+class StageTimer:
+    """Wall time per named stage; a stage entered twice adds up."""
+
+    def __init__(self):
+        self.stages_s: dict[str, float] = {}
+        self._start = time.perf_counter()
+
+    @contextmanager
+    def stage(self, name: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.stages_s[name] = self.stages_s.get(name, 0.0) + time.perf_counter() - start
+
+    def elapsed_s(self) -> float:
+        return time.perf_counter() - self._start
+
+
+class CudaPeakMemory:
+    """Peak CUDA allocated/reserved bytes over a block; None when the job does not use CUDA."""
+
+    def __init__(self, device: str):
+        self.enabled = device.startswith("cuda")
+        self.allocated_bytes: int | None = None
+        self.reserved_bytes: int | None = None
+
+    def __enter__(self):
+        if self.enabled:
+            import torch
+
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        return self
+
+    def __exit__(self, *exc):
+        if self.enabled:
+            import torch
+
+            torch.cuda.synchronize()
+            self.allocated_bytes = int(torch.cuda.max_memory_allocated())
+            self.reserved_bytes = int(torch.cuda.max_memory_reserved())
+
+
+@dataclass
+class Readout:
+    """What the UI shows beside every image."""
+
+    total_s: float
+    stages_s: dict[str, float]
+    steps: int
+    it_per_s: float
+    peak_rss_bytes: int
+    peak_vram_allocated_bytes: int | None
+    peak_vram_reserved_bytes: int | None
+    runtime: str
+    precision: str
+    device: str
+    model: str
+    width: int
+    height: int
+    batch_size: int
+    notices: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def summary(self) -> str:
+        """Plain-text lines, for the console and for the UI's readout panel."""
+        gib = 1024**3
+        stages = ", ".join(f"{name.replace('_', ' ')} {s:.2f} s" for name, s in self.stages_s.items())
+        vram = ("n/a (CPU)" if self.peak_vram_allocated_bytes is None
+                else f"{self.peak_vram_allocated_bytes / gib:.2f} GiB allocated, "
+                     f"{(self.peak_vram_reserved_bytes or 0) / gib:.2f} GiB reserved")
+        lines = [
+            f"Total: {self.total_s:.2f} s ({stages})",
+            f"Speed: {self.it_per_s:.2f} it/s over {self.steps} steps, {self.width}x{self.height} x{self.batch_size}",
+            f"Peak RAM: {self.peak_rss_bytes / gib:.2f} GiB; peak VRAM: {vram}",
+            f"Runtime: {self.runtime} on {self.device}, precision {self.precision}; model {self.model}",
+        ]
+        lines += self.notices
+        return "\n".join(lines)
