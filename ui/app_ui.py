@@ -34,7 +34,7 @@ def readout_markdown(readout: Readout, seeds: list[int]) -> str:
         ("Seeds", ", ".join(str(s) for s in seeds)),
         ("Model", readout.model),
     ]
-    text = "| | |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in rows)
+    text = "| Readout | |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in rows)
     if readout.notices:
         text += "\n\n" + "\n".join(f"- {n}" for n in readout.notices)
     return text
