@@ -6,6 +6,7 @@ from the files and picks the matching diffusers pipeline class.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import struct
@@ -51,6 +52,8 @@ class LoadedModel:
     source: ModelSource
     load_seconds: float
     scheduler_config: dict = field(default_factory=dict)
+    identity: str | None = None  # stable key of the weights, for runtime caches
+    skeleton: frozenset[str] = frozenset()  # components loaded without weights (a runtime supplies them)
 
     @property
     def vae_scale_factor(self) -> int:
@@ -91,27 +94,46 @@ def _vae(block_out: tuple[int, ...], layers: int, groups: int, sample_size: int,
     )
 
 
-def _build_sd(size: str):
+class _Maker:
+    """Builds each component from its own seed, on the meta device when it is in `skeleton`.
+
+    Own seeds keep a component's weights the same whether or not the others are built,
+    so a runtime's cache made from a full build matches a skeleton build.
+    """
+
+    def __init__(self, skeleton: frozenset[str]):
+        self.skeleton = skeleton
+
+    def __call__(self, name: str, build: Callable[[], Any]):
+        torch.manual_seed(BUILTIN_SEED + sum(map(ord, name)))
+        if name in self.skeleton:
+            with torch.device("meta"):
+                return build()
+        return build()
+
+
+def _build_sd(size: str, skeleton: frozenset[str] = frozenset()):
     from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextModel
 
     from .vocab import load_tokenizer
 
+    make = _Maker(skeleton)
     tokenizer = load_tokenizer()
     eos, bos = tokenizer.eos_token_id, tokenizer.bos_token_id
     if size == "tiny":
         text_config = _text_config(len(tokenizer), 32, 2, 4, 64, eos, bos)
-        unet = UNet2DConditionModel(
+        unet = make("unet", lambda: UNet2DConditionModel(
             sample_size=32, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
             down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
             cross_attention_dim=32, attention_head_dim=8, norm_num_groups=32,
-        )
-        vae = _vae((16, 32, 32, 32), 1, 16, 256, 0.18215)
+        ))
+        vae = make("vae", lambda: _vae((16, 32, 32, 32), 1, 16, 256, 0.18215))
     else:  # the SD 1.5 architecture
         text_config = _text_config(49408, 768, 12, 12, 3072, eos, bos)
-        unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768, attention_head_dim=8)
-        vae = _vae((128, 256, 512, 512), 2, 32, 512, 0.18215)
-    text_encoder = CLIPTextModel(text_config)
+        unet = make("unet", lambda: UNet2DConditionModel(sample_size=64, cross_attention_dim=768, attention_head_dim=8))
+        vae = make("vae", lambda: _vae((128, 256, 512, 512), 2, 32, 512, 0.18215))
+    text_encoder = make("text_encoder", lambda: CLIPTextModel(text_config))
     scheduler = EulerDiscreteScheduler(**SD_SCHEDULER_CONFIG)
     return StableDiffusionPipeline(
         vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
@@ -119,61 +141,64 @@ def _build_sd(size: str):
     )
 
 
-def _build_sdxl(size: str):
+def _build_sdxl(size: str, skeleton: frozenset[str] = frozenset()):
     from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     from .vocab import load_tokenizer
 
+    make = _Maker(skeleton)
     tokenizer = load_tokenizer()
     tokenizer_2 = load_tokenizer()
     eos, bos = tokenizer.eos_token_id, tokenizer.bos_token_id
     if size == "tiny":
         te1 = _text_config(len(tokenizer), 32, 2, 4, 64, eos, bos)
         te2 = _text_config(len(tokenizer), 32, 2, 4, 64, eos, bos, act="gelu", projection_dim=32)
-        unet = UNet2DConditionModel(
+        unet = make("unet", lambda: UNet2DConditionModel(
             sample_size=32, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
             down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
             attention_head_dim=(2, 4), use_linear_projection=True, transformer_layers_per_block=(1, 2),
             addition_embed_type="text_time", addition_time_embed_dim=8,
             projection_class_embeddings_input_dim=6 * 8 + 32, cross_attention_dim=64, norm_num_groups=32,
-        )
-        vae = _vae((16, 32, 32, 32), 1, 16, 256, 0.13025)
+        ))
+        vae = make("vae", lambda: _vae((16, 32, 32, 32), 1, 16, 256, 0.13025))
     else:  # the SDXL base architecture
         te1 = _text_config(49408, 768, 12, 12, 3072, eos, bos)
         te2 = _text_config(49408, 1280, 32, 20, 5120, eos, bos, act="gelu", projection_dim=1280)
-        unet = UNet2DConditionModel(
+        unet = make("unet", lambda: UNet2DConditionModel(
             sample_size=128, block_out_channels=(320, 640, 1280),
             down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
             up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
             transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20), use_linear_projection=True,
             cross_attention_dim=2048, addition_embed_type="text_time", addition_time_embed_dim=256,
             projection_class_embeddings_input_dim=2816,
-        )
-        vae = _vae((128, 256, 512, 512), 2, 32, 1024, 0.13025)
+        ))
+        vae = make("vae", lambda: _vae((128, 256, 512, 512), 2, 32, 1024, 0.13025))
     scheduler = EulerDiscreteScheduler(**SD_SCHEDULER_CONFIG)
     return StableDiffusionXLPipeline(
-        vae=vae, text_encoder=CLIPTextModel(te1), text_encoder_2=CLIPTextModelWithProjection(te2),
+        vae=vae, text_encoder=make("text_encoder", lambda: CLIPTextModel(te1)),
+        text_encoder_2=make("text_encoder_2", lambda: CLIPTextModelWithProjection(te2)),
         tokenizer=tokenizer, tokenizer_2=tokenizer_2, unet=unet, scheduler=scheduler,
     )
 
 
-# name -> (family, builder, description)
-BUILTINS: dict[str, tuple[str, Callable[[], Any], str]] = {
-    "tiny": ("sd1", lambda: _build_sd("tiny"), "SD 1.x architecture, tiny widths, random weights (tests, demos)"),
-    "tiny-sdxl": ("sdxl", lambda: _build_sdxl("tiny"), "SDXL architecture, tiny widths, random weights (tests)"),
-    "sd15": ("sd1", lambda: _build_sd("sd15"), "SD 1.5 architecture, full size, random weights (benchmarks)"),
-    "sdxl": ("sdxl", lambda: _build_sdxl("sdxl"), "SDXL base architecture, full size, random weights (benchmarks)"),
+# name -> (family, builder(skeleton), description)
+BUILTINS: dict[str, tuple[str, Callable[[frozenset[str]], Any], str]] = {
+    "tiny": ("sd1", lambda sk: _build_sd("tiny", sk), "SD 1.x architecture, tiny widths, random weights (tests, demos)"),
+    "tiny-sdxl": ("sdxl", lambda sk: _build_sdxl("tiny", sk), "SDXL architecture, tiny widths, random weights (tests)"),
+    "sd15": ("sd1", lambda sk: _build_sd("sd15", sk), "SD 1.5 architecture, full size, random weights (benchmarks)"),
+    "sdxl": ("sdxl", lambda sk: _build_sdxl("sdxl", sk), "SDXL base architecture, full size, random weights (benchmarks)"),
 }
 BUILTIN_SEED = 0
+HEAVY_COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2")
 
 
-def build_builtin(name: str):
+def build_builtin(name: str, skeleton: frozenset[str] = frozenset()):
+    """Build a built-in pipeline; components named in `skeleton` get no weights (meta device)."""
     family, builder, _ = BUILTINS[name]
-    # A fixed seed without disturbing the caller's global RNG.
+    # Fixed seeds without disturbing the caller's global RNG.
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(BUILTIN_SEED)
-        pipe = builder()
+        pipe = builder(frozenset(skeleton))
     pipe.set_progress_bar_config(disable=True)
     return family, pipe
 
@@ -309,6 +334,59 @@ def _safetensors_header(path: Path) -> dict:
     return header
 
 
+# ---------------------------------------------------------------- identity
+
+
+def model_identity(source: ModelSource, config_dir: str | Path | None = None) -> str | None:
+    """A key that changes when the weights change; None where it cannot be known cheaply (hub ids)."""
+    h = hashlib.sha256()
+    if source.kind == "builtin":
+        _, pipe = build_builtin(source.value, frozenset(HEAVY_COMPONENTS))  # configs only, no weights
+        h.update(f"builtin:{source.value}:seed{BUILTIN_SEED}".encode())
+        for name in HEAVY_COMPONENTS:
+            component = getattr(pipe, name, None)
+            if component is not None:
+                config = component.config.to_dict() if hasattr(component.config, "to_dict") else dict(component.config)
+                # "_"-keys are bookkeeping (e.g. a set of defaults in random order), not architecture.
+                config = {k: v for k, v in config.items() if not k.startswith("_")}
+                h.update(name.encode() + json.dumps(config, sort_keys=True, default=str).encode())
+    elif source.kind == "folder":
+        root = source.path.resolve()
+        h.update(str(root).encode())
+        for path in sorted(root.rglob("*")):
+            if path.is_file():
+                st = path.stat()
+                h.update(f"{path.relative_to(root)}:{st.st_size}:{st.st_mtime_ns}".encode())
+    elif source.kind == "file":
+        st = source.path.stat()
+        h.update(f"{source.path.resolve()}:{st.st_size}:{st.st_mtime_ns}:{config_dir}".encode())
+    else:
+        return None
+    return f"{source.kind}-{Path(source.value).name[:40]}-{h.hexdigest()[:16]}"
+
+
+def _skeleton_from_folder(folder: Path, names: frozenset[str]) -> dict[str, Any]:
+    """Weightless components built from the folder's configs, to pass into from_pretrained."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    out = {}
+    with torch.device("meta"):
+        for name in names:
+            sub = folder / name
+            if not (sub / "config.json").is_file():
+                continue
+            if name == "unet":
+                out[name] = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(sub))
+            elif name == "vae":
+                out[name] = AutoencoderKL.from_config(AutoencoderKL.load_config(sub))
+            elif name == "text_encoder":
+                out[name] = CLIPTextModel(CLIPTextConfig.from_pretrained(sub))
+            elif name == "text_encoder_2":
+                out[name] = CLIPTextModelWithProjection(CLIPTextConfig.from_pretrained(sub))
+    return out
+
+
 # ---------------------------------------------------------------- loading
 
 
@@ -323,16 +401,27 @@ def _family_kwargs(family: str) -> dict:
 
 
 def load_model(text: str, *, models_dir: Path | None = None, allow_any_path: bool = True,
-               config_dir: str | Path | None = None) -> LoadedModel:
-    """Load a model source as a pipeline on CPU in fp32; runtimes move and convert it."""
+               config_dir: str | Path | None = None,
+               skeleton_for: Callable[[str], frozenset[str]] | None = None) -> LoadedModel:
+    """Load a model source as a pipeline on CPU in fp32; runtimes move and convert it.
+
+    `skeleton_for(identity)` names the components a runtime already has in its cache: those
+    are built without weights (builtins and folders), so no PyTorch copy is ever made.
+    """
     source = resolve_source(text, models_dir=models_dir, allow_any_path=allow_any_path)
     start = time.perf_counter()
+    identity = model_identity(source, config_dir)
+    skeleton = frozenset()
+    if skeleton_for is not None and identity is not None and source.kind in ("builtin", "folder"):
+        skeleton = frozenset(skeleton_for(identity))
     if source.kind == "builtin":
-        family, pipe = build_builtin(source.value)
+        family, pipe = build_builtin(source.value, skeleton)
     elif source.kind == "folder":
         family = family_of_folder(source.path)
-        pipe = _guarded(lambda: pipeline_class(family).from_pretrained(source.value, **_family_kwargs(family)),
-                        source)
+        parts = _skeleton_from_folder(source.path, skeleton)
+        skeleton = frozenset(parts)
+        pipe = _guarded(lambda: pipeline_class(family).from_pretrained(
+            source.value, **_family_kwargs(family), **parts), source)
     elif source.kind == "file":
         family = family_of_keys(checkpoint_keys(source.path))
         pipe = _load_single_file(source, family, config_dir)
@@ -341,7 +430,7 @@ def load_model(text: str, *, models_dir: Path | None = None, allow_any_path: boo
     pipe.set_progress_bar_config(disable=True)
     return LoadedModel(pipe=pipe, family=family, name=source.text, source=source,
                        load_seconds=time.perf_counter() - start,
-                       scheduler_config=dict(pipe.scheduler.config))
+                       scheduler_config=dict(pipe.scheduler.config), identity=identity, skeleton=skeleton)
 
 
 def _load_single_file(source: ModelSource, family: str, config_dir) -> Any:

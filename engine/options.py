@@ -20,6 +20,8 @@ class Optimizations(BaseModel):
 
     # auto: fp16 on CUDA, bf16 on CPUs with hardware bf16 (AVX512-BF16/AMX), fp32 elsewhere.
     precision: Precision = "auto"
+    # Weights stored as int8 (nncf weight compression); OpenVINO runtime only.
+    int8_weights: bool = False
 
 
 class GenerationDefaults(BaseModel):

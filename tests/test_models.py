@@ -124,3 +124,15 @@ def test_remote_names_stay_inside_models_dir(tmp_path, tiny_saved):
     assert resolve_source("ok.safetensors", models_dir=models, allow_any_path=False).kind == "file"
     assert resolve_source("owner/name", models_dir=models, allow_any_path=False).kind == "hub"
     assert json.loads((tiny_saved["folder"] / "model_index.json").read_text())["_class_name"]
+
+
+def test_identity_is_stable_across_processes():
+    import subprocess
+    import sys
+
+    from appserver import ROOT
+
+    code = "from engine.models import model_identity, resolve_source; print(model_identity(resolve_source('builtin:tiny')))"
+    ids = {subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+           for _ in range(2)}
+    assert len(ids) == 1 and ids.pop().startswith("builtin-tiny-")

@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from pathlib import Path
 
 from ..hardware import HardwareReport
 from ..options import Optimizations
@@ -27,9 +28,11 @@ class Runtime(ABC):
 
     name: str = "base"
 
-    def __init__(self, hardware: HardwareReport, optimizations: Optimizations):
+    def __init__(self, hardware: HardwareReport, optimizations: Optimizations, cache_dir: Path | None = None):
         self.hardware = hardware
         self.optimizations = optimizations
+        self.cache_dir = cache_dir
+        self.compile_events: list = []  # one entry per compile this runtime did (per-shape runtimes)
 
     @classmethod
     @abstractmethod
@@ -50,6 +53,10 @@ class Runtime(ABC):
     def prepare(self, model) -> None:
         """Make `model.pipe` ready for this runtime (device, dtype, attention, compile)."""
 
+    def cached_components(self, identity: str) -> set[str]:
+        """Pipeline components this runtime can supply from its own cache (their weights need not load)."""
+        return set()
+
     def inference_context(self):
         """Context every task runs inside (autocast and no_grad where needed)."""
         return contextlib.nullcontext()
@@ -57,10 +64,6 @@ class Runtime(ABC):
     def warmup(self, model, shapes: list[tuple[int, int, int]]) -> list[WarmupResult]:
         """Compile ahead for (width, height, batch) shapes; eager runtimes have nothing to do."""
         return [WarmupResult(w, h, b, 0.0, False) for w, h, b in shapes]
-
-    def shape_status(self, width: int, height: int, batch_size: int) -> str:
-        """'warm' / 'compiled now' for runtimes that compile per shape; 'eager' otherwise."""
-        return "eager (no compile)"
 
     def describe(self) -> str:
         return f"{self.name} on {self.device} ({self.precision})"

@@ -17,8 +17,10 @@ class PyTorchRuntime(Runtime):
     def available(cls, hardware: HardwareReport) -> str | None:
         return None  # runs anywhere torch imports
 
-    def __init__(self, hardware, optimizations):
-        super().__init__(hardware, optimizations)
+    def __init__(self, hardware, optimizations, cache_dir=None):
+        super().__init__(hardware, optimizations, cache_dir)
+        if optimizations.int8_weights:
+            raise RuntimeUnavailable("INT8 weights need the OpenVINO runtime.")
         if hardware.has_cuda:
             self._device = "cuda"
         elif hardware.mps_available:

@@ -1,0 +1,498 @@
+"""OpenVINO runtime: each heavy component converted to OpenVINO IR, compiled per static shape.
+
+- Conversion uses openvino's own `convert_model` on the diffusers modules (no optimum-intel).
+- The IR is cached on disk keyed by model identity, OpenVINO version and options; a second
+  start reads it and never builds the PyTorch weights of cached components.
+- Compiled models are kept in an LRU keyed by input shape, so warmed resolutions cost no
+  compile; OpenVINO's CACHE_DIR keeps compiled blobs across starts.
+- Adapters with the call signatures diffusers uses stand in for the PyTorch modules, so the
+  same diffusers pipelines run on them.
+"""
+from __future__ import annotations
+
+import gc
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..errors import RuntimeUnavailable
+from ..hardware import HardwareReport
+from .base import Runtime, WarmupResult
+
+log = logging.getLogger(__name__)
+
+CONVERSION_VERSION = 1  # bump when what convert_* produce changes
+DEFAULT_CACHE_DIR = Path(os.environ.get("FASTSD_CACHE_DIR", Path.home() / ".cache" / "fast-sd"))
+TEXT_LENGTH = 77
+PARTS_OF = {  # pipeline component -> IR parts made from it
+    "unet": ("unet",),
+    "vae": ("vae_decoder", "vae_encoder"),
+    "text_encoder": ("text_encoder",),
+    "text_encoder_2": ("text_encoder_2",),
+}
+
+
+@dataclass
+class CompileEvent:
+    part: str
+    shape: tuple
+    seconds: float
+
+
+# ---------------------------------------------------------------- conversion
+
+
+class _UNetWrap(torch.nn.Module):
+    def __init__(self, unet, sdxl: bool, has_cond: bool):
+        super().__init__()
+        self.unet, self.sdxl, self.has_cond = unet, sdxl, has_cond
+
+    def forward(self, sample, timestep, encoder_hidden_states, text_embeds=None, time_ids=None, timestep_cond=None):
+        added = {"text_embeds": text_embeds, "time_ids": time_ids} if self.sdxl else None
+        return self.unet(sample, timestep, encoder_hidden_states, timestep_cond=timestep_cond,
+                         added_cond_kwargs=added, return_dict=False)[0]
+
+
+class _DecoderWrap(torch.nn.Module):
+    def __init__(self, vae):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, latent):
+        return self.vae.decode(latent, return_dict=False)[0]
+
+
+class _EncoderWrap(torch.nn.Module):
+    def __init__(self, vae):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, image):
+        return self.vae._encode(image)  # moments: mean and log-variance
+
+
+class _TextWrap(torch.nn.Module):
+    def __init__(self, encoder):
+        super().__init__()
+        self.encoder = encoder
+
+    def forward(self, input_ids):
+        out = self.encoder(input_ids, output_hidden_states=True, return_dict=True)
+        pooled = out.text_embeds if hasattr(out, "text_embeds") else out.pooler_output
+        return out.last_hidden_state, out.hidden_states[-2], pooled
+
+
+def _unet_inputs(config, batch: int, latent_h: int, latent_w: int) -> dict[str, tuple[list[int], torch.dtype]]:
+    inputs = {
+        "sample": ([batch, config.in_channels, latent_h, latent_w], torch.float32),
+        "timestep": ([1], torch.float32),
+        "encoder_hidden_states": ([batch, TEXT_LENGTH, config.cross_attention_dim], torch.float32),
+    }
+    if config.addition_embed_type == "text_time":
+        time_dim = config.addition_time_embed_dim
+        inputs["text_embeds"] = ([batch, config.projection_class_embeddings_input_dim - 6 * time_dim], torch.float32)
+        inputs["time_ids"] = ([batch, 6], torch.float32)
+    if config.time_cond_proj_dim:
+        inputs["timestep_cond"] = ([batch, config.time_cond_proj_dim], torch.float32)
+    return inputs
+
+
+def _convert(module: torch.nn.Module, example: dict[str, torch.Tensor]):
+    import openvino as ov
+
+    module.eval()
+    with torch.no_grad():
+        return ov.convert_model(module, example_input=example)
+
+
+def convert_part(part: str, component) -> Any:
+    """PyTorch component -> dynamic-shape ov.Model for one IR part."""
+    if part == "unet":
+        cfg = component.config
+        # An odd latent size makes the trace keep diffusers' explicit upsample sizes, so the
+        # graph is right for latent sizes that are not a multiple of the UNet's down factor.
+        shapes = _unet_inputs(cfg, 2, 9, 9)
+        example = {k: torch.randn(s, dtype=d) for k, (s, d) in shapes.items()}
+        example["timestep"] = torch.tensor([999.0])
+        wrap = _UNetWrap(component, cfg.addition_embed_type == "text_time", bool(cfg.time_cond_proj_dim))
+        return _convert(wrap, example)
+    if part == "vae_decoder":
+        return _convert(_DecoderWrap(component), {"latent": torch.randn(1, component.config.latent_channels, 9, 9)})
+    if part == "vae_encoder":
+        return _convert(_EncoderWrap(component), {"image": torch.randn(1, 3, 72, 72)})
+    if part in ("text_encoder", "text_encoder_2"):
+        return _convert(_TextWrap(component), {"input_ids": torch.ones(1, TEXT_LENGTH, dtype=torch.int64)})
+    raise ValueError(part)
+
+
+# ---------------------------------------------------------------- disk cache
+
+
+class IRCache:
+    """Converted IR on disk: root/identity/variant/part.{xml,bin} + part.json manifest.
+
+    The manifest records sizes and a sampled hash of the .bin; an entry that does not match
+    (truncated, overwritten, half-written) is deleted and rebuilt, never fatal.
+    """
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+
+    def folder(self, identity: str, variant: str) -> Path:
+        return self.root / "ir" / identity / variant
+
+    @staticmethod
+    def _fingerprint(path: Path) -> str:
+        size = path.stat().st_size
+        h = hashlib.sha256(str(size).encode())
+        with open(path, "rb") as f:
+            for i in range(16):  # 16 samples of 64 KiB spread over the file: cheap on GBs
+                f.seek(size * i // 16)
+                h.update(f.read(1 << 16))
+        return h.hexdigest()
+
+    def valid(self, identity: str, variant: str, part: str) -> bool:
+        folder = self.folder(identity, variant)
+        xml, binf, manifest = folder / f"{part}.xml", folder / f"{part}.bin", folder / f"{part}.json"
+        try:
+            meta = json.loads(manifest.read_text())
+            return (meta["xml_sha256"] == hashlib.sha256(xml.read_bytes()).hexdigest()
+                    and meta["bin_fingerprint"] == self._fingerprint(binf))
+        except (OSError, ValueError, KeyError):
+            return False
+
+    def load(self, core, identity: str, variant: str, part: str):
+        folder = self.folder(identity, variant)
+        if not self.valid(identity, variant, part):
+            self.discard(identity, variant, part)
+            return None
+        try:
+            return core.read_model(str(folder / f"{part}.xml"))
+        except Exception as e:  # parse failure despite a matching manifest: rebuild
+            log.warning("OpenVINO IR cache entry %s/%s unreadable (%s); rebuilding", folder, part, e)
+            self.discard(identity, variant, part)
+            return None
+
+    def discard(self, identity: str, variant: str, part: str) -> None:
+        folder = self.folder(identity, variant)
+        for suffix in (".xml", ".bin", ".json"):
+            try:
+                (folder / f"{part}{suffix}").unlink(missing_ok=True)
+            except OSError:  # unreadable or unwritable cache: nothing to discard
+                pass
+
+    def save(self, model, identity: str, variant: str, part: str) -> bool:
+        """Write atomically (temp folder, then rename); False where the cache is not writable."""
+        import openvino as ov
+
+        folder = self.folder(identity, variant)
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(prefix=f".{part}-", dir=folder))
+        except OSError as e:
+            log.warning("OpenVINO IR cache %s not writable (%s); converting again next start", folder, e)
+            return False
+        try:
+            ov.save_model(model, str(tmp / f"{part}.xml"), compress_to_fp16=False)
+            meta = {"xml_sha256": hashlib.sha256((tmp / f"{part}.xml").read_bytes()).hexdigest(),
+                    "bin_fingerprint": self._fingerprint(tmp / f"{part}.bin")}
+            (tmp / f"{part}.json").write_text(json.dumps(meta))
+            for suffix in (".bin", ".xml", ".json"):  # manifest last: it marks the entry complete
+                os.replace(tmp / f"{part}{suffix}", folder / f"{part}{suffix}")
+            return True
+        except OSError as e:
+            log.warning("could not write OpenVINO IR cache %s (%s)", folder, e)
+            return False
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+# ---------------------------------------------------------------- adapters
+
+
+class _Adapter:
+    """What diffusers reads off a component besides calling it."""
+
+    def __init__(self, runtime: "OpenVINORuntime", part: str, config):
+        self._runtime, self._part, self.config = runtime, part, config
+        self.dtype = torch.float32
+        self.device = torch.device("cpu")
+
+    def to(self, *args, **kwargs):  # weights live in OpenVINO; moving is a no-op
+        return self
+
+    def modules(self):  # diffusers walks modules looking for offload hooks; there are none
+        return iter((self,))
+
+    def eval(self):
+        return self
+
+
+def _np(x: torch.Tensor, dtype=np.float32) -> np.ndarray:
+    return x.detach().to("cpu").float().numpy().astype(dtype, copy=False) if dtype == np.float32 \
+        else x.detach().to("cpu").numpy().astype(dtype, copy=False)
+
+
+class OVUNet(_Adapter):
+    def __init__(self, runtime, config):
+        super().__init__(runtime, "unet", config)
+        if config.addition_embed_type == "text_time":
+            # SDXL's pipeline reads the add-embedding width off the module.
+            self.add_embedding = SimpleNamespace(linear_1=SimpleNamespace(
+                in_features=config.projection_class_embeddings_input_dim))
+
+    def __call__(self, sample, timestep, encoder_hidden_states, timestep_cond=None, cross_attention_kwargs=None,
+                 added_cond_kwargs=None, return_dict=True, **_):
+        t = timestep.reshape(-1)[:1] if torch.is_tensor(timestep) else torch.tensor([float(timestep)])
+        inputs = {"sample": _np(sample), "timestep": _np(t), "encoder_hidden_states": _np(encoder_hidden_states)}
+        if added_cond_kwargs:
+            inputs["text_embeds"] = _np(added_cond_kwargs["text_embeds"])
+            inputs["time_ids"] = _np(added_cond_kwargs["time_ids"])
+        if self.config.time_cond_proj_dim:
+            if timestep_cond is None:
+                raise RuntimeUnavailable("This model needs a guidance embedding (timestep_cond) input.")
+            inputs["timestep_cond"] = _np(timestep_cond)
+        out = self._runtime.infer("unet", inputs)[0]
+        out = torch.from_numpy(out)
+        return SimpleNamespace(sample=out) if return_dict else (out,)
+
+
+class OVVae(_Adapter):
+    def __init__(self, runtime, config):
+        super().__init__(runtime, "vae", config)
+
+    def decode(self, z, return_dict=True, generator=None):
+        image = torch.from_numpy(self._runtime.infer("vae_decoder", {"latent": _np(z)})[0])
+        return SimpleNamespace(sample=image) if return_dict else (image,)
+
+    def encode(self, x, return_dict=True):
+        from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKLOutput
+        from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+        moments = torch.from_numpy(self._runtime.infer("vae_encoder", {"image": _np(x)})[0])
+        dist = DiagonalGaussianDistribution(moments)
+        return AutoencoderKLOutput(latent_dist=dist) if return_dict else (dist,)
+
+
+class _TextOutput:
+    def __init__(self, last, penultimate, pooled, with_projection: bool, layers: int):
+        self.last_hidden_state = last
+        self.hidden_states = tuple([None] * (layers - 1) + [penultimate, last])
+        self.text_embeds = pooled if with_projection else None
+        self.pooler_output = None if with_projection else pooled
+        self._first = pooled if with_projection else last
+
+    def __getitem__(self, i):
+        if i == 0:
+            return self._first
+        if i == 1 and self.pooler_output is not None:
+            return self.pooler_output
+        raise IndexError(i)
+
+
+class OVTextEncoder(_Adapter):
+    def __init__(self, runtime, part, config, with_projection: bool):
+        super().__init__(runtime, part, config)
+        self.with_projection = with_projection
+
+    def __call__(self, input_ids, attention_mask=None, output_hidden_states=None, return_dict=True, **_):
+        last, penult, pooled = (torch.from_numpy(a) for a in self._runtime.infer(self._part, {
+            "input_ids": _np(input_ids, np.int64)}))
+        return _TextOutput(last, penult, pooled, self.with_projection, self.config.num_hidden_layers)
+
+
+# ---------------------------------------------------------------- runtime
+
+
+class OpenVINORuntime(Runtime):
+    name = "openvino"
+
+    @classmethod
+    def available(cls, hardware: HardwareReport) -> str | None:
+        if hardware.openvino_version is None:
+            return "openvino is not installed (pip install openvino)"
+        if "CPU" not in hardware.openvino_devices:
+            return "OpenVINO finds no CPU device"
+        return None
+
+    def __init__(self, hardware, optimizations, cache_dir: Path | None = None, max_shapes: int = 4):
+        super().__init__(hardware, optimizations, cache_dir)
+        import openvino as ov
+
+        wish = optimizations.precision
+        if wish == "fp16":
+            raise RuntimeUnavailable("fp16 is not offered on the OpenVINO CPU device; use bf16 or fp32.")
+        self._ov = ov
+        self.core = ov.Core()
+        self.ir_cache = IRCache(self.cache_root)
+        self.blob_dir = self.cache_root / "compiled"
+        # bf16 where the CPU has it in hardware; elsewhere OpenVINO would run f32 anyway.
+        self._hint = "bf16" if wish == "bf16" or (wish == "auto" and hardware.cpu.has_fast_bf16) else "f32"
+        self._precision = "bf16" if self._hint == "bf16" and hardware.cpu.has_fast_bf16 else "fp32"
+        self.max_shapes = max_shapes
+        self._compiled: OrderedDict[tuple, Any] = OrderedDict()
+        self.compile_events: list[CompileEvent] = []
+        self.conversions: list[tuple[str, float]] = []  # (part, seconds) converted in this process
+        self._identity: str | None = None
+        self._int8 = bool(getattr(optimizations, "int8_weights", False))
+
+    @property
+    def cache_root(self) -> Path:
+        return Path(self.cache_dir) if self.cache_dir else DEFAULT_CACHE_DIR
+
+    @property
+    def device(self) -> str:
+        return "cpu"
+
+    @property
+    def precision(self) -> str:
+        return self._precision + (" + int8 weights" if self._int8 else "")
+
+    @property
+    def variant(self) -> str:
+        version = self._ov.get_version().split("-")[0]
+        return f"ov{version}-c{CONVERSION_VERSION}-{'int8' if self._int8 else 'f32'}"
+
+    # -- cache of IR
+
+    def cached_components(self, identity: str) -> set[str]:
+        """Pipeline components whose every IR part is valid in the disk cache."""
+        return {component for component, parts in PARTS_OF.items()
+                if all(self.ir_cache.valid(identity, self.variant, p) for p in parts)}
+
+    def _ir(self, part: str, component) -> Any:
+        """The part's ov.Model from the disk cache, or converted (and cached) from `component`."""
+        identity = self._identity
+        model = self.ir_cache.load(self.core, identity, self.variant, part) if identity else None
+        if model is not None:
+            return model
+        if component is None or _is_meta(component):
+            raise RuntimeUnavailable(f"OpenVINO IR for {part} is missing from the cache and no weights are loaded; "
+                                     f"load the model again.")
+        start = time.perf_counter()
+        model = convert_part(part, component)
+        if self._int8:
+            import nncf
+
+            model = nncf.compress_weights(model)
+        self.conversions.append((part, time.perf_counter() - start))
+        log.info("converted %s to OpenVINO in %.1f s", part, time.perf_counter() - start)
+        if identity and self.ir_cache.save(model, identity, self.variant, part):
+            # Read back the saved copy: its weights are file-backed, the converted one holds them in RAM.
+            del model
+            gc.collect()
+            model = self.ir_cache.load(self.core, identity, self.variant, part)
+        return model
+
+    # -- preparing a pipeline
+
+    def prepare(self, model) -> None:
+        pipe = model.pipe
+        self._identity = model.identity
+        self._compiled.clear()
+        self._irs: dict[str, Any] = {}
+        for component, parts in PARTS_OF.items():
+            module = getattr(pipe, component, None)
+            if module is None:
+                continue
+            for part in parts:
+                ir = self._ir(part, module)
+                self._irs[part] = ir
+            config = module.config
+            if component == "unet":
+                adapter = OVUNet(self, config)
+            elif component == "vae":
+                adapter = OVVae(self, config)
+            else:
+                adapter = OVTextEncoder(self, component, config, with_projection=component == "text_encoder_2")
+            setattr(pipe, component, adapter)
+            del module  # the PyTorch copy goes; OpenVINO holds the weights now
+        gc.collect()
+
+    # -- compiled models per shape
+
+    def _config(self) -> dict:
+        config = {"INFERENCE_PRECISION_HINT": self._hint, "PERFORMANCE_HINT": "LATENCY"}
+        try:
+            self.blob_dir.mkdir(parents=True, exist_ok=True)
+            if os.access(self.blob_dir, os.W_OK):
+                config["CACHE_DIR"] = str(self.blob_dir)
+        except OSError:
+            pass  # no compiled-blob cache; compile every start
+        return config
+
+    def compiled(self, part: str, shapes: dict[str, tuple[int, ...]]):
+        key = (part, tuple(sorted((k, tuple(v)) for k, v in shapes.items())))
+        hit = self._compiled.get(key)
+        if hit is not None:
+            self._compiled.move_to_end(key)
+            return hit
+        start = time.perf_counter()
+        model = self._irs[part].clone()
+        model.reshape({name: list(shape) for name, shape in shapes.items()})
+        compiled = self.core.compile_model(model, "CPU", self._config())
+        seconds = time.perf_counter() - start
+        self.compile_events.append(CompileEvent(part, key[1], seconds))
+        log.info("compiled %s for %s in %.2f s", part, dict(key[1]), seconds)
+        actual = str(compiled.get_property("INFERENCE_PRECISION_HINT")).lower()
+        if part == "unet":
+            self._precision = "bf16" if "bf16" in actual else ("fp16" if "f16" in actual else "fp32")
+        self._compiled[key] = compiled
+        limit = self.max_shapes * len(self._irs)
+        while len(self._compiled) > limit:
+            self._compiled.popitem(last=False)
+        return compiled
+
+    def infer(self, part: str, inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
+        compiled = self.compiled(part, {k: v.shape for k, v in inputs.items()})
+        result = compiled(inputs)
+        # Copy: the request's output buffers are reused by the next call.
+        return [np.array(result[out]) for out in compiled.outputs]
+
+    # -- warm-up
+
+    def _shapes_for(self, model, width: int, height: int, batch: int, guidance: bool = True) -> dict[str, dict]:
+        pipe = model.pipe
+        f = model.vae_scale_factor
+        lh, lw = height // f, width // f
+        unet_batch = batch * (2 if guidance else 1)
+        unet_inputs = _unet_inputs(pipe.unet.config, unet_batch, lh, lw)
+        shapes = {"unet": {k: s for k, (s, _) in unet_inputs.items()},
+                  "vae_decoder": {"latent": [batch, pipe.unet.config.in_channels, lh, lw]}}
+        for part in ("text_encoder", "text_encoder_2"):
+            if part in self._irs:
+                shapes[part] = {"input_ids": [1, TEXT_LENGTH]}
+        return shapes
+
+    def warmup(self, model, shapes: list[tuple[int, int, int]]) -> list[WarmupResult]:
+        results = []
+        for width, height, batch in shapes:
+            before = len(self.compile_events)
+            start = time.perf_counter()
+            for part, part_shapes in self._shapes_for(model, width, height, batch).items():
+                self.compiled(part, part_shapes)
+            results.append(WarmupResult(width, height, batch, time.perf_counter() - start,
+                                        compiled=len(self.compile_events) > before))
+        return results
+
+    def describe(self) -> str:
+        return f"openvino on CPU ({self.precision}), IR cache {self.cache_root}"
+
+
+def _is_meta(module) -> bool:
+    try:
+        return next(module.parameters()).is_meta
+    except (StopIteration, AttributeError):
+        return False

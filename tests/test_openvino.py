@@ -1,0 +1,117 @@
+"""OpenVINO runtime on builtin:tiny: parity with PyTorch, shape cache, disk cache, corrupt entries."""
+import numpy as np
+import pytest
+
+from engine import Engine
+from engine.options import Optimizations
+
+REQ = {"prompt": "a red circle on a blue background", "negative_prompt": "blurry", "width": 128, "height": 128,
+       "steps": 6, "seed": 4, "sampler": "Euler"}
+
+
+def pixels(result):
+    return np.asarray(result.images[0], dtype=np.int16)
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("ov-cache")
+
+
+@pytest.fixture(scope="module")
+def ov_engine(cache_dir):
+    engine = Engine(runtime="openvino", cache_dir=cache_dir)
+    engine.load("builtin:tiny")
+    return engine
+
+
+def test_matches_pytorch_for_the_same_seed(tiny_engine, ov_engine):
+    ref = pixels(tiny_engine.txt2img(REQ))
+    got = pixels(ov_engine.txt2img(REQ))
+    diff = np.abs(ref - got)
+    # Same graph, different kernels: pixels may differ by rounding, stated tolerance 3/255 max, 0.1 mean.
+    assert diff.max() <= 3 and diff.mean() < 0.1
+
+
+def test_components_are_openvino_and_torch_copies_are_gone(ov_engine):
+    pipe = ov_engine.model.pipe
+    for name in ("unet", "vae", "text_encoder"):
+        assert type(getattr(pipe, name)).__module__ == "engine.runtimes.openvino"
+
+
+def test_shape_change_compiles_once_then_hits(ov_engine):
+    first = ov_engine.txt2img({**REQ, "width": 96, "height": 160})
+    assert first.readout.shape_cache.startswith("compiled now")
+    again = ov_engine.txt2img({**REQ, "width": 96, "height": 160, "seed": 9})
+    assert again.readout.shape_cache == "warm (cache hit)"
+    assert again.images[0].size == (96, 160)
+
+
+def test_warmed_resolutions_alternate_without_recompiling(ov_engine):
+    results = ov_engine.warmup([(128, 64), (64, 128)])
+    assert [r.compiled for r in results] == [True, True]
+    assert [r.compiled for r in ov_engine.warmup([(128, 64)])] == [False]
+    compiles = len(ov_engine.runtime.compile_events)
+    for w, h in [(128, 64), (64, 128), (128, 64), (64, 128)]:
+        assert ov_engine.txt2img({**REQ, "width": w, "height": h}).readout.shape_cache == "warm (cache hit)"
+    assert len(ov_engine.runtime.compile_events) == compiles
+
+
+def test_second_start_reuses_the_disk_cache(ov_engine, cache_dir):
+    engine = Engine(runtime="openvino", cache_dir=cache_dir)
+    model = engine.load("builtin:tiny")
+    assert engine.runtime.conversions == []
+    assert {"unet", "vae", "text_encoder"} <= model.skeleton  # no PyTorch weights were built for them
+    assert np.array_equal(pixels(engine.txt2img(REQ)), pixels(ov_engine.txt2img(REQ)))
+
+
+def _replace(path, data: bytes):
+    # A new file in place of the old (as a crash or another program would leave it); the live
+    # engine keeps its own mapping of the old file.
+    tmp = path.with_suffix(".tmp")
+    tmp.write_bytes(data)
+    tmp.replace(path)
+
+
+def test_corrupt_cache_entry_is_rebuilt(ov_engine, cache_dir):
+    reference = pixels(ov_engine.txt2img(REQ))
+    runtime = ov_engine.runtime
+    folder = runtime.ir_cache.folder(ov_engine.model.identity, runtime.variant)
+    binf = folder / "unet.bin"
+    data = bytearray(binf.read_bytes())
+    data[: len(data) // 2] = bytes(len(data) // 2)  # zero the first half, same size
+    _replace(binf, bytes(data))
+    _replace(folder / "vae_decoder.xml", b"<not xml")
+    engine = Engine(runtime="openvino", cache_dir=cache_dir)
+    model = engine.load("builtin:tiny")
+    rebuilt = {part for part, _ in engine.runtime.conversions}
+    assert {"unet", "vae_decoder"} <= rebuilt and "text_encoder" not in rebuilt
+    assert "unet" not in model.skeleton
+    assert np.array_equal(pixels(engine.txt2img(REQ)), reference)
+
+
+def test_int8_weights_run_and_say_so(cache_dir, ov_engine):
+    engine = Engine(runtime="openvino", cache_dir=cache_dir, optimizations=Optimizations(int8_weights=True))
+    engine.load("builtin:tiny")
+    r = engine.txt2img(REQ)
+    assert "int8" in r.readout.precision
+    assert engine.runtime.variant.endswith("int8")
+    diff = np.abs(pixels(r) - pixels(ov_engine.txt2img(REQ)))
+    assert diff.mean() < 20  # compressed weights move the output a little, not into different noise
+
+
+def test_sdxl_runs_on_openvino(tmp_path):
+    pt = Engine(runtime="pytorch")
+    pt.load("builtin:tiny-sdxl")
+    ov = Engine(runtime="openvino", cache_dir=tmp_path)
+    ov.load("builtin:tiny-sdxl")
+    diff = np.abs(pixels(pt.txt2img(REQ)) - pixels(ov.txt2img(REQ)))
+    assert diff.max() <= 3
+
+
+def test_unwritable_cache_still_serves(tmp_path):
+    blocker = tmp_path / "file-not-dir"
+    blocker.write_text("x")  # a cache path under a regular file can never be created
+    engine = Engine(runtime="openvino", cache_dir=blocker / "cache")
+    engine.load("builtin:tiny")
+    assert engine.txt2img({**REQ, "steps": 2}).images
