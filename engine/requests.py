@@ -5,8 +5,10 @@ Sizes are snapped to the model's multiple (the VAE scale factor) and the snap is
 """
 from __future__ import annotations
 
+import io
 import random
-from typing import Any, TypeVar
+from pathlib import Path
+from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -18,6 +20,12 @@ MAX_SIZE = 2048
 MAX_STEPS = 150
 MAX_BATCH = 8
 MAX_SEED = 2**32 - 1
+MAX_UPSCALE_SIZE = 4096  # tiled upscale output side
+MIN_IMAGE_SIDE = 8
+MAX_IMAGE_SIDE = 8192
+MAX_IMAGE_PIXELS = 8192 * 8192
+ResizeMode = Literal["resize", "crop and resize", "resize and fill"]
+HiresUpscaler = Literal["latent (bicubic)", "latent (nearest-exact)", "Lanczos"]
 
 
 class GenerationRequest(BaseModel):
@@ -48,9 +56,13 @@ class GenerationRequest(BaseModel):
         return self.model_copy(update={"seed": random.SystemRandom().randint(0, MAX_SEED)})
 
 
+MAX_BATCH_COUNT = 16
+
+
 class Txt2ImgRequest(GenerationRequest):
     width: int = Field(512, ge=MIN_SIZE, le=MAX_SIZE)
     height: int = Field(512, ge=MIN_SIZE, le=MAX_SIZE)
+    batch_count: int = Field(1, ge=1, le=MAX_BATCH_COUNT, description="batches run one after another")
 
     def snapped(self, multiple: int) -> tuple["Txt2ImgRequest", list[str]]:
         """Round width/height to the model's multiple; the notices say what changed."""
@@ -65,9 +77,126 @@ class Txt2ImgRequest(GenerationRequest):
         return (self.model_copy(update=update) if update else self), notices
 
 
+class Img2ImgRequest(GenerationRequest):
+    """Width/height None: the input image's size (scaled to fit the limits), snapped."""
+
+    width: int | None = Field(None, ge=MIN_SIZE, le=MAX_SIZE)
+    height: int | None = Field(None, ge=MIN_SIZE, le=MAX_SIZE)
+    strength: float = Field(0.75, ge=0.0, le=1.0)
+    resize_mode: ResizeMode = "resize"
+    vae_tiling: bool = False
+
+    def sized_for(self, image_size: tuple[int, int], multiple: int) -> tuple["Img2ImgRequest", list[str]]:
+        notices = []
+        w, h = self.width, self.height
+        if w is None or h is None:
+            iw, ih = image_size
+            scale = min(1.0, MAX_SIZE / iw, MAX_SIZE / ih)
+            if scale < 1.0:
+                notices.append(f"The {iw}x{ih} input was scaled to fit {MAX_SIZE} per side.")
+            w = w or max(MIN_SIZE, round(iw * scale))
+            h = h or max(MIN_SIZE, round(ih * scale))
+        update = {}
+        for name, value in (("width", w), ("height", h)):
+            snapped = snap_size(value, multiple)
+            update[name] = snapped
+            if snapped != value:
+                notices.append(f"{name} {value} was snapped to {snapped} (a multiple of {multiple}).")
+        return self.model_copy(update=update), notices
+
+
+class HiresFixRequest(Txt2ImgRequest):
+    factor: float = Field(2.0, ge=1.25, le=4.0)
+    upscaler: HiresUpscaler = "latent (bicubic)"
+    hires_strength: float = Field(0.5, ge=0.0, le=1.0)
+    hires_steps: int = Field(0, ge=0, le=MAX_STEPS, description="0: same as steps")
+    vae_tiling: bool = False
+
+    def target_size(self, multiple: int) -> tuple[int, int]:
+        w = snap_size(round(self.width * self.factor), multiple)
+        h = snap_size(round(self.height * self.factor), multiple)
+        if w > MAX_SIZE or h > MAX_SIZE:
+            raise UserError(f"Hires fix: {self.width}x{self.height} x{self.factor:g} is {w}x{h}; the limit is "
+                            f"{MAX_SIZE} per side. Use a smaller base size or factor, or tiled upscale.")
+        return w, h
+
+
+class TiledUpscaleRequest(GenerationRequest):
+    factor: float = Field(2.0, ge=1.0, le=4.0)
+    tile_size: int = Field(512, ge=64, le=1024)
+    tile_overlap: int = Field(64, ge=0, le=256)
+    strength: float = Field(0.35, ge=0.0, le=1.0)
+    steps: int = Field(20, ge=1, le=MAX_STEPS)
+
+    def output_size(self, image_size: tuple[int, int], multiple: int) -> tuple[int, int, list[str]]:
+        iw, ih = image_size
+        raw_w, raw_h = round(iw * self.factor), round(ih * self.factor)
+        w, h = snap_size(raw_w, multiple), snap_size(raw_h, multiple)
+        if w > MAX_UPSCALE_SIZE or h > MAX_UPSCALE_SIZE:
+            raise UserError(f"Tiled upscale: {iw}x{ih} x{self.factor:g} is {w}x{h}; the limit is "
+                            f"{MAX_UPSCALE_SIZE} per side.")
+        notices = [] if (w, h) == (raw_w, raw_h) else [
+            f"Output {raw_w}x{raw_h} was snapped to {w}x{h} (a multiple of {multiple})."]
+        return w, h, notices
+
+
+def load_image(value: Any):
+    """Whatever the UI or API sends -> an RGB PIL image, or one clear error."""
+    from PIL import Image, UnidentifiedImageError
+
+    if value is None:
+        raise UserError("No image given: upload an image first.")
+    try:
+        if isinstance(value, Image.Image):
+            image = value
+        elif isinstance(value, (str, Path)):
+            image = Image.open(value)
+        elif isinstance(value, (bytes, bytearray)):
+            image = Image.open(io.BytesIO(value))
+        else:
+            import numpy as np
+
+            image = Image.fromarray(np.asarray(value))
+        w, h = image.size
+        if w < MIN_IMAGE_SIDE or h < MIN_IMAGE_SIDE:
+            raise UserError(f"The image is {w}x{h}; it must be at least {MIN_IMAGE_SIDE}x{MIN_IMAGE_SIDE} pixels.")
+        if w > MAX_IMAGE_SIDE or h > MAX_IMAGE_SIDE or w * h > MAX_IMAGE_PIXELS:
+            raise UserError(f"The image is {w}x{h}; the limit is {MAX_IMAGE_SIDE} pixels per side.")
+        image.load()
+    except UserError:
+        raise
+    except Image.DecompressionBombError:
+        raise UserError(f"The image is too large; the limit is {MAX_IMAGE_SIDE} pixels per side.") from None
+    except (UnidentifiedImageError, OSError, ValueError, TypeError) as e:
+        raise UserError(f"That file is not an image that can be read ({type(e).__name__}).") from None
+    if image.mode == "RGBA" or (image.mode == "P" and "transparency" in image.info):
+        background = Image.new("RGB", image.size, (255, 255, 255))
+        background.paste(image.convert("RGBA"), mask=image.convert("RGBA").split()[-1])
+        return background
+    return image.convert("RGB")
+
+
 def snap_size(value: int, multiple: int) -> int:
     """Nearest multiple (ties go up), never below one multiple."""
     return max(multiple, int((value + multiple / 2) // multiple) * multiple)
+
+
+def parse_sizes(text: str) -> list[tuple[int, int]]:
+    """'512x512, 768x512' -> [(512, 512), (768, 512)], each side within the request limits."""
+    sizes = []
+    for part in (text or "").split(","):
+        if not part.strip():
+            continue
+        w, sep, h = part.strip().lower().partition("x")
+        if not sep or not w.strip().isdigit() or not h.strip().isdigit():
+            raise UserError(f"{part.strip()!r} is not WIDTHxHEIGHT (e.g. 512x512).")
+        w, h = int(w), int(h)
+        if not (MIN_SIZE <= w <= MAX_SIZE and MIN_SIZE <= h <= MAX_SIZE):
+            raise UserError(f"{w}x{h}: each side must be between {MIN_SIZE} and {MAX_SIZE}.")
+        sizes.append((w, h))
+    if not sizes:
+        raise UserError("No sizes given; write e.g. 512x512,768x512.")
+    return sizes
 
 
 _R = TypeVar("_R", bound=BaseModel)

@@ -1,19 +1,27 @@
-"""Pieces every task shares: prompt encoding, denoising with progress, VAE decode."""
+"""Pieces every task shares: prompt encoding, denoising with progress, VAE encode/decode, resizing."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+import numpy as np
 import torch
+from PIL import Image
+
+from ..schedulers import make_scheduler
+from ..tiling import Blender, grid
 
 ProgressFn = Callable[[int, int], None]  # (step done, total steps)
+VAE_TILE_LATENT = 64  # latent tile side for tiled VAE decode (512 px at the usual 8x)
+VAE_TILE_OVERLAP = 8
 
 
 @dataclass
 class StopFlag:
-    """Set by Engine.stop(); the step callback tells diffusers to end the loop."""
+    """Per-job control: Engine.stop() sets `requested`; `on_latents` sees the latents after each step."""
 
     requested: bool = False
+    on_latents: Callable[[int, int, torch.Tensor], None] | None = None
 
 
 @dataclass
@@ -43,13 +51,16 @@ def encode_prompt(model, prompt: str, negative_prompt: str, batch_size: int, gui
     return PromptEmbeddings(kwargs)
 
 
-def step_callback(total: int, progress: ProgressFn | None, stop: StopFlag, counter: list[int]):
+def step_callback(total: int, progress: ProgressFn | None, stop: StopFlag, counter: list[int], offset: int = 0,
+                  grand_total: int | None = None):
     """diffusers callback_on_step_end: report step i of N, honour a stop request."""
 
     def callback(pipe, step_index, timestep, callback_kwargs):
         counter[0] = step_index + 1
         if progress is not None:
-            progress(step_index + 1, total)
+            progress(offset + step_index + 1, grand_total or total)
+        if stop.on_latents is not None and "latents" in callback_kwargs:
+            stop.on_latents(offset + step_index + 1, grand_total or total, callback_kwargs["latents"])
         if stop.requested:
             pipe._interrupt = True
         return callback_kwargs
@@ -63,14 +74,115 @@ def generators(seed: int, count: int, device: str) -> list[torch.Generator]:
     return [torch.Generator(gen_device).manual_seed(seed + i) for i in range(count)]
 
 
-def decode_latents(model, latents: torch.Tensor):
-    """Latents -> PIL images with the model's VAE."""
-    pipe = model.pipe
-    vae = pipe.vae
+def derived_pipeline(model, task: str):
+    """The img2img pipeline sharing the loaded components (diffusers from_pipe): no second copy of weights."""
+    cache = model.__dict__.setdefault("_derived", {})
+    if task not in cache:
+        from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionXLImg2ImgPipeline
+
+        cls = StableDiffusionXLImg2ImgPipeline if model.is_sdxl else StableDiffusionImg2ImgPipeline
+        pipe = cls.from_pipe(model.pipe)
+        pipe.set_progress_bar_config(disable=True)
+        cache[task] = pipe
+    return cache[task]
+
+
+def denoise(model, pipe, runtime, embeds: PromptEmbeddings, *, sampler: str, steps: int, guidance: float,
+            gens: list[torch.Generator], width: int, height: int, progress: ProgressFn | None, stop: StopFlag,
+            image_latents: torch.Tensor | None = None, strength: float = 1.0, offset: int = 0,
+            grand_total: int | None = None) -> tuple[torch.Tensor, int]:
+    """Run the diffusers loop to latents; with image_latents it is img2img from those latents."""
+    pipe.scheduler = make_scheduler(sampler, model.scheduler_config)
+    done = [0]
+    expected = steps if image_latents is None else steps_for_strength(steps, strength)
+    kwargs = dict(
+        **embeds.kwargs, num_inference_steps=steps, guidance_scale=guidance, generator=gens,
+        output_type="latent",
+        callback_on_step_end=step_callback(expected, progress, stop, done, offset, grand_total),
+    )
+    if image_latents is None:
+        kwargs.update(height=height, width=width)
+    else:
+        # diffusers runs int(steps * strength) steps; nudge so it runs round(steps * strength).
+        kwargs.update(image=image_latents, strength=min(1.0, (expected + 1e-4) / steps))
+    latents = pipe(**kwargs).images
+    return latents, done[0]
+
+
+def steps_for_strength(steps: int, strength: float) -> int:
+    """Steps an img2img pass actually runs: round(steps x strength)."""
+    return min(steps, int(round(steps * strength)))
+
+
+def _vae_decode(vae, latents: torch.Tensor) -> torch.Tensor:
     latents = latents.to(device=vae.device, dtype=vae.dtype)
     scaled = latents / vae.config.scaling_factor
     shift = getattr(vae.config, "shift_factor", None)
     if shift:
         scaled = scaled + shift
-    images = vae.decode(scaled, return_dict=False)[0]
-    return pipe.image_processor.postprocess(images.float(), output_type="pil")
+    return vae.decode(scaled, return_dict=False)[0].float()
+
+
+def decode_latents(model, latents: torch.Tensor, tiled: bool = False) -> list[Image.Image]:
+    """Latents -> PIL images with the model's VAE; tiled decodes 512 px tiles and feather-blends them."""
+    pipe = model.pipe
+    vae = pipe.vae
+    lat_h, lat_w = latents.shape[-2:]
+    if not tiled or (lat_h <= VAE_TILE_LATENT and lat_w <= VAE_TILE_LATENT):
+        return pipe.image_processor.postprocess(_vae_decode(vae, latents), output_type="pil")
+    f = model.vae_scale_factor
+    images = []
+    for one in latents:
+        blender = Blender(lat_w * f, lat_h * f, 3, VAE_TILE_OVERLAP * f)
+        for t in grid(lat_w, lat_h, VAE_TILE_LATENT, VAE_TILE_OVERLAP):
+            part = one[None, :, t.y:t.y + t.height, t.x:t.x + t.width]
+            pixels = _vae_decode(vae, part)[0].permute(1, 2, 0).cpu().numpy()
+            from ..tiling import Tile
+
+            blender.add(Tile(t.x * f, t.y * f, t.width * f, t.height * f), pixels)
+        decoded = torch.from_numpy(blender.result()).permute(2, 0, 1)[None]
+        images += pipe.image_processor.postprocess(decoded, output_type="pil")
+    return images
+
+
+def image_to_tensor(images: list[Image.Image]) -> torch.Tensor:
+    """PIL RGB -> (N, 3, H, W) in [-1, 1]."""
+    arrays = [np.asarray(im.convert("RGB"), dtype=np.float32) / 127.5 - 1.0 for im in images]
+    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
+
+
+def encode_images(model, images: list[Image.Image], gens: list[torch.Generator]) -> torch.Tensor:
+    """PIL images -> scaled latents (one sample per image from its own generator)."""
+    vae = model.pipe.vae
+    x = image_to_tensor(images).to(device=vae.device, dtype=vae.dtype)
+    out = []
+    for i in range(x.shape[0]):
+        dist = vae.encode(x[i:i + 1]).latent_dist
+        out.append(dist.sample(gens[i]))
+    latents = torch.cat(out).float()
+    shift = getattr(vae.config, "shift_factor", None)
+    if shift:
+        latents = latents - shift
+    return latents * vae.config.scaling_factor
+
+
+def fit_image(image: Image.Image, width: int, height: int, mode: str) -> Image.Image:
+    """Resize to width x height: stretch, crop to fill, or fit inside and fill the rest from the edges."""
+    if image.size == (width, height):
+        return image.copy()
+    if mode == "resize":
+        return image.resize((width, height), Image.LANCZOS)
+    iw, ih = image.size
+    if mode == "crop and resize":
+        scale = max(width / iw, height / ih)
+        rw, rh = max(width, round(iw * scale)), max(height, round(ih * scale))
+        resized = image.resize((rw, rh), Image.LANCZOS)
+        left, top = (rw - width) // 2, (rh - height) // 2
+        return resized.crop((left, top, left + width, top + height))
+    # resize and fill: fit inside, then stretch the edge pixels outwards to fill the gaps
+    scale = min(width / iw, height / ih)
+    rw, rh = max(1, round(iw * scale)), max(1, round(ih * scale))
+    resized = image.resize((rw, rh), Image.LANCZOS)
+    canvas = resized.resize((width, height), Image.BILINEAR)  # smeared version of the same picture
+    canvas.paste(resized, ((width - rw) // 2, (height - rh) // 2))
+    return canvas
