@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-requirements
 ARGS ?=
 
-.PHONY: run test venv clean-venv
+.PHONY: run test venv clean-venv browser
 
 venv: $(STAMP)
 
@@ -17,7 +17,13 @@ $(STAMP): requirements.txt
 run: $(STAMP)
 	$(PY) app.py $(ARGS)
 
-test: $(STAMP)
+# The browser test drives Debian's chromium; install it when missing and we may (root with apt).
+browser:
+	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) ; } || \
+		echo "chromium not installed: the browser test will be skipped"
+
+test: $(STAMP) browser
 	$(PY) -m pytest -q tests
 
 clean-venv:

@@ -4,27 +4,32 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import re
 import sys
 from pathlib import Path
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
-WARMUP_RE = re.compile(r"^\s*(\d+)\s*[xX]\s*(\d+)\s*$")
+SHARE_USER = "fastsd"
 
 
-def parse_warmup(text: str | None) -> list[tuple[int, int]]:
-    """'512x512,768x512' -> [(512, 512), (768, 512)]."""
-    if not text:
-        return []
-    shapes = []
-    for part in text.split(","):
-        m = WARMUP_RE.match(part)
-        if not m:
-            raise argparse.ArgumentTypeError(f"--warmup: {part.strip()!r} is not WIDTHxHEIGHT (e.g. 512x512)")
-        shapes.append((int(m.group(1)), int(m.group(2))))
-    return shapes
+def read_auth_file(path: str) -> list[str]:
+    """user:password per line; blank lines and # comments skipped."""
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except OSError as e:
+        raise argparse.ArgumentTypeError(f"--auth-file: cannot read {path}: {e.strerror}") from None
+    return [line.strip() for line in lines if line.strip() and not line.strip().startswith("#")]
+
+
+def share_auth(auth: list[tuple[str, str]] | None, share: bool, no_auth: bool) -> tuple[list | None, str | None]:
+    """A public link is never open by default: without --auth it gets a random password."""
+    if not share or auth or no_auth:
+        return auth, None
+    import secrets
+
+    password = secrets.token_urlsafe(12)
+    return [(SHARE_USER, password)], password
 
 
 def parse_auth(values: list[str] | None) -> list[tuple[str, str]] | None:
@@ -52,10 +57,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help="runtime to use; auto picks from the hardware (default: %(default)s)")
     p.add_argument("--preset", default=None, help="preset name from presets/*.toml (e.g. balanced, quality)")
     p.add_argument("--warmup", default=None, help="shapes to prepare ahead, e.g. 512x512,768x512")
+    p.add_argument("--precision", default=None, choices=["auto", "fp32", "bf16", "fp16"],
+                   help="overrides the preset's precision (auto: fp16 on CUDA, bf16 on CPUs with hardware bf16)")
+    p.add_argument("--int8-weights", action="store_true", help="int8 weight compression (OpenVINO runtime)")
+    p.add_argument("--cache-dir", default=None,
+                   help="where converted models and compiled blobs are kept (default ~/.cache/fast-sd)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
     p.add_argument("--port", type=int, default=7860, help="port (default: %(default)s)")
     p.add_argument("--share", action="store_true", help="ask Gradio for a public link")
     p.add_argument("--auth", action="append", metavar="USER:PASS", help="require a login; repeatable")
+    p.add_argument("--auth-file", default=None, help="file with user:password lines")
+    p.add_argument("--share-no-auth", action="store_true",
+                   help="with --share, serve the public link WITHOUT a password (not recommended)")
+    p.add_argument("--outputs-dir", default="outputs",
+                   help="where every image is saved with its parameters (default: %(default)s)")
+    p.add_argument("--no-save", action="store_true", help="do not save images to the outputs folder")
     p.add_argument("--queue-size", type=int, default=16, help="jobs that may wait for the device (default: %(default)s)")
     return p
 
@@ -63,15 +79,16 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    from engine import Engine, UserError
+    from engine.options import Optimizations, load_preset
+    from engine.requests import parse_sizes
+
     try:
-        warmup = parse_warmup(args.warmup)
-        auth = parse_auth(args.auth)
-    except argparse.ArgumentTypeError as e:
+        warmup = parse_sizes(args.warmup) if args.warmup else []
+        auth = parse_auth((args.auth or []) + (read_auth_file(args.auth_file) if args.auth_file else []))
+    except (argparse.ArgumentTypeError, UserError) as e:
         parser.error(str(e))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-
-    from engine import Engine, UserError
-    from engine.options import load_preset
 
     defaults = {}
     optimizations = None
@@ -80,14 +97,21 @@ def main(argv: list[str] | None = None) -> int:
             preset = load_preset(args.preset)
             optimizations = preset.optimizations
             defaults = preset.defaults.model_dump(exclude_none=True)
-        engine = Engine(runtime=args.runtime, optimizations=optimizations, models_dir=Path(args.models_dir))
+        overrides = {k: v for k, v in (("precision", args.precision), ("int8_weights", args.int8_weights or None))
+                     if v is not None}
+        if overrides:
+            optimizations = (optimizations or Optimizations()).model_copy(update=overrides)
+        engine = Engine(runtime=args.runtime, optimizations=optimizations, models_dir=Path(args.models_dir),
+                        cache_dir=Path(args.cache_dir) if args.cache_dir else None,
+                        outputs_dir=None if args.no_save else Path(args.outputs_dir))
         print(engine.hardware, flush=True)
         print(f"Runtime: {engine.runtime.describe()} — {engine.choice.reason}", flush=True)
         model = engine.load(args.model, config_dir=args.model_config)
         print(f"Model: {model.name} ({model.family}) loaded in {model.load_seconds:.1f} s", flush=True)
         if warmup:
             for r in engine.warmup(warmup):
-                state = "compiled" if r.compiled else "nothing to compile (eager runtime)"
+                state = ("compiled" if r.compiled else "nothing to compile (eager runtime)"
+                         if engine.runtime.name == "pytorch" else "already warm")
                 print(f"Warm-up {r.width}x{r.height}: {state}, {r.seconds:.1f} s", flush=True)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -100,8 +124,21 @@ def main(argv: list[str] | None = None) -> int:
     defaults.setdefault("height", model.native_size)
     demo = build_ui(engine, defaults)
     demo.queue(default_concurrency_limit=1, max_size=args.queue_size)
+    auth, generated = share_auth(auth, args.share, args.share_no_auth)
+    if args.share and args.share_no_auth and not auth:
+        print("WARNING: --share-no-auth: anyone with the public link can use this machine.", flush=True)
     demo.launch(server_name=args.host, server_port=args.port, share=args.share, auth=auth,
-                show_error=True, **launch_kwargs())
+                show_error=True, prevent_thread_lock=True, allowed_paths=[] if engine.outputs_dir is None
+                else [str(engine.outputs_dir)], **launch_kwargs())
+    if args.share:
+        if demo.share_url:
+            print(f"Public link: {demo.share_url}", flush=True)
+        else:
+            print("No public link could be made (no network to the share server); serving locally only.",
+                  flush=True)
+        if generated:
+            print(f"Login for the public link: user {SHARE_USER}, password {generated}", flush=True)
+    demo.block_thread()
     return 0
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 import gc
 import logging
 import threading
+import time
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -11,15 +13,28 @@ from typing import Any
 from . import hardware as hardware_mod
 from . import runtimes
 from .errors import UserError
+from .metadata import format_parameters
+from .outputs import clean_partials, save_png
+from .preview import latents_to_rgb
 from .models import LoadedModel, load_model
 from .options import Optimizations
-from .requests import Txt2ImgRequest, parse_request
+from .requests import (HiresFixRequest, Img2ImgRequest, TiledUpscaleRequest, Txt2ImgRequest, load_image,
+                       parse_request)
 from .runtimes.base import Runtime, WarmupResult
 from .tasks.common import ProgressFn, StopFlag
+from .tasks.hires_fix import run_hires_fix
+from .tasks.img2img import run_img2img
+from .tasks.tiled_upscale import run_tiled_upscale
 from .tasks.txt2img import run_txt2img
 from .telemetry import CudaPeakMemory, PeakRssSampler, Readout, StageTimer
 
 log = logging.getLogger(__name__)
+try:  # diffusers warns on every from_pipe / dtype move about things that do not apply here
+    from diffusers.utils import logging as _diffusers_logging
+
+    _diffusers_logging.set_verbosity_error()
+except ImportError:  # pragma: no cover
+    pass
 
 
 @dataclass
@@ -29,22 +44,59 @@ class GenerationResult:
     parameters: dict[str, Any]  # the exact request that ran (snapped size, resolved seed)
     readout: Readout
     notices: list[str] = field(default_factory=list)
+    extra_images: dict[str, list] = field(default_factory=dict)  # e.g. hires fix's base images
+    saved_paths: list[str] = field(default_factory=list)
+
+
+@dataclass
+class LiveStatus:
+    """What the UI polls while a job runs."""
+
+    task: str = ""
+    step: int = 0
+    total: int = 0
+    started: float = 0.0
+    running: bool = False
+    preview: Any = None  # PIL image
+    preview_step: int = 0
+
+    @property
+    def elapsed_s(self) -> float:
+        return time.perf_counter() - self.started if self.started else 0.0
+
+    @property
+    def it_per_s(self) -> float:
+        return self.step / self.elapsed_s if self.step and self.elapsed_s > 0 else 0.0
+
+    @property
+    def eta_s(self) -> float | None:
+        rate = self.it_per_s
+        return (self.total - self.step) / rate if rate > 0 and self.total else None
 
 
 class Engine:
     """Generation backend; runs without any UI. Pass it around, don't make it global."""
 
     def __init__(self, hardware: hardware_mod.HardwareReport | None = None, runtime: str = "auto",
-                 optimizations: Optimizations | None = None, models_dir: Path | None = None):
+                 optimizations: Optimizations | None = None, models_dir: Path | None = None,
+                 cache_dir: Path | None = None, outputs_dir: Path | None = None, preview_every: int = 2,
+                 history_size: int = 20):
         self.hardware = hardware or hardware_mod.detect()
         self.optimizations = optimizations or Optimizations()
         self.models_dir = Path(models_dir) if models_dir else None
+        self.cache_dir = Path(cache_dir) if cache_dir else None
         self.runtime_wish = runtime
         self.choice = runtimes.pick(self.hardware, runtime)
-        self.runtime: Runtime = self.choice.cls(self.hardware, self.optimizations)
+        self.runtime: Runtime = self.choice.cls(self.hardware, self.optimizations, self.cache_dir)
         self.model: LoadedModel | None = None
         self._lock = threading.Lock()  # one job (or load) on the device at a time
         self._stop = StopFlag()
+        self.outputs_dir = Path(outputs_dir) if outputs_dir else None  # None: do not save
+        if self.outputs_dir is not None and self.outputs_dir.is_dir():
+            clean_partials(self.outputs_dir)
+        self.preview_every = preview_every  # steps between live previews; 0 = none
+        self.live = LiveStatus()
+        self.history: deque[dict[str, Any]] = deque(maxlen=history_size)
 
     # ------------------------------------------------------------ model and runtime
 
@@ -52,7 +104,7 @@ class Engine:
         """Load and prepare a model. On failure the previous model stays loaded."""
         with self._lock:
             model = load_model(source, models_dir=self.models_dir, allow_any_path=allow_any_path,
-                               config_dir=config_dir)
+                               config_dir=config_dir, skeleton_for=self.runtime.cached_components)
             self.runtime.prepare(model)
             old, self.model = self.model, model
             del old
@@ -64,7 +116,7 @@ class Engine:
         """Switch runtime (and options); the loaded model is prepared again from its source."""
         choice = runtimes.pick(self.hardware, wish)
         opts = optimizations or self.optimizations
-        runtime = choice.cls(self.hardware, opts)
+        runtime = choice.cls(self.hardware, opts, self.cache_dir)
         source = self.model.source.text if self.model else None
         with self._lock:
             self.choice, self.runtime, self.optimizations, self.runtime_wish = choice, runtime, opts, wish
@@ -98,27 +150,42 @@ class Engine:
         with self._lock:
             return self.runtime.warmup(model, shapes)
 
+    def _shape_cache(self, compiles_before: int) -> str:
+        """'warm', 'compiled now (N s)', or 'eager' for runtimes that do not compile per shape."""
+        if self.runtime.name == "pytorch":
+            return "eager (no compile)"
+        new = self.runtime.compile_events[compiles_before:]
+        if not new:
+            return "warm (cache hit)"
+        return f"compiled now ({sum(e.seconds for e in new):.1f} s, {len(new)} graphs)"
+
     def stop(self) -> None:
         """Ask the running job to end after its current step."""
         self._stop.requested = True
 
     # ------------------------------------------------------------ tasks
 
-    def txt2img(self, request: Txt2ImgRequest | dict, progress: ProgressFn | None = None) -> GenerationResult:
-        if isinstance(request, dict):
-            request = parse_request(Txt2ImgRequest, request)
-        model = self.require_model()
-        request, notices = request.snapped(model.vae_scale_factor)
-        request = request.with_seed()
+    def _job(self, task: str, model: LoadedModel, request, notices: list[str], work,
+             progress: ProgressFn | None) -> GenerationResult:
+        """Run `work(timer, progress)` under the device lock with telemetry; build the result and readout.
+
+        work returns (images, steps_run, steps_planned, details, extra_images).
+        """
         with self._lock:
-            self._stop = StopFlag()
+            self._stop = StopFlag(on_latents=self._on_latents if self.preview_every else None)
+            self.live = LiveStatus(task=task, started=time.perf_counter(), running=True)
             timer = StageTimer()
-            with PeakRssSampler() as rss, CudaPeakMemory(self.runtime.device) as vram:
-                images, steps_done = run_txt2img(model, self.runtime, request, timer, progress, self._stop)
+            compiles_before = len(self.runtime.compile_events)
+            try:
+                with PeakRssSampler() as rss, CudaPeakMemory(self.runtime.device) as vram:
+                    images, steps_done, planned, details, extra = work(timer, self._live_progress(progress))
+            finally:
+                self.live.running = False
             total_s = timer.elapsed_s()
-        if steps_done < request.steps:
-            notices.append(f"Stopped after {steps_done} of {request.steps} steps.")
-        denoise_s = timer.stages_s.get("denoising", 0.0)
+            shape_cache = self._shape_cache(compiles_before)
+        if self._stop.requested and steps_done < planned:
+            notices.append(f"Stopped after {steps_done} of {planned} steps.")
+        denoise_s = sum(s for name, s in timer.stages_s.items() if name.endswith("denoising"))
         readout = Readout(
             total_s=total_s,
             stages_s=dict(timer.stages_s),
@@ -131,11 +198,118 @@ class Engine:
             precision=self.runtime.precision,
             device=self.runtime.device,
             model=model.name,
-            width=request.width,
-            height=request.height,
-            batch_size=request.batch_size,
+            width=images[0].width if images else 0,
+            height=images[0].height if images else 0,
+            batch_size=len(images),
+            shape_cache=shape_cache,
+            details=details,
             notices=list(notices),
         )
-        parameters = {"task": "txt2img", "model": model.name, **request.model_dump()}
-        seeds = [request.seed + i for i in range(request.batch_size)]
-        return GenerationResult(images=images, seeds=seeds, parameters=parameters, readout=readout, notices=notices)
+        parameters = {"task": task, "model": model.name, "runtime": self.runtime.name, **request.model_dump()}
+        seeds = [request.seed + i for i in range(len(images))]
+        result = GenerationResult(images=images, seeds=seeds, parameters=parameters, readout=readout,
+                                  notices=notices, extra_images=extra)
+        if self.outputs_dir is not None:
+            start = time.perf_counter()
+            for image, seed in zip(images, seeds):
+                text = format_parameters({**parameters, "seed": seed, "width": image.width, "height": image.height})
+                result.saved_paths.append(str(save_png(image, text, self.outputs_dir, seed)))
+            readout.stages_s["save"] = time.perf_counter() - start
+        self.history.appendleft({
+            "time": time.strftime("%H:%M:%S"), "task": task, "size": f"{readout.width}x{readout.height}",
+            "images": len(images), "steps": steps_done, "runtime": readout.runtime, "precision": readout.precision,
+            "total_s": round(readout.total_s, 2), "it_per_s": round(readout.it_per_s, 2),
+            "peak_ram_gib": round(readout.peak_rss_bytes / 2**30, 2), "shape": readout.shape_cache,
+        })
+        return result
+
+    def _live_progress(self, progress: ProgressFn | None) -> ProgressFn:
+        def report(step: int, total: int) -> None:
+            self.live.step, self.live.total = step, total
+            if progress is not None:
+                progress(step, total)
+
+        return report
+
+    def _on_latents(self, step: int, total: int, latents) -> None:
+        live = self.live
+        if self.preview_every and (step % self.preview_every == 0 or step == total):
+            live.preview = latents_to_rgb(latents, self.model.is_sdxl if self.model else False,
+                                          scale=self.model.vae_scale_factor if self.model else 8)
+            live.preview_step = step
+
+    def _prepare(self, cls, request):
+        if isinstance(request, dict):
+            request = parse_request(cls, request)
+        return self.require_model(), request
+
+    def txt2img(self, request: Txt2ImgRequest | dict, progress: ProgressFn | None = None) -> GenerationResult:
+        model, request = self._prepare(Txt2ImgRequest, request)
+        request, notices = request.snapped(model.vae_scale_factor)
+        request = request.with_seed()
+
+        def work(timer, progress):
+            images, done_total = [], 0
+            total = request.steps * request.batch_count
+            for k in range(request.batch_count):
+                if self._stop.requested:
+                    break
+                one = request.model_copy(update={"seed": request.seed + k * request.batch_size})
+                offset = done_total
+                step_progress = None if progress is None else (lambda i, n, o=offset: progress(o + i, total))
+                batch_images, done = run_txt2img(model, self.runtime, one, timer, step_progress, self._stop)
+                images += batch_images
+                done_total += done
+            return images, done_total, total, ({"batches": request.batch_count} if request.batch_count > 1 else {}), {}
+
+        return self._job("txt2img", model, request, notices, work, progress)
+
+    def img2img(self, request: Img2ImgRequest | dict, image: Any,
+                progress: ProgressFn | None = None) -> GenerationResult:
+        model, request = self._prepare(Img2ImgRequest, request)
+        init = load_image(image)
+        request, notices = request.sized_for(init.size, model.vae_scale_factor)
+        request = request.with_seed()
+
+        def work(timer, progress):
+            images, done, planned = run_img2img(model, self.runtime, request, init, timer, progress, self._stop)
+            if planned == 0:
+                notices.append("Strength 0: the input is returned (resized) and no denoising step ran.")
+            else:
+                notices.append(f"Ran {planned} of {request.steps} steps (steps x strength {request.strength:g}).")
+            return images, done, planned, {"steps_planned": planned}, {}
+
+        return self._job("img2img", model, request, notices, work, progress)
+
+    def hires_fix(self, request: HiresFixRequest | dict, progress: ProgressFn | None = None) -> GenerationResult:
+        model, request = self._prepare(HiresFixRequest, request)
+        request, notices = request.snapped(model.vae_scale_factor)
+        request = request.with_seed()
+        target = request.target_size(model.vae_scale_factor)
+
+        def work(timer, progress):
+            base, finals, done, planned = run_hires_fix(model, self.runtime, request, timer, progress, self._stop)
+            notices.append(f"Base {request.width}x{request.height}, final {target[0]}x{target[1]} "
+                           f"({request.upscaler}).")
+            return finals, done, planned, {"base_size": f"{request.width}x{request.height}",
+                                           "final_size": f"{target[0]}x{target[1]}"}, {"base": base}
+
+        return self._job("hires_fix", model, request, notices, work, progress)
+
+    def tiled_upscale(self, request: TiledUpscaleRequest | dict, image: Any,
+                      progress: ProgressFn | None = None) -> GenerationResult:
+        model, request = self._prepare(TiledUpscaleRequest, request)
+        init = load_image(image)
+        out_w, out_h, notices = request.output_size(init.size, model.vae_scale_factor)
+        request = request.with_seed()
+
+        def work(timer, progress):
+            image_out, details = run_tiled_upscale(model, self.runtime, request, init, out_w, out_h, timer,
+                                                   progress, self._stop)
+            notices.append(f"{details['tiles']} tiles of {details['tile_size']} px, overlap {details['tile_overlap']}"
+                           + (f", {details['seconds_per_tile']:.2f} s per tile" if details.get("seconds_per_tile")
+                              else "") + ".")
+            steps = details.get("steps_run", 0)
+            return [image_out], steps, details.get("steps_planned", 0), details, {}
+
+        return self._job("tiled_upscale", model, request, notices, work, progress)

@@ -103,6 +103,8 @@ class Readout:
     width: int
     height: int
     batch_size: int
+    shape_cache: str = ""  # warm / compiled now / eager
+    details: dict = field(default_factory=dict)  # task-specific: tiles, steps planned, pass sizes
     notices: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
@@ -119,7 +121,8 @@ class Readout:
             f"Total: {self.total_s:.2f} s ({stages})",
             f"Speed: {self.it_per_s:.2f} it/s over {self.steps} steps, {self.width}x{self.height} x{self.batch_size}",
             f"Peak RAM: {self.peak_rss_bytes / gib:.2f} GiB; peak VRAM: {vram}",
-            f"Runtime: {self.runtime} on {self.device}, precision {self.precision}; model {self.model}",
+            f"Runtime: {self.runtime} on {self.device}, precision {self.precision}, shape {self.shape_cache}; "
+            f"model {self.model}",
         ]
         lines += self.notices
         return "\n".join(lines)

@@ -1,5 +1,6 @@
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -9,6 +10,8 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+# Converted models and compiled blobs go to a per-run folder, not the user's cache (inherited by app processes).
+os.environ["FASTSD_CACHE_DIR"] = tempfile.mkdtemp(prefix="fastsd-test-cache-")
 
 
 @pytest.fixture(scope="session")

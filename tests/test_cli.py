@@ -3,7 +3,9 @@ import sys
 
 import pytest
 
-from app import parse_auth, parse_warmup
+from app import parse_auth
+from engine.errors import UserError
+from engine.requests import parse_sizes
 from appserver import ROOT
 
 
@@ -30,10 +32,10 @@ def test_unknown_preset_exits_cleanly():
 
 
 def test_parse_warmup_and_auth():
-    assert parse_warmup("512x512, 768X512") == [(512, 512), (768, 512)]
-    assert parse_warmup(None) == []
-    with pytest.raises(Exception):
-        parse_warmup("512")
+    assert parse_sizes("512x512, 768X512") == [(512, 512), (768, 512)]
+    for bad in ("512", "", "0x512", "axb"):
+        with pytest.raises(UserError):
+            parse_sizes(bad)
     assert parse_auth(["a:b", "c:d:e"]) == [("a", "b"), ("c", "d:e")]
     with pytest.raises(Exception):
         parse_auth(["nopass"])

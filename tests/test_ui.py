@@ -7,33 +7,40 @@ from appserver import running_app
 
 
 @pytest.fixture(scope="module")
-def client():
-    with running_app("--model", "builtin:tiny") as (url, _proc):
+def outputs(tmp_path_factory):
+    return tmp_path_factory.mktemp("outputs")
+
+
+@pytest.fixture(scope="module")
+def client(outputs):
+    with running_app("--model", "builtin:tiny", "--outputs-dir", str(outputs)) as (url, _proc):
         yield Client(url, verbose=False)
 
 
 def txt2img(client, **kw):
-    args = {"prompt_v": "a red circle", "negative_v": "", "width_v": 256, "height_v": 256, "steps_v": 10,
-            "guidance_v": 7.0, "sampler_v": "Euler", "seed_v": 5, "batch_v": 1}
+    args = {"prompt_v": "a red circle", "negative_v": "", "width_v": 256, "height_v": 256, "count_v": 1,
+            "steps_v": 10, "guidance_v": 7.0, "sampler_v": "Euler", "seed_v": 5, "batch_v": 1}
     args.update(kw)
     return client.predict(*args.values(), api_name="/txt2img")
 
 
 def test_txt2img_returns_image_of_requested_size_and_readout(client):
-    gallery, readout, params = txt2img(client, width_v=256, height_v=192)
+    gallery, readout, params, history = txt2img(client, width_v=256, height_v=192)
     assert len(gallery) == 1
     with Image.open(gallery[0]["image"]) as im:
         assert im.size == (256, 192)
     assert gallery[0]["caption"] == "seed 5"
     for needle in ("Total", "Text encoding", "Denoising", "Vae decode", "it/s", "Peak RAM", "GiB", "Peak VRAM",
-                   "n/a", "pytorch", "Precision"):
+                   "n/a", "openvino", "Precision", "Shape"):
         assert needle in readout, needle
     assert params["seed"] == 5 and params["width"] == 256 and params["height"] == 192
 
 
 def test_batch_of_two_gets_two_seeds(client):
-    gallery, readout, params = txt2img(client, batch_v=2, seed_v=40, steps_v=3, width_v=128, height_v=128)
-    assert [g["caption"] for g in gallery] == ["seed 40", "seed 41"]
+    gallery, readout, params, history = txt2img(client, batch_v=2, count_v=2, seed_v=40, steps_v=3,
+                                               width_v=128, height_v=128)
+    assert [g["caption"] for g in gallery] == ["seed 40", "seed 41", "seed 42", "seed 43"]
+    assert history["data"][0][1] == "txt2img" and history["data"][0][3] == 4
 
 
 def test_bad_input_is_one_clear_message_and_app_keeps_working(client):
@@ -46,10 +53,83 @@ def test_bad_input_is_one_clear_message_and_app_keeps_working(client):
     with pytest.raises(Exception) as e:
         client.predict("someone/not-here", api_name="/load_model")
     assert "hub" in str(e.value)
-    gallery, _, _ = txt2img(client, steps_v=3, width_v=128, height_v=128)
+    gallery, *_ = txt2img(client, steps_v=3, width_v=128, height_v=128)
     assert len(gallery) == 1
 
 
-def test_engine_tab_reports_runtime(client):
-    info, message = client.predict("pytorch", api_name="/set_runtime")
+def make_png(tmp_path, w, h, name="in.png"):
+    import numpy as np
+
+    path = tmp_path / name
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (h, w, 3), dtype=np.uint8)).save(path)
+    return str(path)
+
+
+COMMON = {"steps": 4, "guidance": 7.0, "sampler": "Euler", "seed": 11, "batch": 1}
+
+
+def test_img2img_tab(client, tmp_path):
+    from gradio_client import handle_file
+
+    gallery, readout, params, _ = client.predict(
+        handle_file(make_png(tmp_path, 160, 96)), "a blue square", "", 0.5, "crop and resize", 128, 64, False,
+        *COMMON.values(), api_name="/img2img")
+    with Image.open(gallery[0]["image"]) as im:
+        assert im.size == (128, 64)
+    assert "Ran 2 of 4 steps" in readout and "Total" in readout and params["strength"] == 0.5
+
+
+def test_img2img_without_image_is_a_clear_error(client):
+    with pytest.raises(Exception, match="No image"):
+        client.predict(None, "x", "", 0.5, "resize", 0, 0, False, *COMMON.values(), api_name="/img2img")
+
+
+def test_hires_fix_tab_returns_base_and_final(client):
+    gallery, readout, params, _ = client.predict("a star", "", 64, 64, 2.0, "latent (bicubic)", 0.5, 0, False,
+                                              *COMMON.values(), api_name="/hires_fix")
+    sizes = []
+    for g in gallery:
+        with Image.open(g["image"]) as im:
+            sizes.append(im.size)
+    assert sizes == [(64, 64), (128, 128)]
+    assert "Hires denoising" in readout and "Base denoising" in readout
+
+
+def test_tiled_upscale_tab(client, tmp_path):
+    from gradio_client import handle_file
+
+    gallery, readout, params, _ = client.predict(
+        handle_file(make_png(tmp_path, 150, 100)), "", "", 2.0, 0.4, 128, 32, *COMMON.values(),
+        api_name="/tiled_upscale")
+    with Image.open(gallery[0]["image"]) as im:
+        assert im.size == (304, 200)  # 300x200 snapped to multiples of 8
+    assert "tiles of 128" in readout and "snapped" in readout
+
+
+def test_png_info_reads_saved_parameters(client, outputs):
+    from gradio_client import handle_file
+
+    txt2img(client, prompt_v="a blue star, small", seed_v=77, steps_v=3, width_v=128, height_v=128)
+    saved = sorted(outputs.rglob("*-77.png"))
+    assert saved, "the image was not saved"
+    text, fields = client.predict(handle_file(str(saved[-1])), api_name="/png_info")
+    assert "a blue star, small" in text and "Seed: 77" in text
+    assert fields["seed"] == 77 and fields["width"] == 128 and fields["prompt"] == "a blue star, small"
+
+
+def test_live_stream_updates_before_the_final_image(client):
+    job = client.submit("a red circle", "", 256, 256, 1, 30, 7.0, "Euler", 3, 1, api_name="/txt2img")
+    updates = []
+    for update in job:
+        updates.append(update)
+    final = job.outputs()[-1]
+    assert final[0] and "Total" in final[1]
+    live = [u for u in job.outputs()[:-1] if isinstance(u[1], str) and "step" in u[1]]
+    assert live, "no live readout before the final result"
+
+
+def test_engine_tab_reports_and_switches_runtime(client):
+    info, message = client.predict("pytorch", "auto", False, api_name="/set_runtime")
     assert "pytorch" in info and "cpu" in info and "pytorch" in message
+    gallery, *_ = txt2img(client, steps_v=2, width_v=64, height_v=64)
+    assert len(gallery) == 1

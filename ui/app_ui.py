@@ -1,43 +1,74 @@
-"""Gradio Blocks: txt2img, the tabs still to come, and the Engine tab."""
+"""Gradio Blocks: txt2img, img2img, hires fix, tiled upscale, PNG info, Engine; live readout and history."""
 from __future__ import annotations
 
 import logging
+import threading
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, get_args
 
 import gradio as gr
+import psutil
 
 from engine import Engine, UserError
-from engine.requests import MAX_BATCH, MAX_SIZE, MAX_STEPS, MIN_SIZE
+from engine.metadata import parse_parameters
+from engine.options import Optimizations
+from engine.outputs import read_parameters
+from engine.requests import (MAX_BATCH, MAX_BATCH_COUNT, MAX_SIZE, MAX_STEPS, MIN_SIZE, HiresUpscaler, ResizeMode,
+                             parse_sizes)
 from engine.runtimes import CHOICES
 from engine.schedulers import DEFAULT_SAMPLER, SAMPLER_NAMES
 from engine.telemetry import Readout
 
 log = logging.getLogger(__name__)
 CSS_PATH = Path(__file__).resolve().parent.parent / "assets" / "style.css"
+RESIZE_MODES = get_args(ResizeMode)
+HIRES_UPSCALERS = get_args(HiresUpscaler)
+HISTORY_COLUMNS = ["time", "task", "size", "images", "steps", "runtime", "precision", "total_s", "it_per_s",
+                   "peak_ram_gib", "shape"]
+POLL_S = 0.3
+GIB = 1024**3
 
 
-def readout_markdown(readout: Readout, seeds: list[int]) -> str:
-    gib = 1024**3
+def readout_markdown(readout: Readout, seeds: list[int], saved: list[str] | None = None) -> str:
     vram = ("n/a (CPU)" if readout.peak_vram_allocated_bytes is None
-            else f"{readout.peak_vram_allocated_bytes / gib:.2f} GiB alloc / "
-                 f"{(readout.peak_vram_reserved_bytes or 0) / gib:.2f} GiB reserved")
+            else f"{readout.peak_vram_allocated_bytes / GIB:.2f} GiB alloc / "
+                 f"{(readout.peak_vram_reserved_bytes or 0) / GIB:.2f} GiB reserved")
     rows = [
         ("Total", f"**{readout.total_s:.2f} s**"),
         *[(name.replace("_", " ").capitalize(), f"{s:.2f} s") for name, s in readout.stages_s.items()],
         ("Speed", f"{readout.it_per_s:.2f} it/s ({readout.steps} steps)"),
-        ("Peak RAM", f"{readout.peak_rss_bytes / gib:.2f} GiB"),
+        ("Peak RAM", f"{readout.peak_rss_bytes / GIB:.2f} GiB"),
         ("Peak VRAM", vram),
         ("Runtime", f"{readout.runtime} on {readout.device}"),
         ("Precision", readout.precision),
-        ("Size", f"{readout.width}x{readout.height}, batch {readout.batch_size}"),
+        ("Shape", readout.shape_cache),
+        ("Size", f"{readout.width}x{readout.height}, {readout.batch_size} image(s)"),
         ("Seeds", ", ".join(str(s) for s in seeds)),
         ("Model", readout.model),
     ]
+    rows += [(k.replace("_", " ").capitalize(), f"{v:.2f}" if isinstance(v, float) else str(v))
+             for k, v in readout.details.items()]
     text = "| Readout | |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in rows)
     if readout.notices:
         text += "\n\n" + "\n".join(f"- {n}" for n in readout.notices)
+    if saved:
+        text += "\n\nSaved: " + ", ".join(f"`{p}`" for p in saved)
     return text
+
+
+def live_markdown(engine: Engine) -> str:
+    live = engine.live
+    if not live.running:
+        return "Waiting for the device (one job runs at a time)…"
+    ram = psutil.Process().memory_info().rss / GIB
+    vram = "n/a"
+    if engine.runtime.device.startswith("cuda"):
+        import torch
+
+        vram = f"{torch.cuda.memory_allocated() / GIB:.2f} GiB"
+    eta = f"{live.eta_s:.1f} s" if live.eta_s is not None else "…"
+    return (f"**{live.task}: step {live.step} of {live.total or '…'}** · elapsed {live.elapsed_s:.1f} s · "
+            f"{live.it_per_s:.2f} it/s · about {eta} left · RAM {ram:.2f} GiB · VRAM {vram}")
 
 
 def engine_markdown(engine: Engine) -> str:
@@ -49,11 +80,80 @@ def engine_markdown(engine: Engine) -> str:
     return "\n\n".join(lines)
 
 
+def history_rows(engine: Engine) -> list[list]:
+    return [[row.get(c, "") for c in HISTORY_COLUMNS] for row in engine.history]
+
+
 def _user_facing(e: Exception, what: str) -> gr.Error:
     if isinstance(e, UserError):
         return gr.Error(str(e))
     log.exception("%s failed", what)
     return gr.Error(f"{what} failed: {type(e).__name__}: {e}. The engine is still usable.")
+
+
+def _common_controls(d: dict[str, Any]) -> list:
+    """Steps, guidance, sampler, seed, batch size: the same five controls on every generating tab."""
+    with gr.Row():
+        steps = gr.Slider(1, MAX_STEPS, value=d["steps"], step=1, label="Steps")
+        guidance = gr.Slider(0, 30, value=d["guidance"], step=0.5, label="Guidance (CFG)")
+    with gr.Row():
+        sampler = gr.Dropdown(list(SAMPLER_NAMES), value=d["sampler"], label="Sampler")
+        seed = gr.Number(value=d["seed"], precision=0, label="Seed (-1 = random)")
+        batch = gr.Slider(1, MAX_BATCH, value=d["batch_size"], step=1, label="Batch size")
+    return [steps, guidance, sampler, seed, batch]
+
+
+def _buttons(label: str = "Generate"):
+    with gr.Row():
+        go = gr.Button(label, variant="primary", scale=3)
+        stop = gr.Button("Stop", variant="stop", scale=1)
+    return go, stop
+
+
+def _outputs(label: str = "Images"):
+    gallery = gr.Gallery(label=label, format="png", columns=2, height=420)
+    readout = gr.Markdown("Readout appears here after a generation.", elem_id="readout")
+    with gr.Accordion("Parameters used", open=False):
+        params = gr.JSON(label="Parameters")
+    return gallery, readout, params
+
+
+def common_request(steps_v, guidance_v, sampler_v, seed_v, batch_v) -> dict[str, Any]:
+    return {"steps": steps_v, "guidance": guidance_v, "sampler": sampler_v,
+            "seed": -1 if seed_v is None else seed_v, "batch_size": batch_v}
+
+
+def stream_job(engine: Engine, call: Callable, progress, shown: Callable | None = None):
+    """Run `call()` in a thread; yield live readout and previews, then the final result."""
+    box: dict[str, Any] = {}
+
+    def target():
+        try:
+            box["result"] = call()
+        except Exception as e:  # reported below, in the request's own thread
+            box["error"] = e
+
+    thread = threading.Thread(target=target, name="generation", daemon=True)
+    thread.start()
+    progress(0, desc="Waiting for the device")
+    last_preview = -1
+    while thread.is_alive():
+        thread.join(POLL_S)
+        live = engine.live
+        if live.running and live.total:
+            progress((live.step, live.total), desc=f"Step {live.step}/{live.total}")
+        preview = gr.skip()
+        if live.running and live.preview is not None and live.preview_step != last_preview:
+            last_preview = live.preview_step
+            preview = [(live.preview, f"preview, step {live.preview_step}")]
+        yield preview, live_markdown(engine), gr.skip(), gr.skip()
+    if "error" in box:
+        raise _user_facing(box["error"], "Generation")
+    result = box["result"]
+    images, seeds = (shown or (lambda r: (r.images, r.seeds)))(result)
+    captions = [(img, f"seed {s}") for img, s in zip(images, seeds)]
+    yield (captions, readout_markdown(result.readout, result.seeds, result.saved_paths), result.parameters,
+           history_rows(engine))
 
 
 def build_ui(engine: Engine, defaults: dict[str, Any] | None = None) -> gr.Blocks:
@@ -62,7 +162,7 @@ def build_ui(engine: Engine, defaults: dict[str, Any] | None = None) -> gr.Block
 
     with gr.Blocks(title="Fast SD") as demo:
         gr.Markdown("## Fast SD — the runtime picked for your hardware, with the numbers beside every image")
-        with gr.Tabs():
+        with gr.Tabs() as tabs:
             with gr.Tab("txt2img", id="txt2img"):
                 with gr.Row():
                     with gr.Column(scale=3):
@@ -71,29 +171,91 @@ def build_ui(engine: Engine, defaults: dict[str, Any] | None = None) -> gr.Block
                         with gr.Row():
                             width = gr.Slider(MIN_SIZE, MAX_SIZE, value=d["width"], step=8, label="Width")
                             height = gr.Slider(MIN_SIZE, MAX_SIZE, value=d["height"], step=8, label="Height")
-                        with gr.Row():
-                            steps = gr.Slider(1, MAX_STEPS, value=d["steps"], step=1, label="Steps")
-                            guidance = gr.Slider(0, 30, value=d["guidance"], step=0.5, label="Guidance (CFG)")
-                        with gr.Row():
-                            sampler = gr.Dropdown(list(SAMPLER_NAMES), value=d["sampler"], label="Sampler")
-                            seed = gr.Number(value=d["seed"], precision=0, label="Seed (-1 = random)")
-                            batch = gr.Slider(1, MAX_BATCH, value=d["batch_size"], step=1, label="Batch size")
-                        generate = gr.Button("Generate", variant="primary")
+                        t2i_common = _common_controls(d)
+                        batch_count = gr.Slider(1, MAX_BATCH_COUNT, value=1, step=1, label="Batch count")
+                        generate, t2i_stop = _buttons()
                     with gr.Column(scale=2):
-                        gallery = gr.Gallery(label="Images", format="png", columns=2, height=420)
-                        readout = gr.Markdown("Readout appears here after a generation.", elem_id="readout")
-                        with gr.Accordion("Parameters used", open=False):
-                            params = gr.JSON(label="Parameters")
+                        gallery, readout, params = _outputs()
 
-            for name in ("img2img", "hires fix", "tiled upscale"):
-                with gr.Tab(name):
-                    gr.Markdown(f"**{name}** is coming in a later version; txt2img works now.")
+            with gr.Tab("img2img", id="img2img"):
+                with gr.Row():
+                    with gr.Column(scale=3):
+                        i2i_image = gr.Image(label="Init image", type="pil", image_mode="RGB", height=300)
+                        i2i_prompt = gr.Textbox(label="Prompt", value=d["prompt"], lines=2)
+                        i2i_negative = gr.Textbox(label="Negative prompt", value=d["negative_prompt"], lines=1)
+                        with gr.Row():
+                            i2i_strength = gr.Slider(0, 1, value=0.6, step=0.05, label="Denoising strength")
+                            i2i_mode = gr.Radio(list(RESIZE_MODES), value="resize", label="Resize mode")
+                        with gr.Row():
+                            i2i_width = gr.Number(value=0, precision=0, label="Width (0 = input's)")
+                            i2i_height = gr.Number(value=0, precision=0, label="Height (0 = input's)")
+                            i2i_vae_tiling = gr.Checkbox(value=False, label="Tiled VAE")
+                        i2i_common = _common_controls(d)
+                        i2i_go, i2i_stop = _buttons()
+                    with gr.Column(scale=2):
+                        i2i_gallery, i2i_readout, i2i_params = _outputs()
+
+            with gr.Tab("hires fix", id="hires"):
+                with gr.Row():
+                    with gr.Column(scale=3):
+                        hr_prompt = gr.Textbox(label="Prompt", value=d["prompt"], lines=2)
+                        hr_negative = gr.Textbox(label="Negative prompt", value=d["negative_prompt"], lines=1)
+                        with gr.Row():
+                            hr_width = gr.Slider(MIN_SIZE, MAX_SIZE, value=d["width"], step=8, label="Base width")
+                            hr_height = gr.Slider(MIN_SIZE, MAX_SIZE, value=d["height"], step=8, label="Base height")
+                        with gr.Row():
+                            hr_factor = gr.Slider(1.25, 4, value=2, step=0.05, label="Upscale by")
+                            hr_upscaler = gr.Dropdown(list(HIRES_UPSCALERS), value="latent (bicubic)",
+                                                      label="Upscaler")
+                        with gr.Row():
+                            hr_strength = gr.Slider(0, 1, value=0.5, step=0.05, label="Hires denoising strength")
+                            hr_steps = gr.Slider(0, MAX_STEPS, value=0, step=1, label="Hires steps (0 = same)")
+                            hr_vae_tiling = gr.Checkbox(value=False, label="Tiled VAE")
+                        hr_common = _common_controls(d)
+                        hr_go, hr_stop = _buttons()
+                    with gr.Column(scale=2):
+                        hr_gallery, hr_readout, hr_params = _outputs(label="Base and final")
+
+            with gr.Tab("tiled upscale", id="upscale"):
+                with gr.Row():
+                    with gr.Column(scale=3):
+                        up_image = gr.Image(label="Image to upscale", type="pil", image_mode="RGB", height=300)
+                        up_prompt = gr.Textbox(label="Prompt", value=d["prompt"], lines=2)
+                        up_negative = gr.Textbox(label="Negative prompt", value=d["negative_prompt"], lines=1)
+                        with gr.Row():
+                            up_factor = gr.Slider(1, 4, value=2, step=0.25, label="Upscale by")
+                            up_strength = gr.Slider(0, 1, value=0.35, step=0.05, label="Denoising strength")
+                        with gr.Row():
+                            up_tile = gr.Slider(64, 1024, value=min(512, d["width"]), step=8, label="Tile size")
+                            up_overlap = gr.Slider(0, 256, value=64, step=8, label="Tile overlap")
+                        up_common = _common_controls(d)
+                        up_go, up_stop = _buttons("Upscale")
+                    with gr.Column(scale=2):
+                        up_gallery, up_readout, up_params = _outputs(label="Upscaled")
+
+            with gr.Tab("PNG info", id="pnginfo"):
+                with gr.Row():
+                    with gr.Column():
+                        png_image = gr.Image(label="A PNG this app (or A1111) saved", type="filepath", height=300)
+                        send_button = gr.Button("Send to txt2img")
+                    with gr.Column():
+                        png_text = gr.Textbox(label="Parameters text", lines=6, interactive=False)
+                        png_fields = gr.JSON(label="Parsed")
 
             with gr.Tab("Engine", id="engine"):
                 engine_info = gr.Markdown(engine_markdown(engine))
                 with gr.Row():
                     runtime_choice = gr.Dropdown(list(CHOICES), value=engine.runtime_wish, label="Runtime")
+                    precision_choice = gr.Dropdown(["auto", "fp32", "bf16", "fp16"],
+                                                   value=engine.optimizations.precision, label="Precision")
+                    int8_box = gr.Checkbox(value=engine.optimizations.int8_weights,
+                                           label="INT8 weights (OpenVINO only)")
                     apply_runtime = gr.Button("Use this runtime")
+                with gr.Row():
+                    warmup_box = gr.Textbox(label="Warm up sizes (WIDTHxHEIGHT, comma separated)",
+                                            value=f"{d['width']}x{d['height']}", scale=3)
+                    warmup_button = gr.Button("Warm up")
+                warmup_report = gr.Markdown("")
                 with gr.Row():
                     model_box = gr.Textbox(label="Model (builtin:NAME, hub id owner/name, or a name under the models folder)",
                                            value=engine.model.name if engine.model else "builtin:tiny")
@@ -101,35 +263,112 @@ def build_ui(engine: Engine, defaults: dict[str, Any] | None = None) -> gr.Block
                 engine_message = gr.Markdown("")
                 gr.Textbox(str(engine.hardware), label="Hardware", lines=8, interactive=False)
 
-        def run_txt2img(prompt_v, negative_v, width_v, height_v, steps_v, guidance_v, sampler_v, seed_v, batch_v,
-                        progress=gr.Progress()):
+        with gr.Accordion("History (last jobs, newest first)", open=False):
+            history = gr.Dataframe(headers=HISTORY_COLUMNS, value=history_rows(engine) or None, interactive=False,
+                                   wrap=True)
+
+        # ---------------------------------------------------------- handlers
+
+        def run_txt2img(prompt_v, negative_v, width_v, height_v, count_v, *common, progress=gr.Progress()):
             request = {"prompt": prompt_v or "", "negative_prompt": negative_v or "", "width": width_v,
-                       "height": height_v, "steps": steps_v, "guidance": guidance_v, "sampler": sampler_v,
-                       "seed": -1 if seed_v is None else seed_v, "batch_size": batch_v}
-            progress(0, desc="Starting")
+                       "height": height_v, "batch_count": count_v, **common_request(*common)}
+            yield from stream_job(engine, lambda: engine.txt2img(request), progress)
+
+        def run_img2img(image, prompt_v, negative_v, strength_v, mode_v, width_v, height_v, tiling_v, *common,
+                        progress=gr.Progress()):
+            request = {"prompt": prompt_v or "", "negative_prompt": negative_v or "", "strength": strength_v,
+                       "resize_mode": mode_v, "width": int(width_v) if width_v else None,
+                       "height": int(height_v) if height_v else None, "vae_tiling": bool(tiling_v),
+                       **common_request(*common)}
+            yield from stream_job(engine, lambda: engine.img2img(request, image), progress)
+
+        def run_hires(prompt_v, negative_v, width_v, height_v, factor_v, upscaler_v, strength_v, hsteps_v, tiling_v,
+                      *common, progress=gr.Progress()):
+            request = {"prompt": prompt_v or "", "negative_prompt": negative_v or "", "width": width_v,
+                       "height": height_v, "factor": factor_v, "upscaler": upscaler_v, "hires_strength": strength_v,
+                       "hires_steps": hsteps_v, "vae_tiling": bool(tiling_v), **common_request(*common)}
+            yield from stream_job(engine, lambda: engine.hires_fix(request), progress,
+                                  shown=lambda r: (r.extra_images["base"] + r.images, r.seeds * 2))
+
+        def run_upscale(image, prompt_v, negative_v, factor_v, strength_v, tile_v, overlap_v, *common,
+                        progress=gr.Progress()):
+            request = {"prompt": prompt_v or "", "negative_prompt": negative_v or "", "factor": factor_v,
+                       "strength": strength_v, "tile_size": tile_v, "tile_overlap": overlap_v,
+                       **common_request(*common)}
+            request.pop("batch_size")
+            yield from stream_job(engine, lambda: engine.tiled_upscale(request, image), progress)
+
+        generate.click(run_txt2img, inputs=[prompt, negative, width, height, batch_count, *t2i_common],
+                       outputs=[gallery, readout, params, history], api_name="txt2img")
+        i2i_go.click(run_img2img, inputs=[i2i_image, i2i_prompt, i2i_negative, i2i_strength, i2i_mode, i2i_width,
+                                          i2i_height, i2i_vae_tiling, *i2i_common],
+                     outputs=[i2i_gallery, i2i_readout, i2i_params, history], api_name="img2img")
+        hr_go.click(run_hires, inputs=[hr_prompt, hr_negative, hr_width, hr_height, hr_factor, hr_upscaler,
+                                       hr_strength, hr_steps, hr_vae_tiling, *hr_common],
+                    outputs=[hr_gallery, hr_readout, hr_params, history], api_name="hires_fix")
+        up_go.click(run_upscale, inputs=[up_image, up_prompt, up_negative, up_factor, up_strength, up_tile,
+                                         up_overlap, *up_common],
+                    outputs=[up_gallery, up_readout, up_params, history], api_name="tiled_upscale")
+        for i, button in enumerate((t2i_stop, i2i_stop, hr_stop, up_stop)):
+            # Not queued: it must run while the generation holds the queue's one slot.
+            button.click(engine.stop, queue=False, api_name="stop" if i == 0 else False)
+
+        def read_png(path):
+            if not path:
+                return "", None
             try:
-                result = engine.txt2img(request, progress=lambda i, n: progress((i, n), desc=f"Step {i}/{n}"))
+                from PIL import Image
+
+                with Image.open(path) as image:
+                    text = read_parameters(image)
             except Exception as e:
-                raise _user_facing(e, "Generation") from None
-            captions = [(img, f"seed {s}") for img, s in zip(result.images, result.seeds)]
-            return captions, readout_markdown(result.readout, result.seeds), result.parameters
+                raise _user_facing(UserError(f"Could not read that image ({type(e).__name__})."), "PNG info") from None
+            if not text:
+                return "This image carries no generation parameters.", None
+            return text, parse_parameters(text)
 
-        generate.click(
-            run_txt2img,
-            inputs=[prompt, negative, width, height, steps, guidance, sampler, seed, batch],
-            outputs=[gallery, readout, params],
-            api_name="txt2img",
-        )
+        png_image.change(read_png, inputs=[png_image], outputs=[png_text, png_fields], api_name="png_info")
 
-        def use_runtime(wish):
+        def send_to_txt2img(fields):
+            if not fields:
+                raise gr.Error("No parameters to send: open a PNG with generation parameters first.")
+            get = fields.get
+            return (get("prompt", ""), get("negative_prompt", ""), get("width", d["width"]), get("height", d["height"]),
+                    get("steps", d["steps"]), get("guidance", d["guidance"]),
+                    get("sampler", d["sampler"]) if get("sampler") in SAMPLER_NAMES else d["sampler"],
+                    get("seed", -1), gr.Tabs(selected="txt2img"))
+
+        send_button.click(send_to_txt2img, inputs=[png_fields],
+                          outputs=[prompt, negative, width, height, *t2i_common[:4], tabs])
+
+        def use_runtime(wish, precision, int8, progress=gr.Progress()):
+            progress(0, desc=f"Preparing {wish} (first use of a model converts it; later starts read the cache)")
             try:
-                choice = engine.set_runtime(wish)
+                opts = Optimizations.model_validate({**engine.optimizations.model_dump(), "precision": precision,
+                                                     "int8_weights": bool(int8)})
+                choice = engine.set_runtime(wish, opts)
             except Exception as e:
                 raise _user_facing(e, "Switching runtime") from None
-            return engine_markdown(engine), f"Now using **{choice.name}**: {choice.reason}."
+            return engine_markdown(engine), f"Now using **{choice.name}** ({engine.runtime.precision}): {choice.reason}."
 
-        apply_runtime.click(use_runtime, inputs=[runtime_choice], outputs=[engine_info, engine_message],
-                            api_name="set_runtime")
+        apply_runtime.click(use_runtime, inputs=[runtime_choice, precision_choice, int8_box],
+                            outputs=[engine_info, engine_message], api_name="set_runtime")
+
+        def warm_up(text, progress=gr.Progress()):
+            try:
+                sizes = parse_sizes(text)
+                rows = []
+                for i, size in enumerate(sizes):
+                    progress((i, len(sizes)), desc=f"Warming up {size[0]}x{size[1]}")
+                    for r in engine.warmup([size]):
+                        state = "compiled" if r.compiled else ("already warm" if engine.runtime.name != "pytorch"
+                                                               else "nothing to compile (eager)")
+                        rows.append(f"| {r.width}x{r.height} | {state} | {r.seconds:.2f} s |")
+            except Exception as e:
+                raise _user_facing(e, "Warm-up") from None
+            return "| size | result | seconds |\n|---|---|---|\n" + "\n".join(rows)
+
+        warmup_button.click(warm_up, inputs=[warmup_box], outputs=[warmup_report], api_name="warmup")
 
         def load(source, progress=gr.Progress()):
             progress(0, desc=f"Loading {source}")

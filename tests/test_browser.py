@@ -1,0 +1,39 @@
+"""One real browser: Debian chromium driven by playwright, against the app on a free localhost port."""
+import shutil
+from pathlib import Path
+
+import pytest
+
+from appserver import ROOT, running_app
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+ARTIFACTS = ROOT / "tests" / "artifacts"
+
+
+@pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="Debian chromium is not installed (make test installs it)")
+def test_generate_in_a_real_browser(tmp_path):
+    from playwright.sync_api import sync_playwright
+
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    with running_app("--model", "builtin:tiny", "--outputs-dir", str(tmp_path)) as (url, _proc):
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=[
+                "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                "--disable-component-update", "--no-first-run", "--disable-sync"])
+            try:
+                page = browser.new_page(viewport={"width": 1400, "height": 1000})
+                page.goto(url)
+                page.get_by_label("Prompt", exact=True).first.fill("a red circle on a blue background")
+                page.get_by_role("button", name="Generate").first.click()
+                page.wait_for_selector("#readout table", timeout=120_000)
+                page.wait_for_function(
+                    "() => [...document.querySelectorAll('#readout')].some(e => e.innerText.includes('Peak RAM'))",
+                    timeout=120_000)
+                text = page.locator("#readout").first.inner_text()
+                assert " s" in text and "GiB" in text and "Total" in text
+                assert page.locator("img").count() >= 1
+                page.screenshot(path=str(ARTIFACTS / "browser-txt2img.png"), full_page=True)
+            finally:
+                browser.close()
+    assert (ARTIFACTS / "browser-txt2img.png").stat().st_size > 10_000
+    assert list(tmp_path.rglob("*.png")), "the generated image was saved"

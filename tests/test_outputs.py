@@ -1,0 +1,123 @@
+"""Saved outputs, PNG parameters, live status, stop."""
+import threading
+import time
+
+import pytest
+from PIL import Image
+
+from engine import Engine
+from engine.metadata import format_parameters, parse_parameters
+from engine.outputs import read_parameters, save_png
+
+
+def test_parameters_round_trip():
+    params = {"prompt": "a red circle, on blue: 'quoted' \"too\"", "negative_prompt": "blurry, low quality",
+              "steps": 20, "sampler": "DPM++ 2M Karras", "guidance": 7.5, "seed": 123456, "width": 512,
+              "height": 768, "model": "builtin:tiny", "task": "txt2img"}
+    text = format_parameters(params)
+    assert text.splitlines()[0] == params["prompt"]
+    assert "Steps: 20, Sampler: DPM++ 2M Karras, CFG scale: 7.5, Seed: 123456, Size: 512x768" in text
+    back = parse_parameters(text)
+    for key in ("prompt", "negative_prompt", "steps", "sampler", "guidance", "seed", "width", "height", "model"):
+        assert back[key] == params[key], key
+
+
+def test_parses_a1111_text():
+    text = ("masterpiece, a cat\nNegative prompt: ugly\nSteps: 30, Sampler: Euler a, CFG scale: 6, Seed: 42, "
+            "Size: 640x480, Model hash: abc123, Model: v1-5")
+    p = parse_parameters(text)
+    assert p["prompt"] == "masterpiece, a cat" and p["negative_prompt"] == "ugly"
+    assert (p["steps"], p["sampler"], p["guidance"], p["seed"], p["width"], p["height"]) == (30, "Euler a", 6.0, 42,
+                                                                                              640, 480)
+    assert p["Model hash"] == "abc123"
+
+
+def test_saved_png_parses_back_to_the_same_request(tmp_path):
+    engine = Engine(runtime="pytorch", outputs_dir=tmp_path)
+    engine.load("builtin:tiny")
+    request = {"prompt": "a green triangle, top left", "negative_prompt": "noise", "width": 96, "height": 64,
+               "steps": 3, "guidance": 6.5, "sampler": "Euler a", "seed": 99, "batch_size": 2}
+    result = engine.txt2img(request)
+    assert len(result.saved_paths) == 2 and "save" in result.readout.stages_s
+    for path, seed in zip(result.saved_paths, (99, 100)):
+        with Image.open(path) as image:
+            back = parse_parameters(read_parameters(image))
+        for key in ("prompt", "negative_prompt", "width", "height", "steps", "guidance", "sampler"):
+            assert back[key] == request[key], key
+        assert back["seed"] == seed and back["model"] == "builtin:tiny"
+    # and the parsed parameters make the same image again
+    again = engine.txt2img({k: back[k] for k in ("prompt", "negative_prompt", "width", "height", "steps", "guidance",
+                                                 "sampler", "seed")})
+    import numpy as np
+
+    # batch vs single image: same noise, kernels may round differently by a level or two
+    diff = np.abs(np.asarray(again.images[0], dtype=int) - np.asarray(result.images[1], dtype=int))
+    assert diff.max() <= 3
+
+
+def test_no_two_saves_share_a_name(tmp_path):
+    image = Image.new("RGB", (16, 16), "red")
+    paths, errors = [], []
+
+    def worker():
+        try:
+            for _ in range(10):
+                paths.append(save_png(image, "x\nSteps: 1", tmp_path, seed=5))
+        except Exception as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and len(paths) == 40 and len(set(paths)) == 40
+    assert len(list(tmp_path.rglob("*.png"))) == 40
+
+
+def test_interrupted_write_leaves_no_partial_file(tmp_path, monkeypatch):
+    image = Image.new("RGB", (64, 64), "blue")
+    real_save = Image.Image.save
+
+    def failing_save(self, fp, *args, **kwargs):
+        fp.write(b"\x89PNG partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(Image.Image, "save", failing_save)
+    with pytest.raises(OSError):
+        save_png(image, "x", tmp_path, seed=1)
+    monkeypatch.setattr(Image.Image, "save", real_save)
+    assert [p for p in tmp_path.rglob("*") if p.is_file()] == []
+
+
+def test_stop_during_a_50_step_job_returns_within_two_steps(tiny_engine):
+    box = {}
+    thread = threading.Thread(target=lambda: box.update(
+        r=tiny_engine.txt2img({"width": 256, "height": 256, "steps": 50, "seed": 1})))
+    thread.start()
+    while tiny_engine.live.step < 5:
+        time.sleep(0.005)
+    step_s = tiny_engine.live.elapsed_s / tiny_engine.live.step
+    stopped_at = time.perf_counter()
+    tiny_engine.stop()
+    thread.join(60)
+    returned_after = time.perf_counter() - stopped_at
+    r = box["r"]
+    after_loop = r.readout.stages_s["vae_decode"]
+    assert r.readout.steps < 50 and r.images
+    assert returned_after - after_loop <= 2 * step_s + 0.05, (returned_after, after_loop, step_s)
+
+
+def test_live_status_and_preview_during_a_job(tiny_engine):
+    seen = []
+
+    def progress(i, n):
+        live = tiny_engine.live
+        seen.append((live.running, live.step, live.total, live.preview is not None))
+
+    tiny_engine.txt2img({"width": 128, "height": 128, "steps": 6, "seed": 1}, progress=progress)
+    assert all(running for running, *_ in seen)
+    assert [s for _, s, _, _ in seen] == list(range(1, 7)) and seen[-1][2] == 6
+    assert any(has_preview for *_, has_preview in seen)
+    assert tiny_engine.live.preview.size == (128, 128) and not tiny_engine.live.running
+    assert tiny_engine.history[0]["task"] == "txt2img"
