@@ -105,12 +105,33 @@ class Engine:
         with self._lock:
             model = load_model(source, models_dir=self.models_dir, allow_any_path=allow_any_path,
                                config_dir=config_dir, skeleton_for=self.runtime.cached_components)
-            self.runtime.prepare(model)
+            try:
+                self.runtime.prepare(model)
+            except UserError:
+                raise
+            except Exception as e:
+                if self.runtime.name == "pytorch":
+                    raise
+                model = self._fall_back_to_pytorch(source, e, allow_any_path, config_dir)
             old, self.model = self.model, model
             del old
             gc.collect()
             log.info("loaded %s (%s) in %.2f s", model.name, model.family, model.load_seconds)
             return model
+
+    def _fall_back_to_pytorch(self, source: str, error: Exception, allow_any_path: bool, config_dir) -> LoadedModel:
+        """A runtime that cannot prepare this model: PyTorch serves it instead, and the Engine tab says why."""
+        from .runtimes.pytorch import PyTorchRuntime
+
+        failed = self.runtime.name
+        log.warning("%s could not prepare %s (%s); falling back to PyTorch", failed, source, error)
+        reason = f"{failed} could not prepare {source} ({type(error).__name__}: {str(error)[:200]}); using PyTorch"
+        self.runtime = PyTorchRuntime(self.hardware, self.optimizations.model_copy(update={"int8_weights": False}),
+                                      self.cache_dir)
+        self.choice = runtimes.Choice("pytorch", reason, {**self.choice.skipped, failed: reason})
+        model = load_model(source, models_dir=self.models_dir, allow_any_path=allow_any_path, config_dir=config_dir)
+        self.runtime.prepare(model)
+        return model
 
     def set_runtime(self, wish: str, optimizations: Optimizations | None = None) -> runtimes.Choice:
         """Switch runtime (and options); the loaded model is prepared again from its source."""
@@ -179,6 +200,13 @@ class Engine:
             try:
                 with PeakRssSampler() as rss, CudaPeakMemory(self.runtime.device) as vram:
                     images, steps_done, planned, details, extra = work(timer, self._live_progress(progress))
+            except Exception as e:
+                if not _is_out_of_memory(e):
+                    raise
+                self._free_memory()
+                raise UserError(f"Out of memory during {task} at {getattr(request, 'width', None) or '?'}x"
+                                f"{getattr(request, 'height', None) or '?'}: try a smaller size or batch, or the "
+                                f"low-memory preset. What the job held has been freed.") from None
             finally:
                 self.live.running = False
             total_s = timer.elapsed_s()
@@ -223,6 +251,13 @@ class Engine:
         })
         return result
 
+    def _free_memory(self) -> None:
+        gc.collect()
+        if self.runtime.device.startswith("cuda"):
+            import torch
+
+            torch.cuda.empty_cache()
+
     def _live_progress(self, progress: ProgressFn | None) -> ProgressFn:
         def report(step: int, total: int) -> None:
             self.live.step, self.live.total = step, total
@@ -243,10 +278,25 @@ class Engine:
             request = parse_request(cls, request)
         return self.require_model(), request
 
+    @staticmethod
+    def _prompt_notices(model: LoadedModel, request) -> list[str]:
+        """The text encoder reads 77 tokens; say so when a prompt is cut, rather than cut silently."""
+        tokenizer = model.pipe.tokenizer
+        notices = []
+        for label, text in (("Prompt", request.prompt), ("Negative prompt", request.negative_prompt)):
+            ids = tokenizer(text, truncation=False).input_ids if text else []
+            limit = tokenizer.model_max_length
+            if len(ids) > limit:
+                kept = tokenizer.decode(ids[1:limit - 1])
+                notices.append(f"{label} is {len(ids) - 2} tokens; the text encoder reads {limit - 2}, so only "
+                               f"\"{kept}\" was used.")
+        return notices
+
     def txt2img(self, request: Txt2ImgRequest | dict, progress: ProgressFn | None = None) -> GenerationResult:
         model, request = self._prepare(Txt2ImgRequest, request)
         request, notices = request.snapped(model.vae_scale_factor)
         request = request.with_seed()
+        notices += self._prompt_notices(model, request)
 
         def work(timer, progress):
             images, done_total = [], 0
@@ -270,6 +320,7 @@ class Engine:
         init = load_image(image)
         request, notices = request.sized_for(init.size, model.vae_scale_factor)
         request = request.with_seed()
+        notices += self._prompt_notices(model, request)
 
         def work(timer, progress):
             images, done, planned = run_img2img(model, self.runtime, request, init, timer, progress, self._stop)
@@ -285,6 +336,7 @@ class Engine:
         model, request = self._prepare(HiresFixRequest, request)
         request, notices = request.snapped(model.vae_scale_factor)
         request = request.with_seed()
+        notices += self._prompt_notices(model, request)
         target = request.target_size(model.vae_scale_factor)
 
         def work(timer, progress):
@@ -302,6 +354,7 @@ class Engine:
         init = load_image(image)
         out_w, out_h, notices = request.output_size(init.size, model.vae_scale_factor)
         request = request.with_seed()
+        notices += self._prompt_notices(model, request)
 
         def work(timer, progress):
             image_out, details = run_tiled_upscale(model, self.runtime, request, init, out_w, out_h, timer,
@@ -313,3 +366,18 @@ class Engine:
             return [image_out], steps, details.get("steps_planned", 0), details, {}
 
         return self._job("tiled_upscale", model, request, notices, work, progress)
+
+
+def _is_out_of_memory(e: BaseException) -> bool:
+    if isinstance(e, MemoryError):
+        return True
+    try:
+        import torch
+
+        if isinstance(e, torch.cuda.OutOfMemoryError):
+            return True
+    except (ImportError, AttributeError):
+        pass
+    text = str(e).lower()
+    return isinstance(e, RuntimeError) and ("out of memory" in text or "not enough memory" in text
+                                            or "failed to allocate" in text)

@@ -119,3 +119,9 @@ def test_sdxl_family_generates():
     assert model.family == "sdxl" and type(model.pipe).__name__ == "StableDiffusionXLPipeline"
     r = engine.txt2img({"prompt": "a star", "negative_prompt": "blur", "width": 96, "height": 64, "steps": 3, "seed": 2})
     assert r.images[0].size == (96, 64)
+
+
+def test_long_prompt_is_truncated_with_a_visible_notice(tiny_engine):
+    r = gen(tiny_engine, prompt=" ".join(["zebra"] * 60))
+    assert any("tokens; the text encoder reads 75" in n for n in r.notices)
+    assert not any("tokens" in n for n in gen(tiny_engine, prompt="a red circle").notices)

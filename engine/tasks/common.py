@@ -151,14 +151,43 @@ def image_to_tensor(images: list[Image.Image]) -> torch.Tensor:
     return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
 
 
-def encode_images(model, images: list[Image.Image], gens: list[torch.Generator]) -> torch.Tensor:
-    """PIL images -> scaled latents (one sample per image from its own generator)."""
+def _encode_tiled(vae, x: torch.Tensor, f: int, generator: torch.Generator) -> torch.Tensor:
+    """One (1, 3, H, W) image -> a latent sample, encoded in 512 px tiles.
+
+    Each tile's mean and std are feather-blended in latent space, then one noise tensor for the
+    whole latent is drawn, as the plain encode does (blending per-tile samples would average
+    their noise away in the overlaps).
+    """
+    from diffusers.utils.torch_utils import randn_tensor
+
+    from ..tiling import Tile
+
+    _, _, h, w = x.shape
+    channels = vae.config.latent_channels
+    means = Blender(w // f, h // f, channels, VAE_TILE_OVERLAP)
+    stds = Blender(w // f, h // f, channels, VAE_TILE_OVERLAP)
+    for t in grid(w, h, VAE_TILE_LATENT * f, VAE_TILE_OVERLAP * f):
+        dist = vae.encode(x[:, :, t.y:t.y + t.height, t.x:t.x + t.width]).latent_dist
+        lt = Tile(t.x // f, t.y // f, t.width // f, t.height // f)
+        means.add(lt, dist.mean[0].permute(1, 2, 0).detach().float().cpu().numpy())
+        stds.add(lt, dist.std[0].permute(1, 2, 0).detach().float().cpu().numpy())
+    mean = torch.from_numpy(means.result()).permute(2, 0, 1)[None]
+    std = torch.from_numpy(stds.result()).permute(2, 0, 1)[None]
+    return mean + std * randn_tensor(mean.shape, generator=generator, dtype=mean.dtype)
+
+
+def encode_images(model, images: list[Image.Image], gens: list[torch.Generator], tiled: bool = False) -> torch.Tensor:
+    """PIL images -> scaled latents (one sample per image from its own generator; tiled: latent means)."""
     vae = model.pipe.vae
     x = image_to_tensor(images).to(device=vae.device, dtype=vae.dtype)
+    f = model.vae_scale_factor
+    big = tiled and max(x.shape[-2:]) > VAE_TILE_LATENT * f
     out = []
     for i in range(x.shape[0]):
-        dist = vae.encode(x[i:i + 1]).latent_dist
-        out.append(dist.sample(gens[i]))
+        if big:
+            out.append(_encode_tiled(vae, x[i:i + 1], f, gens[i]))
+        else:
+            out.append(vae.encode(x[i:i + 1]).latent_dist.sample(gens[i]))
     latents = torch.cat(out).float()
     shift = getattr(vae.config, "shift_factor", None)
     if shift:

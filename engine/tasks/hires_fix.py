@@ -41,7 +41,7 @@ def run_hires_fix(model, runtime, request: HiresFixRequest, timer: StageTimer, p
         if not request.upscaler.startswith("latent"):
             with timer.stage("hires_vae_encode"):
                 up_latents = encode_images(model, upscaled, generators(request.seed, request.batch_size,
-                                                                       runtime.device))
+                                                                       runtime.device), tiled=request.vae_tiling)
         with timer.stage("hires_denoising"):
             pipe = derived_pipeline(model, "img2img")
             latents2, done2 = denoise(model, pipe, runtime, embeds, sampler=request.sampler, steps=hires_steps,

@@ -22,7 +22,7 @@ def run_img2img(model, runtime, request: Img2ImgRequest, image, timer: StageTime
             embeds = encode_prompt(model, request.prompt, request.negative_prompt, request.batch_size,
                                    request.guidance, runtime.device)
         with timer.stage("vae_encode"):
-            latents = encode_images(model, [fitted] * request.batch_size, gens)
+            latents = encode_images(model, [fitted] * request.batch_size, gens, tiled=request.vae_tiling)
         with timer.stage("denoising"):
             latents, done = denoise(model, pipe, runtime, embeds, sampler=request.sampler, steps=request.steps,
                                     guidance=request.guidance, gens=gens, width=request.width,
