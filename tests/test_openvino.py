@@ -115,3 +115,30 @@ def test_unwritable_cache_still_serves(tmp_path):
     engine = Engine(runtime="openvino", cache_dir=blocker / "cache")
     engine.load("builtin:tiny")
     assert engine.txt2img({**REQ, "steps": 2}).images
+
+
+def test_lru_keeps_at_most_max_shapes_per_part(cache_dir):
+    engine = Engine(runtime="openvino", cache_dir=cache_dir)
+    engine.load("builtin:tiny")
+    engine.runtime.max_shapes = 2
+    for w in (64, 72, 80):
+        engine.txt2img({**REQ, "width": w, "height": 64, "steps": 1})
+    unet_keys = [k for k in engine.runtime._compiled if k[0] == "unet"]
+    assert len(unet_keys) == 2
+    assert engine.txt2img({**REQ, "width": 64, "height": 64, "steps": 1}).readout.shape_cache.startswith("compiled")
+    assert engine.txt2img({**REQ, "width": 80, "height": 64, "steps": 1}).readout.shape_cache == "warm (cache hit)"
+    assert engine.txt2img({**REQ, "width": 72, "height": 64, "steps": 1}).readout.shape_cache.startswith("compiled")
+
+
+def test_compiles_make_room_when_memory_is_short(cache_dir, monkeypatch):
+    import psutil
+
+    engine = Engine(runtime="openvino", cache_dir=cache_dir)
+    engine.load("builtin:tiny")
+    engine.txt2img({**REQ, "steps": 1})
+    assert engine.runtime._cost["unet"] > 0
+    real = psutil.virtual_memory()
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: real._replace(available=0))
+    r = engine.txt2img({**REQ, "width": 96, "steps": 1})  # every older shape is dropped first
+    assert r.images and all(k[1] != (("encoder_hidden_states", (2, 77, 32)), ("sample", (2, 4, 16, 16)),
+                                     ("timestep", (1,))) for k in engine.runtime._compiled)
