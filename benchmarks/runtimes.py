@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -171,7 +170,7 @@ def main(argv=None) -> int:
         results["conversion_s"][config] = time.perf_counter() - start
         unet = model.pipe.unet
 
-        def step():
+        def step(unet=unet, runtime=runtime):
             with runtime.inference_context():
                 return unet(sample, t, ehs, return_dict=False)[0]
 

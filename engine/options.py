@@ -22,6 +22,9 @@ class Optimizations(BaseModel):
     precision: Precision = "auto"
     # Weights stored as int8 (nncf weight compression); OpenVINO runtime only.
     int8_weights: bool = False
+    # OpenVINO CACHE_DIR for compiled blobs. Off by default: measured on SD 1.5 (fp32 UNet), importing
+    # a blob saves ~2 s of compile but peaks at 9.8 GiB RSS against 6.6 GiB compiling from the IR.
+    compiled_blob_cache: bool = False
 
 
 class GenerationDefaults(BaseModel):

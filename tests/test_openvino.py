@@ -142,3 +142,10 @@ def test_compiles_make_room_when_memory_is_short(cache_dir, monkeypatch):
     r = engine.txt2img({**REQ, "width": 96, "steps": 1})  # every older shape is dropped first
     assert r.images and all(k[1] != (("encoder_hidden_states", (2, 77, 32)), ("sample", (2, 4, 16, 16)),
                                      ("timestep", (1,))) for k in engine.runtime._compiled)
+
+
+def test_compiled_blob_cache_is_opt_in(cache_dir, tmp_path):
+    plain = Engine(runtime="openvino", cache_dir=cache_dir)
+    assert "CACHE_DIR" not in plain.runtime._config()
+    blobs = Engine(runtime="openvino", cache_dir=tmp_path, optimizations=Optimizations(compiled_blob_cache=True))
+    assert blobs.runtime._config()["CACHE_DIR"].startswith(str(tmp_path))

@@ -103,6 +103,12 @@ def _common_controls(d: dict[str, Any]) -> list:
     return [steps, guidance, sampler, seed, batch]
 
 
+def _prompt_boxes(d: dict[str, Any], lines: int = 2):
+    prompt = gr.Textbox(label="Prompt", value=d["prompt"], lines=lines)
+    negative = gr.Textbox(label="Negative prompt", value=d["negative_prompt"], lines=max(1, lines - 1))
+    return prompt, negative
+
+
 def _buttons(label: str = "Generate"):
     with gr.Row():
         go = gr.Button(label, variant="primary", scale=3)
@@ -166,8 +172,7 @@ def build_ui(engine: Engine, defaults: dict[str, Any] | None = None) -> gr.Block
             with gr.Tab("txt2img", id="txt2img"):
                 with gr.Row():
                     with gr.Column(scale=3):
-                        prompt = gr.Textbox(label="Prompt", value=d["prompt"], lines=3)
-                        negative = gr.Textbox(label="Negative prompt", value=d["negative_prompt"], lines=2)
+                        prompt, negative = _prompt_boxes(d, lines=3)
                         with gr.Row():
                             width = gr.Slider(MIN_SIZE, MAX_SIZE, value=d["width"], step=8, label="Width")
                             height = gr.Slider(MIN_SIZE, MAX_SIZE, value=d["height"], step=8, label="Height")
@@ -181,8 +186,7 @@ def build_ui(engine: Engine, defaults: dict[str, Any] | None = None) -> gr.Block
                 with gr.Row():
                     with gr.Column(scale=3):
                         i2i_image = gr.Image(label="Init image", type="pil", image_mode="RGB", height=300)
-                        i2i_prompt = gr.Textbox(label="Prompt", value=d["prompt"], lines=2)
-                        i2i_negative = gr.Textbox(label="Negative prompt", value=d["negative_prompt"], lines=1)
+                        i2i_prompt, i2i_negative = _prompt_boxes(d)
                         with gr.Row():
                             i2i_strength = gr.Slider(0, 1, value=0.6, step=0.05, label="Denoising strength")
                             i2i_mode = gr.Radio(list(RESIZE_MODES), value="resize", label="Resize mode")
@@ -198,8 +202,7 @@ def build_ui(engine: Engine, defaults: dict[str, Any] | None = None) -> gr.Block
             with gr.Tab("hires fix", id="hires"):
                 with gr.Row():
                     with gr.Column(scale=3):
-                        hr_prompt = gr.Textbox(label="Prompt", value=d["prompt"], lines=2)
-                        hr_negative = gr.Textbox(label="Negative prompt", value=d["negative_prompt"], lines=1)
+                        hr_prompt, hr_negative = _prompt_boxes(d)
                         with gr.Row():
                             hr_width = gr.Slider(MIN_SIZE, MAX_SIZE, value=d["width"], step=8, label="Base width")
                             hr_height = gr.Slider(MIN_SIZE, MAX_SIZE, value=d["height"], step=8, label="Base height")
@@ -220,8 +223,7 @@ def build_ui(engine: Engine, defaults: dict[str, Any] | None = None) -> gr.Block
                 with gr.Row():
                     with gr.Column(scale=3):
                         up_image = gr.Image(label="Image to upscale", type="pil", image_mode="RGB", height=300)
-                        up_prompt = gr.Textbox(label="Prompt", value=d["prompt"], lines=2)
-                        up_negative = gr.Textbox(label="Negative prompt", value=d["negative_prompt"], lines=1)
+                        up_prompt, up_negative = _prompt_boxes(d)
                         with gr.Row():
                             up_factor = gr.Slider(1, 4, value=2, step=0.25, label="Upscale by")
                             up_strength = gr.Slider(0, 1, value=0.35, step=0.05, label="Denoising strength")

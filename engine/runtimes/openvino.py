@@ -431,6 +431,8 @@ class OpenVINORuntime(Runtime):
 
     def _config(self) -> dict:
         config = {"INFERENCE_PRECISION_HINT": self._hint, "PERFORMANCE_HINT": "LATENCY"}
+        if not getattr(self.optimizations, "compiled_blob_cache", False):
+            return config
         try:
             self.blob_dir.mkdir(parents=True, exist_ok=True)
             if os.access(self.blob_dir, os.W_OK):

@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from ..schedulers import make_scheduler
-from ..tiling import Blender, grid
+from ..tiling import Blender, Tile, grid
 
 ProgressFn = Callable[[int, int], None]  # (step done, total steps)
 VAE_TILE_LATENT = 64  # latent tile side for tiled VAE decode (512 px at the usual 8x)
@@ -49,6 +49,13 @@ def encode_prompt(model, prompt: str, negative_prompt: str, batch_size: int, gui
         if cfg:
             kwargs["negative_prompt_embeds"] = npe
     return PromptEmbeddings(kwargs)
+
+
+def encode_request_prompt(model, runtime, request, timer, batch_size: int | None = None) -> PromptEmbeddings:
+    """The request's prompt pair, encoded under the "text_encoding" stage."""
+    with timer.stage("text_encoding"):
+        return encode_prompt(model, request.prompt, request.negative_prompt, batch_size or request.batch_size,
+                             request.guidance, runtime.device)
 
 
 def step_callback(total: int, progress: ProgressFn | None, stop: StopFlag, counter: list[int], offset: int = 0,
@@ -137,8 +144,6 @@ def decode_latents(model, latents: torch.Tensor, tiled: bool = False) -> list[Im
         for t in grid(lat_w, lat_h, VAE_TILE_LATENT, VAE_TILE_OVERLAP):
             part = one[None, :, t.y:t.y + t.height, t.x:t.x + t.width]
             pixels = _vae_decode(vae, part)[0].permute(1, 2, 0).cpu().numpy()
-            from ..tiling import Tile
-
             blender.add(Tile(t.x * f, t.y * f, t.width * f, t.height * f), pixels)
         decoded = torch.from_numpy(blender.result()).permute(2, 0, 1)[None]
         images += pipe.image_processor.postprocess(decoded, output_type="pil")
@@ -159,8 +164,6 @@ def _encode_tiled(vae, x: torch.Tensor, f: int, generator: torch.Generator) -> t
     their noise away in the overlaps).
     """
     from diffusers.utils.torch_utils import randn_tensor
-
-    from ..tiling import Tile
 
     _, _, h, w = x.shape
     channels = vae.config.latent_channels

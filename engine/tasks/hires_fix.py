@@ -6,8 +6,8 @@ from PIL import Image
 
 from ..requests import HiresFixRequest
 from ..telemetry import StageTimer
-from .common import (ProgressFn, StopFlag, decode_latents, denoise, derived_pipeline, encode_images, encode_prompt,
-                     generators, steps_for_strength)
+from .common import (ProgressFn, StopFlag, decode_latents, denoise, derived_pipeline, encode_images,
+                     encode_request_prompt, generators, steps_for_strength)
 
 
 def run_hires_fix(model, runtime, request: HiresFixRequest, timer: StageTimer, progress: ProgressFn | None,
@@ -19,9 +19,7 @@ def run_hires_fix(model, runtime, request: HiresFixRequest, timer: StageTimer, p
     planned = request.steps + second
     gens = generators(request.seed, request.batch_size, runtime.device)
     with runtime.inference_context():
-        with timer.stage("text_encoding"):
-            embeds = encode_prompt(model, request.prompt, request.negative_prompt, request.batch_size,
-                                   request.guidance, runtime.device)
+        embeds = encode_request_prompt(model, runtime, request, timer)
         with timer.stage("base_denoising"):
             latents, done1 = denoise(model, model.pipe, runtime, embeds, sampler=request.sampler, steps=request.steps,
                                      guidance=request.guidance, gens=gens, width=request.width,

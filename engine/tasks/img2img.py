@@ -3,8 +3,8 @@ from __future__ import annotations
 
 from ..requests import Img2ImgRequest
 from ..telemetry import StageTimer
-from .common import (ProgressFn, StopFlag, decode_latents, denoise, derived_pipeline, encode_images, encode_prompt,
-                     fit_image, generators, steps_for_strength)
+from .common import (ProgressFn, StopFlag, decode_latents, denoise, derived_pipeline, encode_images,
+                     encode_request_prompt, fit_image, generators, steps_for_strength)
 
 
 def run_img2img(model, runtime, request: Img2ImgRequest, image, timer: StageTimer, progress: ProgressFn | None,
@@ -18,9 +18,7 @@ def run_img2img(model, runtime, request: Img2ImgRequest, image, timer: StageTime
     pipe = derived_pipeline(model, "img2img")
     gens = generators(request.seed, request.batch_size, runtime.device)
     with runtime.inference_context():
-        with timer.stage("text_encoding"):
-            embeds = encode_prompt(model, request.prompt, request.negative_prompt, request.batch_size,
-                                   request.guidance, runtime.device)
+        embeds = encode_request_prompt(model, runtime, request, timer)
         with timer.stage("vae_encode"):
             latents = encode_images(model, [fitted] * request.batch_size, gens, tiled=request.vae_tiling)
         with timer.stage("denoising"):

@@ -13,8 +13,8 @@ from PIL import Image
 from ..requests import TiledUpscaleRequest
 from ..telemetry import StageTimer
 from ..tiling import Blender, grid
-from .common import (ProgressFn, StopFlag, decode_latents, denoise, derived_pipeline, encode_images, encode_prompt,
-                     generators, steps_for_strength)
+from .common import (ProgressFn, StopFlag, decode_latents, denoise, derived_pipeline, encode_images,
+                     encode_request_prompt, generators, steps_for_strength)
 
 MAX_TILE_BATCH = 4
 
@@ -43,9 +43,7 @@ def run_tiled_upscale(model, runtime, request: TiledUpscaleRequest, image: Image
     done_steps = 0
     tile_seconds = []
     with runtime.inference_context():
-        with timer.stage("text_encoding"):
-            embeds = encode_prompt(model, request.prompt, request.negative_prompt, batch, request.guidance,
-                                   runtime.device)
+        embeds = encode_request_prompt(model, runtime, request, timer, batch_size=batch)
         for start in range(0, len(tiles), batch):
             if stop.requested:
                 break

@@ -3,16 +3,14 @@ from __future__ import annotations
 
 from ..requests import Txt2ImgRequest
 from ..telemetry import StageTimer
-from .common import ProgressFn, StopFlag, decode_latents, denoise, encode_prompt, generators
+from .common import (ProgressFn, StopFlag, decode_latents, denoise, encode_request_prompt, generators)
 
 
 def run_txt2img(model, runtime, request: Txt2ImgRequest, timer: StageTimer, progress: ProgressFn | None,
                 stop: StopFlag) -> tuple[list, int]:
     """Returns (images, steps actually run). `request` is already snapped and seeded."""
     with runtime.inference_context():
-        with timer.stage("text_encoding"):
-            embeds = encode_prompt(model, request.prompt, request.negative_prompt, request.batch_size,
-                                   request.guidance, runtime.device)
+        embeds = encode_request_prompt(model, runtime, request, timer)
         with timer.stage("denoising"):
             latents, done = denoise(model, model.pipe, runtime, embeds, sampler=request.sampler, steps=request.steps,
                                     guidance=request.guidance,
