@@ -125,3 +125,15 @@ def test_long_prompt_is_truncated_with_a_visible_notice(tiny_engine):
     r = gen(tiny_engine, prompt=" ".join(["zebra"] * 60))
     assert any("tokens; the text encoder reads 75" in n for n in r.notices)
     assert not any("tokens" in n for n in gen(tiny_engine, prompt="a red circle").notices)
+
+
+def test_batch_that_cannot_fit_in_memory_is_refused_before_work(tiny_engine, monkeypatch):
+    import psutil
+
+    real = psutil.virtual_memory()
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: real._replace(available=50 << 20))
+    with pytest.raises(UserError, match="GiB is free: lower the size or batch size"):
+        tiny_engine.txt2img({"prompt": "x", "width": 2048, "height": 2048, "batch_size": 8, "steps": 1})
+    assert tiny_engine.live.step == 0 or not tiny_engine.live.running
+    monkeypatch.undo()
+    assert gen(tiny_engine).images

@@ -136,7 +136,9 @@ def decode_latents(model, latents: torch.Tensor, tiled: bool = False) -> list[Im
     vae = pipe.vae
     lat_h, lat_w = latents.shape[-2:]
     if not tiled or (lat_h <= VAE_TILE_LATENT and lat_w <= VAE_TILE_LATENT):
-        return pipe.image_processor.postprocess(_vae_decode(vae, latents), output_type="pil")
+        # One image at a time: the decoder's activations dwarf the latents, so a batch would multiply them.
+        return [pipe.image_processor.postprocess(_vae_decode(vae, one[None]), output_type="pil")[0]
+                for one in latents]
     f = model.vae_scale_factor
     images = []
     for one in latents:
