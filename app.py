@@ -112,9 +112,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"Model: {model.name} ({model.family}) loaded in {model.load_seconds:.1f} s", flush=True)
         if warmup:
             for r in engine.warmup(warmup):
-                state = ("compiled" if r.compiled else "nothing to compile (eager runtime)"
-                         if engine.runtime.name == "pytorch" else "already warm")
-                print(f"Warm-up {r.width}x{r.height}: {state}, {r.seconds:.1f} s", flush=True)
+                print(f"Warm-up {r.width}x{r.height}: {r.state}, {r.seconds:.1f} s", flush=True)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

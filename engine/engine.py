@@ -96,6 +96,7 @@ class Engine:
             clean_partials(self.outputs_dir)
         self.preview_every = preview_every  # steps between live previews; 0 = none
         self.live = LiveStatus()
+        self._config_dir: str | Path | None = None
         self.history: deque[dict[str, Any]] = deque(maxlen=history_size)
 
     # ------------------------------------------------------------ model and runtime
@@ -114,6 +115,7 @@ class Engine:
                     raise
                 model = self._fall_back_to_pytorch(source, e, allow_any_path, config_dir)
             old, self.model = self.model, model
+            self._config_dir = config_dir  # a runtime switch reloads the same way
             del old
             gc.collect()
             log.info("loaded %s (%s) in %.2f s", model.name, model.family, model.load_seconds)
@@ -140,9 +142,16 @@ class Engine:
         runtime = choice.cls(self.hardware, opts, self.cache_dir)
         source = self.model.source.text if self.model else None
         with self._lock:
+            previous = (self.choice, self.runtime, self.optimizations, self.runtime_wish)
             self.choice, self.runtime, self.optimizations, self.runtime_wish = choice, runtime, opts, wish
         if source:
-            self.load(source)
+            try:
+                self.load(source, config_dir=self._config_dir)
+            except Exception:
+                # The old model is still loaded, prepared for the old runtime: keep them together.
+                with self._lock:
+                    self.choice, self.runtime, self.optimizations, self.runtime_wish = previous
+                raise
         return choice
 
     def require_model(self) -> LoadedModel:
@@ -322,9 +331,8 @@ class Engine:
                 if self._stop.requested:
                     break
                 one = request.model_copy(update={"seed": request.seed + k * request.batch_size})
-                offset = done_total
-                step_progress = None if progress is None else (lambda i, n, o=offset: progress(o + i, total))
-                batch_images, done = run_txt2img(model, self.runtime, one, timer, step_progress, self._stop)
+                batch_images, done = run_txt2img(model, self.runtime, one, timer,
+                                                 lambda i, n, o=done_total: progress(o + i, total), self._stop)
                 images += batch_images
                 done_total += done
             return images, done_total, total, ({"batches": request.batch_count} if request.batch_count > 1 else {}), {}

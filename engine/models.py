@@ -54,6 +54,7 @@ class LoadedModel:
     scheduler_config: dict = field(default_factory=dict)
     identity: str | None = None  # stable key of the weights, for runtime caches
     skeleton: frozenset[str] = frozenset()  # components loaded without weights (a runtime supplies them)
+    derived: dict[str, Any] = field(default_factory=dict)  # task -> pipeline sharing these components
 
     @property
     def vae_scale_factor(self) -> int:

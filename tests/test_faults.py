@@ -39,3 +39,20 @@ def test_runtime_that_fails_to_compile_falls_back_to_pytorch(tmp_path, monkeypat
     assert engine.runtime.name == "pytorch"
     assert "injected compile failure" in engine.choice.reason and "openvino" in engine.status()["skipped"]
     assert engine.txt2img(REQ).readout.runtime == "pytorch"
+
+
+def test_failed_runtime_switch_keeps_the_old_runtime_and_model(tmp_path, monkeypatch):
+    from engine import ModelLoadError
+    from engine import engine as engine_mod
+
+    engine = Engine(runtime="pytorch", cache_dir=tmp_path)
+    engine.load("builtin:tiny")
+
+    def refuse(*args, **kwargs):
+        raise ModelLoadError("injected: model files vanished")
+
+    monkeypatch.setattr(engine_mod, "load_model", refuse)
+    with pytest.raises(ModelLoadError):
+        engine.set_runtime("openvino")
+    assert engine.runtime.name == "pytorch" and engine.model.name == "builtin:tiny"
+    assert engine.txt2img(REQ).readout.runtime == "pytorch"

@@ -363,9 +363,7 @@ def build_ui(engine: Engine, defaults: dict[str, Any] | None = None) -> gr.Block
                 for i, size in enumerate(sizes):
                     progress((i, len(sizes)), desc=f"Warming up {size[0]}x{size[1]}")
                     for r in engine.warmup([size]):
-                        state = "compiled" if r.compiled else ("already warm" if engine.runtime.name != "pytorch"
-                                                               else "nothing to compile (eager)")
-                        rows.append(f"| {r.width}x{r.height} | {state} | {r.seconds:.2f} s |")
+                        rows.append(f"| {r.width}x{r.height} | {r.state} | {r.seconds:.2f} s |")
             except Exception as e:
                 raise _user_facing(e, "Warm-up") from None
             return "| size | result | seconds |\n|---|---|---|\n" + "\n".join(rows)

@@ -16,7 +16,8 @@ class WarmupResult:
     height: int
     batch_size: int
     seconds: float
-    compiled: bool  # False: the shape was already warm
+    compiled: bool  # False: the shape was already warm, or the runtime has nothing to compile
+    state: str = "nothing to compile (eager)"  # what to tell the user
 
 
 class Runtime(ABC):

@@ -246,8 +246,8 @@ class _Adapter:
 
 
 def _np(x: torch.Tensor, dtype=np.float32) -> np.ndarray:
-    return x.detach().to("cpu").float().numpy().astype(dtype, copy=False) if dtype == np.float32 \
-        else x.detach().to("cpu").numpy().astype(dtype, copy=False)
+    x = x.detach().to("cpu")
+    return (x.float() if dtype == np.float32 else x).numpy().astype(dtype, copy=False)
 
 
 class OVUNet(_Adapter):
@@ -507,8 +507,9 @@ class OpenVINORuntime(Runtime):
             start = time.perf_counter()
             for part, part_shapes in self._shapes_for(model, width, height, batch).items():
                 self.compiled(part, part_shapes)
-            results.append(WarmupResult(width, height, batch, time.perf_counter() - start,
-                                        compiled=len(self.compile_events) > before))
+            compiled = len(self.compile_events) > before
+            results.append(WarmupResult(width, height, batch, time.perf_counter() - start, compiled=compiled,
+                                        state="compiled" if compiled else "already warm"))
         return results
 
     def describe(self) -> str:

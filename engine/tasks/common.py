@@ -83,7 +83,7 @@ def generators(seed: int, count: int, device: str) -> list[torch.Generator]:
 
 def derived_pipeline(model, task: str):
     """The img2img pipeline sharing the loaded components (diffusers from_pipe): no second copy of weights."""
-    cache = model.__dict__.setdefault("_derived", {})
+    cache = model.derived
     if task not in cache:
         from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionXLImg2ImgPipeline
 
