@@ -352,7 +352,8 @@ class OpenVINORuntime(Runtime):
         self.compile_events: list[CompileEvent] = []
         self.conversions: list[tuple[str, float]] = []  # (part, seconds) converted in this process
         self._identity: str | None = None
-        self._int8 = bool(getattr(optimizations, "int8_weights", False))
+        self._irs: dict[str, Any] = {}  # part -> ov.Model of the prepared pipeline
+        self._int8 = optimizations.int8_weights
 
     @property
     def cache_root(self) -> Path:
@@ -408,7 +409,7 @@ class OpenVINORuntime(Runtime):
         pipe = model.pipe
         self._identity = model.identity
         self._compiled.clear()
-        self._irs: dict[str, Any] = {}
+        self._irs = {}
         for component, parts in PARTS_OF.items():
             module = getattr(pipe, component, None)
             if module is None:
@@ -431,7 +432,7 @@ class OpenVINORuntime(Runtime):
 
     def _config(self) -> dict:
         config = {"INFERENCE_PRECISION_HINT": self._hint, "PERFORMANCE_HINT": "LATENCY"}
-        if not getattr(self.optimizations, "compiled_blob_cache", False):
+        if not self.optimizations.compiled_blob_cache:
             return config
         try:
             self.blob_dir.mkdir(parents=True, exist_ok=True)
