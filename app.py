@@ -32,6 +32,9 @@ def share_auth(auth: list[tuple[str, str]] | None, share: bool, no_auth: bool) -
     return [(SHARE_USER, password)], password
 
 
+EXAMPLE_PROMPT = "a red circle on a blue background"  # builtin:shapes draws this well
+
+
 def parse_auth(values: list[str] | None) -> list[tuple[str, str]] | None:
     if not values:
         return None
@@ -47,8 +50,9 @@ def parse_auth(values: list[str] | None) -> list[tuple[str, str]] | None:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Fast Stable Diffusion web UI: picks the runtime for your hardware "
                                             "and shows time and memory beside every image.")
-    p.add_argument("--model", default="builtin:tiny",
-                   help="builtin:tiny|builtin:sd15|builtin:sdxl, a hub id (owner/name), a diffusers folder, "
+    p.add_argument("--model", default="builtin:shapes",
+                   help="builtin:shapes (trained demo) | builtin:tiny|sd15|sdxl (random weights), a hub id "
+                        "(owner/name), a diffusers folder, "
                         "or a .safetensors/.ckpt file (default: %(default)s)")
     p.add_argument("--model-config", default=None,
                    help="diffusers folder whose configs a single-file checkpoint should use (needed offline)")
@@ -56,6 +60,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--runtime", default="auto", choices=["auto", "pytorch", "openvino", "onediff"],
                    help="runtime to use; auto picks from the hardware (default: %(default)s)")
     p.add_argument("--preset", default=None, help="preset name from presets/*.toml (e.g. balanced, quality)")
+    p.add_argument("--presets-dir", default=None,
+                   help="folder of preset .toml files; 'Save as preset' writes there (default: presets/)")
+    p.add_argument("--taesd", default=None,
+                   help="tiny autoencoder for fast decodes and previews: a diffusers AutoencoderTiny folder, a hub id "
+                        "(madebyollin/taesd), or builtin:taesd (random weights, for benchmarks)")
     p.add_argument("--warmup", default=None, help="shapes to prepare ahead, e.g. 512x512,768x512")
     p.add_argument("--precision", default=None, choices=["auto", "fp32", "bf16", "fp16"],
                    help="overrides the preset's precision (auto: fp16 on CUDA, bf16 on CPUs with hardware bf16)")
@@ -82,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     from engine import Engine, UserError
-    from engine.options import Optimizations, load_preset
+    from engine.options import PRESETS_DIR, Optimizations, load_preset
     from engine.requests import parse_sizes
 
     try:
@@ -94,20 +103,23 @@ def main(argv: list[str] | None = None) -> int:
 
     defaults = {}
     optimizations = None
+    presets_dir = Path(args.presets_dir) if args.presets_dir else PRESETS_DIR
     try:
         if args.preset:
-            preset = load_preset(args.preset)
+            preset = load_preset(args.preset, presets_dir)
             optimizations = preset.optimizations
-            defaults = preset.defaults.model_dump(exclude_none=True)
+            defaults = {**preset.defaults.model_dump(exclude_none=True), "preset": preset.name}
         overrides = {k: v for k, v in (("precision", args.precision), ("int8_weights", args.int8_weights or None),
                                        ("compiled_blob_cache", args.compiled_blob_cache or None)) if v is not None}
         if overrides:
             optimizations = (optimizations or Optimizations()).model_copy(update=overrides)
         engine = Engine(runtime=args.runtime, optimizations=optimizations, models_dir=Path(args.models_dir),
                         cache_dir=Path(args.cache_dir) if args.cache_dir else None,
-                        outputs_dir=None if args.no_save else Path(args.outputs_dir))
+                        outputs_dir=None if args.no_save else Path(args.outputs_dir), taesd=args.taesd)
         print(engine.hardware, flush=True)
         print(f"Runtime: {engine.runtime.describe()} — {engine.choice.reason}", flush=True)
+        for label, why in engine.not_applied.items():
+            print(f"Not applied: {label} ({why})", flush=True)
         model = engine.load(args.model, config_dir=args.model_config)
         print(f"Model: {model.name} ({model.family}) loaded in {model.load_seconds:.1f} s", flush=True)
         if warmup:
@@ -120,9 +132,10 @@ def main(argv: list[str] | None = None) -> int:
     from ui import build_ui
     from ui.app_ui import launch_kwargs
 
+    defaults.setdefault("prompt", EXAMPLE_PROMPT)
     defaults.setdefault("width", model.native_size)
     defaults.setdefault("height", model.native_size)
-    demo = build_ui(engine, defaults)
+    demo = build_ui(engine, defaults, presets_dir=presets_dir)
     demo.queue(default_concurrency_limit=1, max_size=args.queue_size)
     auth, generated = share_auth(auth, args.share, args.share_no_auth)
     if args.share and args.share_no_auth and not auth:

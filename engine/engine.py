@@ -16,8 +16,9 @@ from .errors import UserError
 from .metadata import format_parameters
 from .outputs import clean_partials, save_png
 from .preview import latents_to_rgb
-from .models import LoadedModel, load_model
-from .options import Optimizations
+from .caches import LRU, result_key
+from .models import LoadedModel, load_model, load_tiny_autoencoder
+from .options import DEFAULTS, LABELS, RUNTIME_FIELDS, Optimizations, is_on
 from .requests import (HiresFixRequest, Img2ImgRequest, TiledUpscaleRequest, Txt2ImgRequest, load_image,
                        parse_request)
 from .runtimes.base import Runtime, WarmupResult
@@ -80,14 +81,18 @@ class Engine:
     def __init__(self, hardware: hardware_mod.HardwareReport | None = None, runtime: str = "auto",
                  optimizations: Optimizations | None = None, models_dir: Path | None = None,
                  cache_dir: Path | None = None, outputs_dir: Path | None = None, preview_every: int = 2,
-                 history_size: int = 20):
+                 history_size: int = 20, taesd: str | None = None):
         self.hardware = hardware or hardware_mod.detect()
-        self.optimizations = optimizations or Optimizations()
+        self.optimizations = optimizations or Optimizations()  # what the user asked for
         self.models_dir = Path(models_dir) if models_dir else None
         self.cache_dir = Path(cache_dir) if cache_dir else None
+        self.taesd_source = taesd
+        self.taesd = load_tiny_autoencoder(taesd, models_dir=self.models_dir) if taesd else None
         self.runtime_wish = runtime
         self.choice = runtimes.pick(self.hardware, runtime)
-        self.runtime: Runtime = self.choice.cls(self.hardware, self.optimizations, self.cache_dir)
+        self.runtime: Runtime = self.choice.cls(
+            self.hardware, self.effective_options(self.optimizations, self.choice.cls)[0], self.cache_dir)
+        self.result_cache = LRU(32)
         self.model: LoadedModel | None = None
         self._lock = threading.Lock()  # one job (or load) on the device at a time
         self._stop = StopFlag()
@@ -98,6 +103,39 @@ class Engine:
         self.live = LiveStatus()
         self._config_dir: str | Path | None = None
         self.history: deque[dict[str, Any]] = deque(maxlen=history_size)
+
+    # ------------------------------------------------------------ options
+
+    def option_reasons(self, runtime_cls=None) -> dict[str, str]:
+        """Option -> why it cannot act here (runtime and hardware, or a missing TAESD model)."""
+        reasons = dict((runtime_cls or type(self.runtime)).option_reasons(self.hardware))
+        if self.taesd is None:
+            reasons["tiny_vae"] = "needs a TAESD model: set --taesd PATH (a diffusers AutoencoderTiny folder)"
+        return reasons
+
+    def effective_options(self, wanted: Optimizations, runtime_cls=None) -> tuple[Optimizations, dict[str, str]]:
+        """`wanted` minus what cannot act here (reset to its default), and {label: reason} for each one dropped."""
+        reasons = self.option_reasons(runtime_cls)
+        dropped = {name: why for name, why in reasons.items() if is_on(wanted, name)}
+        effective = wanted.model_copy(update={name: getattr(DEFAULTS, name) for name in dropped})
+        return effective, {LABELS[name]: why for name, why in dropped.items()}
+
+    @property
+    def not_applied(self) -> dict[str, str]:
+        return self.effective_options(self.optimizations)[1]
+
+    def set_optimizations(self, wanted: Optimizations) -> Optimizations:
+        """Apply a new set of options; those the runtime owns re-prepare the model. Returns what took effect."""
+        effective, _ = self.effective_options(wanted)
+        current = self.runtime.optimizations
+        if any(getattr(effective, f) != getattr(current, f) for f in RUNTIME_FIELDS):
+            self.set_runtime(self.runtime_wish, wanted)
+        else:
+            with self._lock:
+                self.optimizations = wanted
+                if self.model is not None:
+                    self.model.options = effective
+        return effective
 
     # ------------------------------------------------------------ model and runtime
 
@@ -114,6 +152,8 @@ class Engine:
                 if self.runtime.name == "pytorch":
                     raise
                 model = self._fall_back_to_pytorch(source, e, allow_any_path, config_dir)
+            model.options = self.effective_options(self.optimizations)[0]
+            model.taesd = self._checked_taesd(model)
             old, self.model = self.model, model
             self._config_dir = config_dir  # a runtime switch reloads the same way
             del old
@@ -128,7 +168,7 @@ class Engine:
         failed = self.runtime.name
         log.warning("%s could not prepare %s (%s); falling back to PyTorch", failed, source, error)
         reason = f"{failed} could not prepare {source} ({type(error).__name__}: {str(error)[:200]}); using PyTorch"
-        self.runtime = PyTorchRuntime(self.hardware, self.optimizations.model_copy(update={"int8_weights": False}),
+        self.runtime = PyTorchRuntime(self.hardware, self.effective_options(self.optimizations, PyTorchRuntime)[0],
                                       self.cache_dir)
         self.choice = runtimes.Choice("pytorch", reason, {**self.choice.skipped, failed: reason})
         model = load_model(source, models_dir=self.models_dir, allow_any_path=allow_any_path, config_dir=config_dir)
@@ -139,7 +179,7 @@ class Engine:
         """Switch runtime (and options); the loaded model is prepared again from its source."""
         choice = runtimes.pick(self.hardware, wish)
         opts = optimizations or self.optimizations
-        runtime = choice.cls(self.hardware, opts, self.cache_dir)
+        runtime = choice.cls(self.hardware, self.effective_options(opts, choice.cls)[0], self.cache_dir)
         source = self.model.source.text if self.model else None
         with self._lock:
             previous = (self.choice, self.runtime, self.optimizations, self.runtime_wish)
@@ -153,6 +193,16 @@ class Engine:
                     self.choice, self.runtime, self.optimizations, self.runtime_wish = previous
                 raise
         return choice
+
+    def _checked_taesd(self, model: LoadedModel):
+        """The tiny autoencoder, where its latent channels match the model's VAE."""
+        if self.taesd is None:
+            return None
+        if self.taesd.config.latent_channels != model.pipe.vae.config.latent_channels:
+            log.warning("the tiny autoencoder has %s latent channels, the model %s: not used",
+                        self.taesd.config.latent_channels, model.pipe.vae.config.latent_channels)
+            return None
+        return self.taesd
 
     def require_model(self) -> LoadedModel:
         if self.model is None:
@@ -168,6 +218,8 @@ class Engine:
             "precision": self.runtime.precision,
             "reason": self.choice.reason,
             "skipped": dict(self.choice.skipped),
+            "applied": list(getattr(self.runtime, "applied", [])),
+            "not_applied": self.not_applied,
         }
 
     def warmup(self, sizes: list[tuple[int, int]], batch_size: int = 1) -> list[WarmupResult]:
@@ -196,16 +248,31 @@ class Engine:
     # ------------------------------------------------------------ tasks
 
     def _job(self, task: str, model: LoadedModel, request, notices: list[str], work,
-             progress: ProgressFn | None) -> GenerationResult:
+             progress: ProgressFn | None, inputs_key: str = "") -> GenerationResult:
         """Run `work(timer, progress)` under the device lock with telemetry; build the result and readout.
 
-        work returns (images, steps_run, steps_planned, details, extra_images).
+        work returns (images, steps_run, steps_planned, details, extra_images). `inputs_key` names input
+        images (their hash) for the result cache.
         """
         with self._lock:
-            self._stop = StopFlag(on_latents=self._on_latents if self.preview_every else None)
+            options = model.options
+            cache_key = None
+            if options.result_cache:
+                output_options = options.model_dump(exclude={"prompt_cache", "result_cache"})
+                cache_key = result_key(model.identity or model.name, task, self.runtime.name, self.runtime.precision,
+                                       {**request.model_dump(), "inputs": inputs_key}, output_options)
+                hit = self.result_cache.get(cache_key)
+                if hit is not None:
+                    return self._cached_result(hit, notices)
+            self._stop = StopFlag(on_latents=self._on_latents if self.preview_every else None,
+                                  early_stop_threshold=options.early_stop_threshold)
             self.live = LiveStatus(task=task, started=time.perf_counter(), running=True)
             timer = StageTimer()
             compiles_before = len(self.runtime.compile_events)
+            prompt_hits = (model.prompt_cache.hits, model.prompt_cache.misses)
+            deepcache = getattr(getattr(model.pipe, "unet", None), "deepcache", None)
+            if deepcache is not None:
+                deepcache.reset_counts()
             try:
                 with PeakRssSampler() as rss, CudaPeakMemory(self.runtime.device) as vram:
                     images, steps_done, planned, details, extra = work(timer, self._live_progress(progress))
@@ -222,6 +289,24 @@ class Engine:
             shape_cache = self._shape_cache(compiles_before)
         if self._stop.requested and steps_done < planned:
             notices.append(f"Stopped after {steps_done} of {planned} steps.")
+        details = dict(details)
+        early = self._stop.early_stop
+        if early is not None:
+            details["early_stop_step"] = early["step"]
+            notices.append(f"Early stop at step {early['step']} of {early['of']}: the latents changed by "
+                           f"{early['change']:.2%} in that step (threshold {options.early_stop_threshold:.2%}).")
+        if options.prompt_cache:
+            hits = model.prompt_cache.hits - prompt_hits[0]
+            misses = model.prompt_cache.misses - prompt_hits[1]
+            details["prompt_cache"] = "hit" if hits and not misses else ("miss" if misses and not hits
+                                                                          else f"{hits} hits, {misses} misses")
+        if deepcache is not None:
+            details["unet_calls_full"] = deepcache.full_calls
+            details["unet_calls_shallow"] = deepcache.shallow_calls
+        if options.tiny_vae and model.taesd is not None:
+            details["decoder"] = "tiny autoencoder (TAESD)"
+        for label, why in self.not_applied.items():
+            notices.append(f"Not applied here: {label} ({why}).")
         denoise_s = sum(s for name, s in timer.stages_s.items() if name.endswith("denoising"))
         readout = Readout(
             total_s=total_s,
@@ -258,7 +343,45 @@ class Engine:
             "total_s": round(readout.total_s, 2), "it_per_s": round(readout.it_per_s, 2),
             "peak_ram_gib": round(readout.peak_rss_bytes / 2**30, 2), "shape": readout.shape_cache,
         })
+        if cache_key is not None:
+            self.result_cache.put(cache_key, {"result": result, "images": [im.copy() for im in images],
+                                              "time": time.strftime("%H:%M:%S")})
         return result
+
+    def _cached_result(self, hit: dict, notices: list[str]) -> GenerationResult:
+        """An identical earlier request: its saved images (or the kept copies), no UNet run."""
+        from PIL import Image
+
+        start = time.perf_counter()
+        old: GenerationResult = hit["result"]
+        images = []
+        for i, kept in enumerate(hit["images"]):
+            path = old.saved_paths[i] if i < len(old.saved_paths) else None
+            if path and Path(path).is_file():
+                with Image.open(path) as im:
+                    images.append(im.convert("RGB"))
+            else:
+                images.append(kept.copy())
+        seconds = time.perf_counter() - start
+        r = old.readout
+        readout = Readout(
+            total_s=seconds, stages_s={"result_cache": seconds}, steps=0, it_per_s=0.0,
+            peak_rss_bytes=0, peak_vram_allocated_bytes=None, peak_vram_reserved_bytes=None,
+            runtime=r.runtime, precision=r.precision, device=r.device, model=r.model, width=r.width, height=r.height,
+            batch_size=r.batch_size, shape_cache="result cache hit (no UNet run)",
+            details={**r.details, "cached_from": hit["time"]},
+            notices=notices + [f"Cached result: the same request (model, parameters, seed) ran at {hit['time']}; "
+                               f"returned without running the model."],
+        )
+        self.history.appendleft({
+            "time": time.strftime("%H:%M:%S"), "task": old.parameters.get("task", ""),
+            "size": f"{r.width}x{r.height}", "images": len(images), "steps": 0, "runtime": r.runtime,
+            "precision": r.precision, "total_s": round(seconds, 3), "it_per_s": 0, "peak_ram_gib": 0,
+            "shape": readout.shape_cache,
+        })
+        return GenerationResult(images=images, seeds=list(old.seeds), parameters=dict(old.parameters),
+                                readout=readout, notices=readout.notices, extra_images=old.extra_images,
+                                saved_paths=list(old.saved_paths))
 
     def _free_memory(self) -> None:
         gc.collect()
@@ -278,8 +401,18 @@ class Engine:
     def _on_latents(self, step: int, total: int, latents) -> None:
         live = self.live
         if self.preview_every and (step % self.preview_every == 0 or step == total):
-            live.preview = latents_to_rgb(latents, self.model.is_sdxl if self.model else False,
-                                          scale=self.model.vae_scale_factor if self.model else 8)
+            model = self.model
+            if model is not None and model.options.tiny_vae and model.taesd is not None:
+                import torch
+
+                from .tasks.common import tiny_decode
+
+                with torch.no_grad():  # the tiny autoencoder makes a real preview for a few ms
+                    live.preview = model.pipe.image_processor.postprocess(
+                        tiny_decode(model.taesd, latents[:1]), output_type="pil")[0]
+            else:
+                live.preview = latents_to_rgb(latents, model.is_sdxl if model else False,
+                                              scale=model.vae_scale_factor if model else 8)
             live.preview_step = step
 
     def _prepare(self, cls, request):
@@ -356,7 +489,7 @@ class Engine:
                 notices.append(f"Ran {planned} of {request.steps} steps (steps x strength {request.strength:g}).")
             return images, done, planned, {"steps_planned": planned}, {}
 
-        return self._job("img2img", model, request, notices, work, progress)
+        return self._job("img2img", model, request, notices, work, progress, inputs_key=_image_key(init))
 
     def hires_fix(self, request: HiresFixRequest | dict, progress: ProgressFn | None = None) -> GenerationResult:
         model, request = self._prepare(HiresFixRequest, request)
@@ -392,7 +525,13 @@ class Engine:
             steps = details.get("steps_run", 0)
             return [image_out], steps, details.get("steps_planned", 0), details, {}
 
-        return self._job("tiled_upscale", model, request, notices, work, progress)
+        return self._job("tiled_upscale", model, request, notices, work, progress, inputs_key=_image_key(init))
+
+
+def _image_key(image) -> str:
+    import hashlib
+
+    return f"{image.size}:{hashlib.sha256(image.tobytes()).hexdigest()}"
 
 
 def _is_out_of_memory(e: BaseException) -> bool:

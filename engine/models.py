@@ -55,6 +55,19 @@ class LoadedModel:
     identity: str | None = None  # stable key of the weights, for runtime caches
     skeleton: frozenset[str] = frozenset()  # components loaded without weights (a runtime supplies them)
     derived: dict[str, Any] = field(default_factory=dict)  # task -> pipeline sharing these components
+    # Set by the Engine: the options in effect, the prompt-embedding cache, the tiny autoencoder (TAESD).
+    options: Any = None
+    prompt_cache: Any = None
+    taesd: Any = None
+
+    def __post_init__(self):
+        from .caches import PromptCache
+        from .options import Optimizations
+
+        if self.options is None:
+            self.options = Optimizations()
+        if self.prompt_cache is None:
+            self.prompt_cache = PromptCache()
 
     @property
     def vae_scale_factor(self) -> int:
@@ -191,6 +204,11 @@ BUILTINS: dict[str, tuple[str, Callable[[frozenset[str]], Any], str]] = {
     "sdxl": ("sdxl", lambda sk: _build_sdxl("sdxl", sk), "SDXL base architecture, full size, random weights (benchmarks)"),
 }
 BUILTIN_SEED = 0
+# Trained models shipped in assets/ (diffusers folders), addressed as builtin:NAME.
+ASSETS_MODELS = Path(__file__).resolve().parent.parent / "assets" / "models"
+SHIPPED = {
+    "shapes": "SD 1.x pipeline trained here on drawn shapes: draws what the prompt says, 128x128 native (demo)",
+}
 HEAVY_COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2")
 
 
@@ -202,6 +220,39 @@ def build_builtin(name: str, skeleton: frozenset[str] = frozenset()):
         pipe = builder(frozenset(skeleton))
     pipe.set_progress_bar_config(disable=True)
     return family, pipe
+
+
+# ---------------------------------------------------------------- tiny autoencoders (TAESD)
+
+TINY_AUTOENCODERS = {
+    "taesd": "TAESD architecture (SD 1.x/2.x latents), random weights (benchmarks)",
+    "taesdxl": "TAESDXL architecture (SDXL latents), random weights (benchmarks)",
+}
+
+
+def load_tiny_autoencoder(text: str, *, models_dir: Path | None = None, allow_any_path: bool = True):
+    """An AutoencoderTiny from builtin:taesd[xl], a local diffusers folder, or a hub id (e.g. madebyollin/taesd)."""
+    from diffusers import AutoencoderTiny
+
+    text = (text or "").strip()
+    if text.startswith("builtin:"):
+        name = text.split(":", 1)[1]
+        if name not in TINY_AUTOENCODERS:
+            raise ModelLoadError(f"Unknown built-in tiny autoencoder {text!r}; built-ins are: "
+                                 + ", ".join(f"builtin:{n}" for n in TINY_AUTOENCODERS) + ".")
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(BUILTIN_SEED + sum(map(ord, name)))
+            return AutoencoderTiny().eval()
+    source = resolve_source(text, models_dir=models_dir, allow_any_path=allow_any_path)
+    if source.kind == "file":
+        raise ModelLoadError(f"{text!r}: a tiny autoencoder must be a diffusers folder or hub id, not a single file.")
+    try:
+        return AutoencoderTiny.from_pretrained(source.value).eval()
+    except Exception as e:
+        if _is_network_error(e):
+            raise ModelLoadError(f"Could not download the tiny autoencoder {text!r}: no network, and it is not "
+                                 f"in the local cache. Pass a local folder with --taesd.") from None
+        raise ModelLoadError(f"Could not load the tiny autoencoder {text!r}: {_one_line(e)}") from None
 
 
 # ---------------------------------------------------------------- resolving a source
@@ -218,9 +269,15 @@ def resolve_source(text: str, *, models_dir: Path | None = None, allow_any_path:
         raise ModelLoadError("No model given: use builtin:tiny, a hub id, a diffusers folder or a .safetensors file.")
     if text.startswith("builtin:"):
         name = text.split(":", 1)[1]
+        if name in SHIPPED:
+            folder = ASSETS_MODELS / name
+            if not (folder / "model_index.json").is_file():
+                raise ModelLoadError(f"{text} is missing from this checkout ({folder}); "
+                                     f"`python -m tools.train_{name}` makes it again.")
+            return ModelSource("folder", str(folder), text)
         if name not in BUILTINS:
             raise ModelLoadError(f"Unknown built-in model {text!r}; built-ins are: "
-                                 + ", ".join(f"builtin:{n}" for n in BUILTINS) + ".")
+                                 + ", ".join(f"builtin:{n}" for n in [*SHIPPED, *BUILTINS]) + ".")
         return ModelSource("builtin", name, text)
 
     if not allow_any_path:

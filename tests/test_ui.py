@@ -12,9 +12,27 @@ def outputs(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def client(outputs):
-    with running_app("--model", "builtin:tiny", "--outputs-dir", str(outputs)) as (url, _proc):
-        yield Client(url, verbose=False)
+def presets_dir(tmp_path_factory):
+    import shutil
+
+    from engine.options import PRESETS_DIR
+
+    path = tmp_path_factory.mktemp("presets")
+    for f in PRESETS_DIR.glob("*.toml"):
+        shutil.copy(f, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def app(outputs, presets_dir):
+    with running_app("--model", "builtin:tiny", "--outputs-dir", str(outputs), "--presets-dir",
+                     str(presets_dir)) as (url, _proc):
+        yield url
+
+
+@pytest.fixture(scope="module")
+def client(app):
+    return Client(app, verbose=False)
 
 
 def txt2img(client, **kw):
@@ -129,7 +147,50 @@ def test_live_stream_updates_before_the_final_image(client):
 
 
 def test_engine_tab_reports_and_switches_runtime(client):
-    info, message = client.predict("pytorch", "auto", False, api_name="/set_runtime")
+    info, message, *_ = client.predict("pytorch", api_name="/set_runtime")
     assert "pytorch" in info and "cpu" in info and "pytorch" in message
     gallery, *_ = txt2img(client, steps_v=2, width_v=64, height_v=64)
     assert len(gallery) == 1
+
+
+def option_values(client, preset):
+    about, *rest = client.predict(preset, api_name="/preset")
+    return about, rest[:-3], rest[-3:]
+
+
+def test_preset_dropdown_sets_boxes_and_sampler(client):
+    from engine.options import Optimizations, load_preset
+
+    about, values, (steps, guidance, sampler) = option_values(client, "fastest")
+    fastest = load_preset("fastest")
+    assert "LCM" in about and (steps, guidance, sampler) == (4, 1.0, "LCM")
+    assert dict(zip(Optimizations.model_fields, values)) == fastest.optimizations.model_dump()
+
+
+def test_save_as_preset_writes_a_toml_and_refuses_bad_names(client, presets_dir):
+    from engine.options import Optimizations, load_preset
+
+    _, values, _ = option_values(client, "low-memory")
+    client.predict("my-low", 12, 5.5, "Euler", *values, api_name="/save_preset")
+    saved = load_preset("my-low", presets_dir)
+    assert saved.optimizations == Optimizations(**dict(zip(Optimizations.model_fields, values)))
+    assert saved.defaults.steps == 12 and saved.defaults.sampler == "Euler"
+    with pytest.raises(Exception, match="preset name"):
+        client.predict("../escape", 12, 5.5, "Euler", *values, api_name="/save_preset")
+    assert not (presets_dir.parent / "escape.toml").exists()
+
+
+def test_boxes_the_runtime_cannot_use_are_disabled_with_the_reason(app, client):
+    import json
+    import urllib.request
+
+    # The page as first served: the app started on the auto runtime (OpenVINO here, PyTorch without it).
+    config = json.load(urllib.request.urlopen(app + "config"))
+    props = {c["props"].get("elem_id"): c["props"] for c in config["components"] if c.get("props", {}).get("elem_id")}
+    deepcache, int8 = props["opt-deepcache_interval"], props["opt-int8_weights"]
+    if deepcache.get("interactive") is False:
+        assert "PyTorch runtime" in deepcache["info"] and int8.get("interactive") is not False
+    else:
+        assert int8["interactive"] is False and "OpenVINO runtime" in int8["info"]
+    assert props["opt-prompt_cache"].get("interactive") is not False
+    assert "--taesd" in props["opt-tiny_vae"]["info"]

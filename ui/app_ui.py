@@ -11,7 +11,7 @@ import psutil
 
 from engine import Engine, UserError
 from engine.metadata import parse_parameters
-from engine.options import Optimizations
+from engine.options import LABELS, PRESETS_DIR, Optimizations, Preset, load_preset, preset_names, save_preset
 from engine.outputs import read_parameters
 from engine.requests import (MAX_BATCH, MAX_BATCH_COUNT, MAX_SIZE, MAX_STEPS, MIN_SIZE, HiresUpscaler, ResizeMode,
                              parse_sizes)
@@ -78,6 +78,65 @@ def engine_markdown(engine: Engine) -> str:
     for name, why in s["skipped"].items():
         lines.append(f"- {name}: not used — {why}")
     return "\n\n".join(lines)
+
+
+OPTION_HELP = {
+    "precision": "auto: fp16 on CUDA, bf16 on CPUs with hardware bf16, else fp32",
+    "int8_weights": "weights compressed to int8 (nncf): less memory",
+    "compiled_blob_cache": "keep compiled graphs on disk: faster restarts, more peak RAM",
+    "channels_last": "NHWC memory layout for convolutions",
+    "attention": "SDPA (PyTorch's fused attention) or xformers",
+    "attention_slicing": "attention in slices: less memory, a little slower",
+    "torch_compile": "compile the UNet (first run is slow)",
+    "token_merging_ratio": "merge similar tokens in self-attention; changes the image slightly",
+    "deepcache_interval": "full UNet every N steps, shallow ones between; 0 = off",
+    "vae_slicing": "decode a batch one image at a time",
+    "vae_tiling": "decode large images in 512 px tiles",
+    "tiny_vae": "decode and preview with TAESD: much faster, slightly softer",
+    "prompt_cache": "reuse text-encoder outputs for a prompt seen before",
+    "result_cache": "an identical request (model, parameters, seed) returns its saved image",
+    "early_stop_threshold": "end when the latents change less than this per step; 0 = off",
+}
+
+
+def option_component(name: str, value: Any, reason: str | None):
+    """One control per Optimizations field; a control that cannot act here is disabled and says why."""
+    label = LABELS[name]
+    info = f"Unavailable: {reason}" if reason else OPTION_HELP.get(name, "")
+    common = {"label": label, "info": info, "interactive": reason is None, "elem_id": f"opt-{name}"}
+    if name == "precision":
+        return gr.Dropdown(["auto", "fp32", "bf16", "fp16"], value=value, **common)
+    if name == "attention":
+        return gr.Radio(["sdpa", "xformers"], value=value, **common)
+    if name == "token_merging_ratio":
+        return gr.Slider(0, 0.75, value=value, step=0.05, **common)
+    if name == "deepcache_interval":
+        return gr.Slider(0, 10, value=value, step=1, **common)
+    if name == "early_stop_threshold":
+        return gr.Slider(0, 0.1, value=value, step=0.0025, **common)
+    return gr.Checkbox(value=value, **common)
+
+
+def option_updates(engine: Engine, values: Optimizations | None = None) -> list:
+    """gr.update per option control: value (when given), enabled or not, and the reason."""
+    reasons = engine.option_reasons()
+    out = []
+    for name in Optimizations.model_fields:
+        why = reasons.get(name)
+        update = {"interactive": why is None, "info": f"Unavailable: {why}" if why else OPTION_HELP.get(name, "")}
+        if values is not None:
+            update["value"] = getattr(values, name)
+        out.append(gr.update(**update))
+    return out
+
+
+def options_markdown(engine: Engine) -> str:
+    s = engine.status()
+    lines = [f"**In effect on {s['runtime']}:** " + (", ".join(s["applied"]) if s["applied"] else "no runtime-side "
+                                                       "optimizations")]
+    for label, why in s["not_applied"].items():
+        lines.append(f"- **{label}** is ticked but not applied: {why}")
+    return "\n".join(lines)
 
 
 def history_rows(engine: Engine) -> list[list]:
@@ -162,7 +221,7 @@ def stream_job(engine: Engine, call: Callable, progress, shown: Callable | None 
            history_rows(engine))
 
 
-def build_ui(engine: Engine, defaults: dict[str, Any] | None = None) -> gr.Blocks:
+def build_ui(engine: Engine, defaults: dict[str, Any] | None = None, presets_dir: Path = PRESETS_DIR) -> gr.Blocks:
     d = {"prompt": "", "negative_prompt": "", "width": 256, "height": 256, "steps": 20, "guidance": 7.0,
          "sampler": DEFAULT_SAMPLER, "seed": -1, "batch_size": 1, **(defaults or {})}
 
@@ -248,10 +307,6 @@ def build_ui(engine: Engine, defaults: dict[str, Any] | None = None) -> gr.Block
                 engine_info = gr.Markdown(engine_markdown(engine))
                 with gr.Row():
                     runtime_choice = gr.Dropdown(list(CHOICES), value=engine.runtime_wish, label="Runtime")
-                    precision_choice = gr.Dropdown(["auto", "fp32", "bf16", "fp16"],
-                                                   value=engine.optimizations.precision, label="Precision")
-                    int8_box = gr.Checkbox(value=engine.optimizations.int8_weights,
-                                           label="INT8 weights (OpenVINO only)")
                     apply_runtime = gr.Button("Use this runtime")
                 with gr.Row():
                     warmup_box = gr.Textbox(label="Warm up sizes (WIDTHxHEIGHT, comma separated)",
@@ -260,10 +315,32 @@ def build_ui(engine: Engine, defaults: dict[str, Any] | None = None) -> gr.Block
                 warmup_report = gr.Markdown("")
                 with gr.Row():
                     model_box = gr.Textbox(label="Model (builtin:NAME, hub id owner/name, or a name under the models folder)",
-                                           value=engine.model.name if engine.model else "builtin:tiny")
+                                           value=engine.model.name if engine.model else "builtin:shapes")
                     load_button = gr.Button("Load model")
                 engine_message = gr.Markdown("")
                 gr.Textbox(str(engine.hardware), label="Hardware", lines=8, interactive=False)
+
+            with gr.Tab("Optimizations", id="optimizations"):
+                gr.Markdown("Pick a preset or tick what you want, then **Apply**. A box that cannot act with this "
+                            "runtime on this hardware is greyed out and says why. Options the runtime owns "
+                            "re-prepare the model when they change.")
+                with gr.Row():
+                    preset_choice = gr.Dropdown(preset_names(presets_dir), value=d.get("preset"), label="Preset",
+                                                info="sets the boxes below and the sampler, steps and guidance")
+                    preset_about = gr.Markdown("")
+                reasons = engine.option_reasons()
+                option_boxes = []
+                names = list(Optimizations.model_fields)
+                for start in range(0, len(names), 4):
+                    with gr.Row():
+                        for name in names[start:start + 4]:
+                            option_boxes.append(option_component(name, getattr(engine.optimizations, name),
+                                                                 reasons.get(name)))
+                with gr.Row():
+                    apply_options = gr.Button("Apply", variant="primary")
+                    preset_name = gr.Textbox(label="Save as preset (name)", placeholder="my-preset", scale=2)
+                    save_button = gr.Button("Save as preset")
+                options_info = gr.Markdown(options_markdown(engine))
 
         with gr.Accordion("History (last jobs, newest first)", open=False):
             history = gr.Dataframe(headers=HISTORY_COLUMNS, value=history_rows(engine) or None, interactive=False,
@@ -343,18 +420,65 @@ def build_ui(engine: Engine, defaults: dict[str, Any] | None = None) -> gr.Block
         send_button.click(send_to_txt2img, inputs=[png_fields],
                           outputs=[prompt, negative, width, height, *t2i_common[:4], tabs])
 
-        def use_runtime(wish, precision, int8, progress=gr.Progress()):
+        def use_runtime(wish, progress=gr.Progress()):
             progress(0, desc=f"Preparing {wish} (first use of a model converts it; later starts read the cache)")
             try:
-                opts = Optimizations.model_validate({**engine.optimizations.model_dump(), "precision": precision,
-                                                     "int8_weights": bool(int8)})
-                choice = engine.set_runtime(wish, opts)
+                choice = engine.set_runtime(wish)
             except Exception as e:
                 raise _user_facing(e, "Switching runtime") from None
-            return engine_markdown(engine), f"Now using **{choice.name}** ({engine.runtime.precision}): {choice.reason}."
+            return (engine_markdown(engine), f"Now using **{choice.name}** ({engine.runtime.precision}): {choice.reason}.",
+                    options_markdown(engine), *option_updates(engine))
 
-        apply_runtime.click(use_runtime, inputs=[runtime_choice, precision_choice, int8_box],
-                            outputs=[engine_info, engine_message], api_name="set_runtime")
+        apply_runtime.click(use_runtime, inputs=[runtime_choice],
+                            outputs=[engine_info, engine_message, options_info, *option_boxes], api_name="set_runtime")
+
+        def options_from(values) -> Optimizations:
+            data = dict(zip(Optimizations.model_fields, values))
+            data["deepcache_interval"] = int(data["deepcache_interval"] or 0)
+            try:
+                return Optimizations.model_validate(data)
+            except Exception as e:
+                raise gr.Error(f"Invalid options: {e}") from None
+
+        def apply_opts(*values, progress=gr.Progress()):
+            progress(0, desc="Applying (options the runtime owns re-prepare the model)")
+            try:
+                engine.set_optimizations(options_from(values))
+            except Exception as e:
+                raise _user_facing(e, "Applying options") from None
+            return options_markdown(engine), engine_markdown(engine)
+
+        apply_options.click(apply_opts, inputs=option_boxes, outputs=[options_info, engine_info],
+                            api_name="set_optimizations")
+
+        def pick_preset(name):
+            if not name:
+                return (gr.skip(),) * (1 + len(option_boxes) + 3)
+            try:
+                preset = load_preset(name, presets_dir)
+            except Exception as e:
+                raise _user_facing(e, "Loading the preset") from None
+            dflt = preset.defaults
+            return (f"*{preset.description}*", *option_updates(engine, preset.optimizations),
+                    dflt.steps if dflt.steps is not None else gr.skip(),
+                    dflt.guidance if dflt.guidance is not None else gr.skip(),
+                    dflt.sampler if dflt.sampler is not None else gr.skip())
+
+        preset_choice.change(pick_preset, inputs=[preset_choice],
+                             outputs=[preset_about, *option_boxes, *t2i_common[:3]], api_name="preset")
+
+        def save_as(name, steps_v, guidance_v, sampler_v, *values):
+            try:
+                preset = Preset(name=(name or "").strip(), description="Saved from the UI.",
+                                optimizations=options_from(values),
+                                defaults={"steps": int(steps_v), "guidance": float(guidance_v), "sampler": sampler_v})
+                path = save_preset(preset, presets_dir)
+            except Exception as e:
+                raise _user_facing(e, "Saving the preset") from None
+            return gr.update(choices=preset_names(presets_dir), value=preset.name), f"Saved `{path.name}`."
+
+        save_button.click(save_as, inputs=[preset_name, *t2i_common[:3], *option_boxes],
+                          outputs=[preset_choice, preset_about], api_name="save_preset")
 
         def warm_up(text, progress=gr.Progress()):
             try:

@@ -12,10 +12,7 @@ from .base import Runtime
 RUNTIMES: dict[str, str] = {
     "pytorch": "engine.runtimes.pytorch:PyTorchRuntime",
     "openvino": "engine.runtimes.openvino:OpenVINORuntime",
-}
-# Runtimes the design plans but this build does not have yet: asking for them says so.
-PLANNED = {
-    "onediff": "the OneDiff runtime is not built into this version yet",
+    "onediff": "engine.runtimes.onediff:OneDiffRuntime",
 }
 CHOICES = ("auto", "pytorch", "openvino", "onediff")
 
@@ -26,8 +23,6 @@ def runtime_class(name: str) -> type[Runtime]:
 
 
 def unavailable_reason(name: str, hardware: HardwareReport) -> str | None:
-    if name in PLANNED and name not in RUNTIMES:
-        return PLANNED[name]
     if name not in RUNTIMES:
         return f"unknown runtime {name!r}"
     try:
@@ -52,7 +47,7 @@ def _preference(hardware: HardwareReport) -> list[tuple[str, str]]:
     """Candidates in order, each with the reason it would be chosen."""
     if hardware.has_cuda:
         gpu = hardware.cuda_devices[0].name
-        return [("onediff", f"CUDA GPU ({gpu}) and OneDiff imports"),
+        return [("onediff", f"CUDA GPU ({gpu}) and OneDiff with a working backend: compiled UNet and VAE"),
                 ("pytorch", f"CUDA GPU ({gpu}): PyTorch with fp16 and SDPA attention")]
     order = []
     # OpenVINO's CPU plugin also runs on AMD (AVX2); its static-shape graphs beat eager PyTorch there too.

@@ -10,6 +10,12 @@ from ..hardware import HardwareReport
 from ..options import Optimizations
 
 
+# Options that act inside one runtime's own preparation of the model.
+PYTORCH_ONLY = ("channels_last", "attention", "attention_slicing", "torch_compile", "token_merging_ratio",
+                "deepcache_interval")
+OPENVINO_ONLY = ("int8_weights", "compiled_blob_cache")
+
+
 @dataclass
 class WarmupResult:
     width: int
@@ -53,6 +59,13 @@ class Runtime(ABC):
     @abstractmethod
     def prepare(self, model) -> None:
         """Make `model.pipe` ready for this runtime (device, dtype, attention, compile)."""
+
+    @classmethod
+    def option_reasons(cls, hardware: HardwareReport) -> dict[str, str]:
+        """Optimizations this runtime cannot apply here -> one line saying why (the UI greys them out)."""
+        reasons = {name: "needs the PyTorch runtime" for name in PYTORCH_ONLY}
+        reasons.update({name: "needs the OpenVINO runtime" for name in OPENVINO_ONLY})
+        return reasons
 
     def cached_components(self, identity: str) -> set[str]:
         """Pipeline components this runtime can supply from its own cache (their weights need not load)."""

@@ -30,7 +30,7 @@ import torch
 
 from ..errors import RuntimeUnavailable
 from ..hardware import HardwareReport
-from .base import Runtime, WarmupResult
+from .base import PYTORCH_ONLY, Runtime, WarmupResult
 
 log = logging.getLogger(__name__)
 
@@ -331,6 +331,11 @@ class OpenVINORuntime(Runtime):
         if "CPU" not in hardware.openvino_devices:
             return "OpenVINO finds no CPU device"
         return None
+
+    @classmethod
+    def option_reasons(cls, hardware: HardwareReport) -> dict[str, str]:
+        why = "needs the PyTorch runtime (OpenVINO runs the UNet as one compiled graph)"
+        return {name: why for name in PYTORCH_ONLY}
 
     def __init__(self, hardware, optimizations, cache_dir: Path | None = None, max_shapes: int = 4):
         super().__init__(hardware, optimizations, cache_dir)

@@ -1,13 +1,30 @@
-"""PyTorch runtime: eager diffusers on CUDA (fp16, SDPA), MPS, or CPU (bf16 autocast where the CPU has it)."""
+"""PyTorch runtime: eager diffusers on CUDA (fp16, SDPA/xformers), MPS, or CPU (bf16 autocast where the CPU
+has it), plus the PyTorch-side optimizations: channels_last, attention slicing, token merging, DeepCache and
+torch.compile."""
 from __future__ import annotations
 
 import contextlib
+import importlib.util
+import os
+import shutil
 
 import torch
 
 from ..errors import RuntimeUnavailable
 from ..hardware import HardwareReport
-from .base import Runtime
+from .base import OPENVINO_ONLY, Runtime
+
+
+def _imports(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
+
+
+def cpp_compiler() -> str | None:
+    """The C++ compiler torch.compile's CPU backend would use, if there is one."""
+    for name in filter(None, (os.environ.get("CXX"), "g++", "c++", "clang++")):
+        if shutil.which(name):
+            return name
+    return None
 
 
 class PyTorchRuntime(Runtime):
@@ -16,6 +33,19 @@ class PyTorchRuntime(Runtime):
     @classmethod
     def available(cls, hardware: HardwareReport) -> str | None:
         return None  # runs anywhere torch imports
+
+    @classmethod
+    def option_reasons(cls, hardware: HardwareReport) -> dict[str, str]:
+        reasons = {name: "needs the OpenVINO runtime" for name in OPENVINO_ONLY}
+        if not hardware.has_cuda:
+            reasons["attention"] = "xformers needs CUDA; SDPA is used"
+        elif not _imports("xformers"):
+            reasons["attention"] = "xformers does not import (pip install -r requirements-cuda.txt); SDPA is used"
+        if not _imports("tomesd"):
+            reasons["token_merging_ratio"] = "needs tomesd (pip install tomesd)"
+        if not hardware.has_cuda and not hardware.mps_available and cpp_compiler() is None:
+            reasons["torch_compile"] = "needs a C++ compiler (g++) for the CPU backend"
+        return reasons
 
     def __init__(self, hardware, optimizations, cache_dir=None):
         super().__init__(hardware, optimizations, cache_dir)
@@ -28,6 +58,7 @@ class PyTorchRuntime(Runtime):
         else:
             self._device = "cpu"
         self._precision = self._choose_precision(optimizations.precision)
+        self.applied: list[str] = []  # what prepare() did, for the Engine tab
 
     def _choose_precision(self, wish: str) -> str:
         if wish == "auto":
@@ -58,15 +89,42 @@ class PyTorchRuntime(Runtime):
 
     def prepare(self, model) -> None:
         pipe = model.pipe
+        opts = self.optimizations
         pipe.to(self._device)
         if self.weight_dtype != torch.float32:
             pipe.to(dtype=self.weight_dtype)
         if self.weight_dtype == torch.float16 and getattr(pipe.vae.config, "force_upcast", False):
             pipe.vae.to(torch.float32)  # SDXL's VAE overflows in fp16
-        # diffusers uses torch SDPA (AttnProcessor2_0) by default; make it explicit.
-        from diffusers.models.attention_processor import AttnProcessor2_0
+        self.applied = []
+        if opts.attention == "xformers":
+            pipe.enable_xformers_memory_efficient_attention()
+            self.applied.append("xformers attention")
+        else:
+            # diffusers uses torch SDPA (AttnProcessor2_0) by default; make it explicit.
+            from diffusers.models.attention_processor import AttnProcessor2_0
 
-        pipe.unet.set_attn_processor(AttnProcessor2_0())
+            pipe.unet.set_attn_processor(AttnProcessor2_0())
+        if opts.attention_slicing:
+            pipe.enable_attention_slicing()  # attention in slices: less peak memory, a little slower
+            self.applied.append("attention slicing")
+        if opts.channels_last:
+            pipe.unet.to(memory_format=torch.channels_last)
+            pipe.vae.to(memory_format=torch.channels_last)
+            self.applied.append("channels_last")
+        if opts.token_merging_ratio > 0:
+            import tomesd
+
+            tomesd.apply_patch(pipe, ratio=opts.token_merging_ratio)
+            self.applied.append(f"token merging {opts.token_merging_ratio:g}")
+        if opts.deepcache:
+            from .deepcache import DeepCache
+
+            DeepCache(pipe.unet, opts.deepcache_interval).install()
+            self.applied.append(f"DeepCache every {opts.deepcache_interval}")
+        if opts.torch_compile:
+            mode = "reduce-overhead" if self._device == "cuda" else None  # CUDA graphs on CUDA
+            pipe.unet = torch.compile(pipe.unet, mode=mode)
+            self.applied.append("torch.compile" + (" (reduce-overhead)" if mode else ""))
 
     def inference_context(self):
         stack = contextlib.ExitStack()

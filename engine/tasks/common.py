@@ -18,10 +18,17 @@ VAE_TILE_OVERLAP = 8
 
 @dataclass
 class StopFlag:
-    """Per-job control: Engine.stop() sets `requested`; `on_latents` sees the latents after each step."""
+    """Per-job control: Engine.stop() sets `requested`; `on_latents` sees the latents after each step.
+
+    With `early_stop_threshold` > 0 denoising ends once the latents change by less than that
+    (relative L2) in one step; `early_stop` then says where.
+    """
 
     requested: bool = False
     on_latents: Callable[[int, int, torch.Tensor], None] | None = None
+    early_stop_threshold: float = 0.0
+    early_stop: dict | None = None
+    previous_latents: torch.Tensor | None = None
 
 
 @dataclass
@@ -52,10 +59,21 @@ def encode_prompt(model, prompt: str, negative_prompt: str, batch_size: int, gui
 
 
 def encode_request_prompt(model, runtime, request, timer, batch_size: int | None = None) -> PromptEmbeddings:
-    """The request's prompt pair, encoded under the "text_encoding" stage."""
+    """The request's prompt pair, encoded under the "text_encoding" stage (through the prompt cache when on)."""
+    batch = batch_size or request.batch_size
     with timer.stage("text_encoding"):
-        return encode_prompt(model, request.prompt, request.negative_prompt, batch_size or request.batch_size,
-                             request.guidance, runtime.device)
+        cache = model.prompt_cache if model.options.prompt_cache else None
+        if cache is None:
+            return encode_prompt(model, request.prompt, request.negative_prompt, batch, request.guidance,
+                                 runtime.device)
+        key = cache.key(model.identity or model.name, request.prompt, request.negative_prompt, None,
+                        request.guidance > 1.0)
+        kwargs = cache.get(key)
+        if kwargs is None:
+            kwargs = encode_prompt(model, request.prompt, request.negative_prompt, 1, request.guidance,
+                                   runtime.device).kwargs
+            cache.put(key, kwargs)
+        return PromptEmbeddings(cache.expand(kwargs, batch))
 
 
 def step_callback(total: int, progress: ProgressFn | None, stop: StopFlag, counter: list[int], offset: int = 0,
@@ -68,11 +86,25 @@ def step_callback(total: int, progress: ProgressFn | None, stop: StopFlag, count
             progress(offset + step_index + 1, grand_total or total)
         if stop.on_latents is not None and "latents" in callback_kwargs:
             stop.on_latents(offset + step_index + 1, grand_total or total, callback_kwargs["latents"])
+        # Early stop is only considered in the second half: at high noise the picture is not formed yet.
+        if (stop.early_stop_threshold > 0 and "latents" in callback_kwargs and total / 2 <= step_index + 1 < total):
+            _check_early_stop(pipe, stop, callback_kwargs["latents"], offset + step_index + 1, grand_total or total)
         if stop.requested:
             pipe._interrupt = True
         return callback_kwargs
 
     return callback
+
+
+def _check_early_stop(pipe, stop: StopFlag, latents: torch.Tensor, step: int, total: int) -> None:
+    previous = stop.previous_latents
+    stop.previous_latents = latents.detach().float().clone()
+    if previous is None or previous.shape != latents.shape:
+        return
+    change = float((stop.previous_latents - previous).norm() / previous.norm().clamp_min(1e-8))
+    if change < stop.early_stop_threshold:
+        stop.early_stop = {"step": step, "of": total, "change": change}
+        pipe._interrupt = True
 
 
 def generators(seed: int, count: int, device: str) -> list[torch.Generator]:
@@ -100,6 +132,7 @@ def denoise(model, pipe, runtime, embeds: PromptEmbeddings, *, sampler: str, ste
             grand_total: int | None = None) -> tuple[torch.Tensor, int]:
     """Run the diffusers loop to latents; with image_latents it is img2img from those latents."""
     pipe.scheduler = make_scheduler(sampler, model.scheduler_config)
+    stop.previous_latents = None
     done = [0]
     expected = steps if image_latents is None else steps_for_strength(steps, strength)
     kwargs = dict(
@@ -130,13 +163,28 @@ def _vae_decode(vae, latents: torch.Tensor) -> torch.Tensor:
     return vae.decode(scaled, return_dict=False)[0].float()
 
 
+def tiny_decode(taesd, latents: torch.Tensor) -> torch.Tensor:
+    """Decode with a tiny autoencoder (TAESD): it reads the UNet's latents directly; output in [-1, 1]."""
+    latents = latents.to(device=taesd.device, dtype=taesd.dtype)
+    return taesd.decode(latents / taesd.config.scaling_factor, return_dict=False)[0].float()
+
+
 def decode_latents(model, latents: torch.Tensor, tiled: bool = False) -> list[Image.Image]:
-    """Latents -> PIL images with the model's VAE; tiled decodes 512 px tiles and feather-blends them."""
+    """Latents -> PIL images with the model's VAE (or its tiny autoencoder when that option is on).
+
+    Tiled (asked by the request or the vae_tiling option) decodes 512 px tiles and feather-blends them;
+    VAE slicing decodes one image at a time, since the decoder's activations dwarf the latents.
+    """
     pipe = model.pipe
     vae = pipe.vae
+    options = model.options
+    if options.tiny_vae and model.taesd is not None:
+        return pipe.image_processor.postprocess(tiny_decode(model.taesd, latents), output_type="pil")
+    tiled = tiled or options.vae_tiling
     lat_h, lat_w = latents.shape[-2:]
     if not tiled or (lat_h <= VAE_TILE_LATENT and lat_w <= VAE_TILE_LATENT):
-        # One image at a time: the decoder's activations dwarf the latents, so a batch would multiply them.
+        if not options.vae_slicing:
+            return pipe.image_processor.postprocess(_vae_decode(vae, latents), output_type="pil")
         return [pipe.image_processor.postprocess(_vae_decode(vae, one[None]), output_type="pil")[0]
                 for one in latents]
     f = model.vae_scale_factor
