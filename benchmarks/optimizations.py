@@ -178,12 +178,21 @@ def main(argv=None) -> int:
         for name in names:
             runtime, options, over, how = OPTIMIZATIONS[name]
             if runtime not in out["baselines"]:
-                bench.configure(runtime, {})
-                row, image = bench.run(bench.request())
+                try:
+                    bench.configure(runtime, {})
+                    row, image = bench.run(bench.request())
+                except Exception as e:  # this runtime's rows are skipped, the rest still run
+                    out["baselines"][runtime] = {"runtime": runtime, "skipped": f"{type(e).__name__}: {e}"[:300]}
+                    log(f"baseline {runtime}: failed: {e}")
+                    save()
+                    continue
                 out["baselines"][runtime] = {"runtime": runtime, **row, "speedup": 1.0, "psnr_db": None}
                 baseline_images[runtime] = image
                 log(f"baseline {runtime}: {row['end_to_end_s']:.2f} s")
                 save()
+            if runtime not in baseline_images:
+                out["optimizations"][name] = {"runtime": runtime, "skipped": "its runtime's baseline failed"}
+                continue
             if name in skip:
                 out["optimizations"][name] = {"runtime": runtime, "skipped": "--skip"}
                 continue
@@ -223,21 +232,28 @@ def main(argv=None) -> int:
             d = preset.defaults
             request = bench.request(**{k: v for k, v in (("sampler", d.sampler), ("steps", d.steps),
                                                           ("guidance", d.guidance)) if v is not None})
-            row, image = bench.run(request)
+            try:
+                row, image = bench.run(request)
+            except Exception as e:
+                out["presets"][name] = {"runtime": runtime, "skipped": f"{type(e).__name__}: {e}"[:300]}
+                log(f"preset {name}: failed: {e}")
+                save()
+                continue
             images[name] = image
             row.update(runtime=runtime, options=opts, not_applied=bench.engine.not_applied,
                        request={k: request[k] for k in ("sampler", "steps", "guidance")})
             out["presets"][name] = row
             log(f"preset {name}: {row['end_to_end_s']:.2f} s ({bench.engine.not_applied or 'all applied'})")
             save()
-        ref = out["presets"]["quality"]
+        ref = out["presets"].get("quality", {})
         for name, row in out["presets"].items():
-            row["speedup"] = ref["end_to_end_s"] / row["end_to_end_s"]
-            row["psnr_db"] = psnr_db(images[name], images["quality"])
+            if name in images and "quality" in images:
+                row["speedup"] = ref["end_to_end_s"] / row["end_to_end_s"]
+                row["psnr_db"] = psnr_db(images[name], images["quality"])
         save()
 
     rows = [(f"{name} ({r['runtime']})", r["speedup"]) for name, r in out["optimizations"].items() if "speedup" in r]
-    rows += [(f"preset {name}", r["speedup"]) for name, r in out["presets"].items()]
+    rows += [(f"preset {name}", r["speedup"]) for name, r in out["presets"].items() if "speedup" in r]
     if rows:
         chart(rows, args.json.with_suffix(".png"),
               f"Speed-up, builtin:sd15 {args.size}x{args.size} (optimizations vs their runtime's baseline; "

@@ -94,7 +94,8 @@ class Engine:
             self.hardware, self.effective_options(self.optimizations, self.choice.cls)[0], self.cache_dir)
         self.result_cache = LRU(32)
         self.model: LoadedModel | None = None
-        self._lock = threading.Lock()  # one job (or load) on the device at a time
+        # One job (or load) on the device at a time; re-entrant so a runtime switch holds it across its reload.
+        self._lock = threading.RLock()
         self._stop = StopFlag()
         self.outputs_dir = Path(outputs_dir) if outputs_dir else None  # None: do not save
         if self.outputs_dir is not None and self.outputs_dir.is_dir():
@@ -154,6 +155,8 @@ class Engine:
                 model = self._fall_back_to_pytorch(source, e, allow_any_path, config_dir)
             model.options = self.effective_options(self.optimizations)[0]
             model.taesd = self._checked_taesd(model)
+            if model.taesd is not None:
+                model.taesd.to(self.runtime.device)
             old, self.model = self.model, model
             self._config_dir = config_dir  # a runtime switch reloads the same way
             del old
@@ -180,18 +183,17 @@ class Engine:
         choice = runtimes.pick(self.hardware, wish)
         opts = optimizations or self.optimizations
         runtime = choice.cls(self.hardware, self.effective_options(opts, choice.cls)[0], self.cache_dir)
-        source = self.model.source.text if self.model else None
-        with self._lock:
+        with self._lock:  # no job may run between the swap and the reload
+            source = self.model.source.text if self.model else None
             previous = (self.choice, self.runtime, self.optimizations, self.runtime_wish)
             self.choice, self.runtime, self.optimizations, self.runtime_wish = choice, runtime, opts, wish
-        if source:
-            try:
-                self.load(source, config_dir=self._config_dir)
-            except Exception:
-                # The old model is still loaded, prepared for the old runtime: keep them together.
-                with self._lock:
+            if source:
+                try:
+                    self.load(source, config_dir=self._config_dir)
+                except Exception:
+                    # The old model is still loaded, prepared for the old runtime: keep them together.
                     self.choice, self.runtime, self.optimizations, self.runtime_wish = previous
-                raise
+                    raise
         return choice
 
     def _checked_taesd(self, model: LoadedModel):
@@ -255,6 +257,8 @@ class Engine:
         images (their hash) for the result cache.
         """
         with self._lock:
+            if model is not self.model:
+                raise UserError("The model or runtime changed while this job waited; run it again.")
             options = model.options
             cache_key = None
             if options.result_cache:
@@ -264,8 +268,8 @@ class Engine:
                 hit = self.result_cache.get(cache_key)
                 if hit is not None:
                     return self._cached_result(hit, notices)
-            self._stop = StopFlag(on_latents=self._on_latents if self.preview_every else None,
-                                  early_stop_threshold=options.early_stop_threshold)
+            stop = self._stop = StopFlag(on_latents=self._on_latents if self.preview_every else None,
+                                         early_stop_threshold=options.early_stop_threshold)
             self.live = LiveStatus(task=task, started=time.perf_counter(), running=True)
             timer = StageTimer()
             compiles_before = len(self.runtime.compile_events)
@@ -287,10 +291,11 @@ class Engine:
                 self.live.running = False
             total_s = timer.elapsed_s()
             shape_cache = self._shape_cache(compiles_before)
-        if self._stop.requested and steps_done < planned:
+        stopped_by_user = stop.requested and steps_done < planned
+        if stopped_by_user:
             notices.append(f"Stopped after {steps_done} of {planned} steps.")
         details = dict(details)
-        early = self._stop.early_stop
+        early = stop.early_stop
         if early is not None:
             details["early_stop_step"] = early["step"]
             notices.append(f"Early stop at step {early['step']} of {early['of']}: the latents changed by "
@@ -343,7 +348,7 @@ class Engine:
             "total_s": round(readout.total_s, 2), "it_per_s": round(readout.it_per_s, 2),
             "peak_ram_gib": round(readout.peak_rss_bytes / 2**30, 2), "shape": readout.shape_cache,
         })
-        if cache_key is not None:
+        if cache_key is not None and images and not stopped_by_user:  # never cache a stopped job
             self.result_cache.put(cache_key, {"result": result, "images": [im.copy() for im in images],
                                               "time": time.strftime("%H:%M:%S")})
         return result

@@ -21,7 +21,8 @@ SAMPLERS: dict[str, tuple[type, dict]] = {
     "DPM++ 2M Karras": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++", "solver_order": 2,
                                                       "use_karras_sigmas": True}),
     "UniPC": (UniPCMultistepScheduler, {}),
-    "DDIM": (DDIMScheduler, {}),
+    # SD latents are not in [-1, 1]: DDIM's default clip_sample=True would clip them (real SD configs say False).
+    "DDIM": (DDIMScheduler, {"clip_sample": False, "set_alpha_to_one": False}),
     "LCM": (LCMScheduler, {}),
 }
 

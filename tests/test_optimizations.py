@@ -217,9 +217,10 @@ def test_openvino_disables_pytorch_only_boxes_with_a_reason():
 
 
 def test_pytorch_disables_openvino_only_and_cuda_only_boxes():
-    reasons = runtimes.runtime_class("pytorch").option_reasons(hardware.detect())
+    cpu_only = replace(hardware.detect(), cuda_devices=())
+    reasons = runtimes.runtime_class("pytorch").option_reasons(cpu_only)
     assert reasons["int8_weights"] == "needs the OpenVINO runtime"
-    assert "CUDA" in reasons["attention"]
+    assert "needs CUDA" in reasons["attention"]
 
 
 # ---------------------------------------------------------------- presets
@@ -308,3 +309,17 @@ def test_onediff_on_a_gpu_generates():  # pragma: no cover - runs only where a G
     engine = Engine(runtime="onediff")
     engine.load("builtin:tiny")
     assert engine.txt2img({**REQ, "steps": 4}).images[0].size == (128, 128)
+
+
+def test_deepcache_starts_fresh_after_an_early_stopped_job():
+    from PIL import Image
+
+    image = Image.new("RGB", (128, 128), (200, 40, 40))
+    request = {**REQ, "steps": 10, "strength": 0.3}
+    engine = engine_with(Optimizations(deepcache_interval=3, early_stop_threshold=0.2))
+    stopped = engine.txt2img({**REQ, "steps": 12})
+    assert stopped.readout.steps < 12
+    engine.set_optimizations(Optimizations(deepcache_interval=3))  # same runtime options: no re-prepare
+    after = engine.img2img(request, image)
+    fresh = engine_with(Optimizations(deepcache_interval=3)).img2img(request, image)
+    assert np.array_equal(pixels(after), pixels(fresh))

@@ -27,3 +27,10 @@ def test_karras_differs_from_plain():
 def test_unknown_sampler():
     with pytest.raises(UserError, match="Unknown sampler"):
         canonical_sampler("nope")
+
+
+def test_ddim_does_not_clip_sd_latents():
+    from engine.models import SD_SCHEDULER_CONFIG
+    from engine.schedulers import make_scheduler
+
+    assert make_scheduler("DDIM", SD_SCHEDULER_CONFIG).config.clip_sample is False

@@ -113,7 +113,7 @@ def option_component(name: str, value: Any, reason: str | None):
     if name == "deepcache_interval":
         return gr.Slider(0, 10, value=value, step=1, **common)
     if name == "early_stop_threshold":
-        return gr.Slider(0, 0.1, value=value, step=0.0025, **common)
+        return gr.Slider(0, 0.5, value=value, step=0.0025, **common)
     return gr.Checkbox(value=value, **common)
 
 
@@ -348,13 +348,17 @@ def build_ui(engine: Engine, defaults: dict[str, Any] | None = None, presets_dir
 
         # ---------------------------------------------------------- handlers
 
-        def run_txt2img(prompt_v, negative_v, width_v, height_v, count_v, *common, progress=gr.Progress()):
+        # Every input is a named positional parameter: Gradio only hooks up a Progress that follows those.
+        def run_txt2img(prompt_v, negative_v, width_v, height_v, count_v, steps_v, guidance_v, sampler_v, seed_v,
+                        batch_v, progress=gr.Progress()):
+            common = (steps_v, guidance_v, sampler_v, seed_v, batch_v)
             request = {"prompt": prompt_v or "", "negative_prompt": negative_v or "", "width": width_v,
                        "height": height_v, "batch_count": count_v, **common_request(*common)}
             yield from stream_job(engine, lambda: engine.txt2img(request), progress)
 
-        def run_img2img(image, prompt_v, negative_v, strength_v, mode_v, width_v, height_v, tiling_v, *common,
-                        progress=gr.Progress()):
+        def run_img2img(image, prompt_v, negative_v, strength_v, mode_v, width_v, height_v, tiling_v, steps_v,
+                        guidance_v, sampler_v, seed_v, batch_v, progress=gr.Progress()):
+            common = (steps_v, guidance_v, sampler_v, seed_v, batch_v)
             request = {"prompt": prompt_v or "", "negative_prompt": negative_v or "", "strength": strength_v,
                        "resize_mode": mode_v, "width": int(width_v) if width_v else None,
                        "height": int(height_v) if height_v else None, "vae_tiling": bool(tiling_v),
@@ -362,15 +366,17 @@ def build_ui(engine: Engine, defaults: dict[str, Any] | None = None, presets_dir
             yield from stream_job(engine, lambda: engine.img2img(request, image), progress)
 
         def run_hires(prompt_v, negative_v, width_v, height_v, factor_v, upscaler_v, strength_v, hsteps_v, tiling_v,
-                      *common, progress=gr.Progress()):
+                      steps_v, guidance_v, sampler_v, seed_v, batch_v, progress=gr.Progress()):
+            common = (steps_v, guidance_v, sampler_v, seed_v, batch_v)
             request = {"prompt": prompt_v or "", "negative_prompt": negative_v or "", "width": width_v,
                        "height": height_v, "factor": factor_v, "upscaler": upscaler_v, "hires_strength": strength_v,
                        "hires_steps": hsteps_v, "vae_tiling": bool(tiling_v), **common_request(*common)}
             yield from stream_job(engine, lambda: engine.hires_fix(request), progress,
                                   shown=lambda r: (r.extra_images["base"] + r.images, r.seeds * 2))
 
-        def run_upscale(image, prompt_v, negative_v, factor_v, strength_v, tile_v, overlap_v, *common,
-                        progress=gr.Progress()):
+        def run_upscale(image, prompt_v, negative_v, factor_v, strength_v, tile_v, overlap_v, steps_v, guidance_v,
+                        sampler_v, seed_v, batch_v, progress=gr.Progress()):
+            common = (steps_v, guidance_v, sampler_v, seed_v, batch_v)
             request = {"prompt": prompt_v or "", "negative_prompt": negative_v or "", "factor": factor_v,
                        "strength": strength_v, "tile_size": tile_v, "tile_overlap": overlap_v,
                        **common_request(*common)}
@@ -440,8 +446,7 @@ def build_ui(engine: Engine, defaults: dict[str, Any] | None = None, presets_dir
             except Exception as e:
                 raise gr.Error(f"Invalid options: {e}") from None
 
-        def apply_opts(*values, progress=gr.Progress()):
-            progress(0, desc="Applying (options the runtime owns re-prepare the model)")
+        def apply_opts(*values):  # options the runtime owns re-prepare the model (seconds on a big one)
             try:
                 engine.set_optimizations(options_from(values))
             except Exception as e:

@@ -22,6 +22,7 @@ class DeepCache:
         self._cached: torch.Tensor | None = None
         self._since_full = 0
         self._last_t: float | None = None
+        self._shape: tuple | None = None
 
     def install(self) -> "DeepCache":
         self.unet.forward = self.forward  # instance attribute: nn.Module.__call__ runs it
@@ -30,6 +31,10 @@ class DeepCache:
 
     def reset_counts(self) -> None:
         self.full_calls = self.shallow_calls = 0
+
+    def reset(self) -> None:
+        """Forget the kept features: the next call is a full one (called at the start of every denoise)."""
+        self._cached, self._since_full, self._last_t = None, 0, None
 
     def _block(self, block, h, emb, ehs, attention_mask, cross_attention_kwargs, **extra):
         if getattr(block, "has_cross_attention", False):
@@ -42,7 +47,8 @@ class DeepCache:
         unet = self.unet
         t = float(timestep.flatten()[0]) if torch.is_tensor(timestep) else float(timestep)
         new_run = (self._last_t is None or t >= self._last_t or self._cached is None
-                   or self._cached.shape[0] != sample.shape[0])
+                   or self._shape != tuple(sample.shape))
+        self._shape = tuple(sample.shape)
         self._last_t = t
         full = new_run or self._since_full >= self.interval - 1
         self._since_full = 0 if full else self._since_full + 1
@@ -82,7 +88,7 @@ class DeepCache:
                 extra = {"upsample_size": pending[-1].shape[2:] if odd_size else None}
                 h = self._block(block, h, emb, ehs, attention_mask, cross_attention_kwargs,
                                 res_hidden_states_tuple=res, **extra)
-            self._cached = h
+            self._cached = h.clone()  # a compiled UNet (CUDA graphs) may reuse h's memory on its next call
             self.full_calls += 1
         else:
             h = self._cached

@@ -122,7 +122,8 @@ class PyTorchRuntime(Runtime):
             DeepCache(pipe.unet, opts.deepcache_interval).install()
             self.applied.append(f"DeepCache every {opts.deepcache_interval}")
         if opts.torch_compile:
-            mode = "reduce-overhead" if self._device == "cuda" else None  # CUDA graphs on CUDA
+            # CUDA graphs on CUDA, except with DeepCache, whose kept features outlive a graph replay.
+            mode = "reduce-overhead" if self._device == "cuda" and not opts.deepcache else None
             pipe.unet = torch.compile(pipe.unet, mode=mode)
             self.applied.append("torch.compile" + (" (reduce-overhead)" if mode else ""))
 

@@ -133,6 +133,9 @@ def denoise(model, pipe, runtime, embeds: PromptEmbeddings, *, sampler: str, ste
     """Run the diffusers loop to latents; with image_latents it is img2img from those latents."""
     pipe.scheduler = make_scheduler(sampler, model.scheduler_config)
     stop.previous_latents = None
+    deepcache = getattr(pipe.unet, "deepcache", None)
+    if deepcache is not None:
+        deepcache.reset()  # never reuse features of an earlier (perhaps stopped) run
     done = [0]
     expected = steps if image_latents is None else steps_for_strength(steps, strength)
     kwargs = dict(
