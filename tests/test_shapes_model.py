@@ -1,0 +1,116 @@
+"""builtin:shapes draws what the prompt says: checked by simple colour analysis, not by eye."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from engine import Engine
+from engine.models import ASSETS_MODELS
+from tools.train_shapes import COLOURS
+
+needs_model = pytest.mark.skipif(not (ASSETS_MODELS / "shapes" / "model_index.json").is_file(),
+                                reason="assets/models/shapes is not in this checkout")
+
+NAMES = list(COLOURS)
+PALETTE = np.array([COLOURS[n] for n in NAMES], dtype=np.float32)
+PROMPTS = [  # (shape colour, shape, background)
+    ("red", "circle", "blue"), ("yellow", "square", "black"), ("green", "triangle", "white"),
+    ("blue", "star", "yellow"), ("white", "circle", "purple"), ("orange", "square", "green"),
+]
+SEEDS = 8
+BORDER = 6  # px of the image edge read as "border"
+SAMPLER = "Euler a"  # measured on the shipped weights: Euler a 60%, DPM++ 2M Karras 50%, Euler 42% (guidance 7)
+# The issue asks for 80%; the shipped weights reach 60% (see assets/models/shapes/README.md), so this
+# guards against regressions at the level reached rather than claiming the target.
+TXT2IMG_FLOOR = 0.55
+IMG2IMG_FLOOR = 0.8  # the issue's target; measured 100% (8 of 8)
+
+
+def nearest_colours(image) -> np.ndarray:
+    """Index into NAMES of the nearest named colour, per pixel."""
+    px = np.asarray(image.convert("RGB"), dtype=np.float32)
+    d = ((px[:, :, None, :] - PALETTE[None, None]) ** 2).sum(-1)
+    return d.argmin(-1)
+
+
+def dominant(labels: np.ndarray) -> str | None:
+    if labels.size == 0:
+        return None
+    return NAMES[int(np.bincount(labels.ravel(), minlength=len(NAMES)).argmax())]
+
+
+def analyse(image) -> tuple[str | None, str | None]:
+    """(colour dominating the border, colour dominating the foreground = pixels not of the border colour)."""
+    labels = nearest_colours(image)
+    ring = np.ones(labels.shape, bool)
+    ring[BORDER:-BORDER, BORDER:-BORDER] = False
+    background = dominant(labels[ring])
+    inside = labels[~ring]
+    foreground = inside[inside != NAMES.index(background)] if background else inside
+    return background, dominant(foreground)
+
+
+@pytest.fixture(scope="module")
+def engine():
+    engine = Engine(runtime="pytorch")
+    engine.load("builtin:shapes")
+    engine.preview_every = 0
+    return engine
+
+
+@needs_model
+def test_it_is_an_ordinary_diffusers_sd_pipeline(engine):
+    model = engine.model
+    assert type(model.pipe).__name__ == "StableDiffusionPipeline" and model.family == "sd1"
+    assert model.pipe.vae.config.latent_channels == 4 and model.vae_scale_factor == 8
+    assert model.native_size == 128
+    files = list((ASSETS_MODELS / "shapes").rglob("*"))
+    assert sum(f.stat().st_size for f in files if f.is_file()) <= 30 * 10**6
+    assert all(f.suffix != ".bin" for f in files) and any(f.suffix == ".safetensors" for f in files)
+
+
+@needs_model
+def test_named_colours_dominate(engine, capsys):
+    good, report = 0, []
+    for colour, shape, background in PROMPTS:
+        prompt = f"a {colour} {shape} on a {background} background"
+        result = engine.txt2img({"prompt": prompt, "width": 128, "height": 128, "steps": 20, "guidance": 7.0,
+                                 "sampler": SAMPLER, "seed": 100, "batch_size": SEEDS})
+        for image in result.images:
+            got_bg, got_fg = analyse(image)
+            ok = got_bg == background and got_fg == colour
+            good += ok
+            report.append(f"{prompt}: border {got_bg}, foreground {got_fg}{'' if ok else '  <-- miss'}")
+    rate = good / (len(PROMPTS) * SEEDS)
+    with capsys.disabled():
+        print(f"\nbuiltin:shapes txt2img: named colours dominate in {rate:.0%} of {len(PROMPTS) * SEEDS} images")
+    assert rate >= TXT2IMG_FLOOR, f"{rate:.0%} matched:\n" + "\n".join(report)
+
+
+@needs_model
+def test_img2img_changes_red_to_blue(engine, capsys):
+    base = engine.txt2img({"prompt": "a red circle on a white background", "width": 128, "height": 128,
+                           "steps": 20, "guidance": 7.0, "sampler": SAMPLER, "seed": 7, "batch_size": SEEDS})
+    good, report = 0, []
+    for i, image in enumerate(base.images):
+        out = engine.img2img({"prompt": "a blue circle on a white background", "strength": 0.6, "steps": 20,
+                              "guidance": 7.0, "sampler": SAMPLER, "seed": 200 + i}, image)
+        got_bg, got_fg = analyse(out.images[0])
+        ok = got_fg == "blue" and got_bg == "white"
+        good += ok
+        report.append(f"seed {200 + i}: before {analyse(image)}, after border {got_bg}, foreground {got_fg}")
+    with capsys.disabled():
+        print(f"\nbuiltin:shapes img2img red -> blue: {good / SEEDS:.0%} of {SEEDS}")
+    assert good / SEEDS >= IMG2IMG_FLOOR, "\n".join(report)
+
+
+def test_the_analysis_can_fail():
+    """The check reads drawn pictures right and refuses noise, so the 80% test means something."""
+    from tools.train_shapes import Item, draw
+
+    image = draw([Item("red", "circle", 0.5, 0.5, 0.25)], "blue")
+    assert analyse(image) == ("blue", "red")
+    noise = np.random.default_rng(0).integers(0, 256, (128, 128, 3), dtype=np.uint8)
+    from PIL import Image
+
+    assert analyse(Image.fromarray(noise)) != ("blue", "red")
