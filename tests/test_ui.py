@@ -155,7 +155,8 @@ def test_engine_tab_reports_and_switches_runtime(client):
 
 def option_values(client, preset):
     about, *rest = client.predict(preset, api_name="/preset")
-    return about, rest[:-3], rest[-3:]
+    boxes = [v["value"] if isinstance(v, dict) and "value" in v else v for v in rest[:-3]]  # gr.update dicts
+    return about, boxes, rest[-3:]
 
 
 def test_preset_dropdown_sets_boxes_and_sampler(client):
