@@ -133,6 +133,8 @@ def main(argv: list[str] | None = None) -> int:
     from ui.app_ui import launch_kwargs
 
     defaults.setdefault("prompt", EXAMPLE_PROMPT)
+    if model.name == "builtin:shapes":
+        defaults.setdefault("sampler", "Euler a")  # its best sampler (tests/test_shapes_model.py)
     defaults.setdefault("width", model.native_size)
     defaults.setdefault("height", model.native_size)
     demo = build_ui(engine, defaults, presets_dir=presets_dir)

@@ -15,7 +15,8 @@ def test_generate_in_a_real_browser(tmp_path):
     from playwright.sync_api import sync_playwright
 
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    with running_app("--model", "builtin:tiny", "--outputs-dir", str(tmp_path)) as (url, _proc):
+    # The default model (builtin:shapes) and its pre-filled prompt: what `make run` shows.
+    with running_app("--outputs-dir", str(tmp_path)) as (url, _proc):
         with sync_playwright() as p:
             browser = p.chromium.launch(executable_path=CHROMIUM, args=[
                 "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -23,7 +24,8 @@ def test_generate_in_a_real_browser(tmp_path):
             try:
                 page = browser.new_page(viewport={"width": 1400, "height": 1000})
                 page.goto(url)
-                page.get_by_label("Prompt", exact=True).first.fill("a red circle on a blue background")
+                prompt = page.get_by_label("Prompt", exact=True).first
+                assert prompt.input_value() == "a red circle on a blue background"
                 page.get_by_role("button", name="Generate").first.click()
                 page.wait_for_selector("#readout table", timeout=120_000)
                 page.wait_for_function(
@@ -33,6 +35,10 @@ def test_generate_in_a_real_browser(tmp_path):
                 assert " s" in text and "GiB" in text and "Total" in text
                 assert page.locator("img").count() >= 1
                 page.screenshot(path=str(ARTIFACTS / "browser-txt2img.png"), full_page=True)
+                page.get_by_role("tab", name="Optimizations").click()
+                page.wait_for_selector("#opt-deepcache_interval", timeout=30_000)
+                assert "Unavailable:" in page.inner_text("body")  # greyed boxes say why
+                page.screenshot(path=str(ARTIFACTS / "browser-optimizations.png"), full_page=True)
             finally:
                 browser.close()
     assert (ARTIFACTS / "browser-txt2img.png").stat().st_size > 10_000

@@ -145,6 +145,12 @@ def test_tiny_autoencoder_replaces_the_vae_decode(taesd_dir, baseline):
     assert engine.live.preview is not None  # previews come from the tiny autoencoder too
 
 
+def test_tiny_autoencoder_on_openvino(taesd_dir):
+    engine = engine_with(Optimizations(tiny_vae=True), runtime="openvino", taesd=str(taesd_dir))
+    result = engine.txt2img({**REQ, "steps": 2})
+    assert result.readout.details["decoder"].startswith("tiny autoencoder") and result.images[0].size == (128, 128)
+
+
 def test_tiny_autoencoder_without_a_model_is_disabled_with_the_reason():
     engine = engine_with(Optimizations(tiny_vae=True))
     assert "--taesd" in engine.option_reasons()["tiny_vae"]

@@ -169,7 +169,8 @@ def _vae_decode(vae, latents: torch.Tensor) -> torch.Tensor:
 def tiny_decode(taesd, latents: torch.Tensor) -> torch.Tensor:
     """Decode with a tiny autoencoder (TAESD): it reads the UNet's latents directly; output in [-1, 1]."""
     latents = latents.to(device=taesd.device, dtype=taesd.dtype)
-    return taesd.decode(latents / taesd.config.scaling_factor, return_dict=False)[0].float()
+    with torch.no_grad():  # runtimes other than PyTorch do not run tasks under inference_mode
+        return taesd.decode(latents / taesd.config.scaling_factor, return_dict=False)[0].float()
 
 
 def decode_latents(model, latents: torch.Tensor, tiled: bool = False) -> list[Image.Image]:
