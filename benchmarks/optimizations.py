@@ -109,14 +109,17 @@ def chart(rows: list[tuple[str, float]], path: Path, title: str) -> None:
     image = Image.new("RGB", (width, height), "white")
     pen = ImageDraw.Draw(image)
     pen.text((10, 10), title, fill="black")
-    top = max([s for _, s in rows] + [1.0]) * 1.1
-    scale = (width - left - 80) / top
+    cap = 15.0  # a cache hit is thousands of times faster; cut its bar so the others stay readable
+    top = min(max([s for _, s in rows] + [1.0]), cap) * 1.1
+    scale = (width - left - 110) / top
     for i, (name, speedup) in enumerate(rows):
         y = 40 + i * bar_h
         pen.text((10, y + 6), name, fill="black")
         colour = (46, 125, 50) if speedup >= 1 else (198, 40, 40)
-        pen.rectangle([left, y + 3, left + max(1, speedup * scale), y + bar_h - 5], fill=colour)
-        pen.text((left + speedup * scale + 6, y + 6), f"{speedup:.2f}x", fill="black")
+        shown = min(speedup, cap)
+        pen.rectangle([left, y + 3, left + max(1, shown * scale), y + bar_h - 5], fill=colour)
+        label = f"{speedup:.2f}x" if speedup < 1000 else f"{speedup:.0f}x"
+        pen.text((left + shown * scale + 6, y + 6), label + (" (bar cut)" if speedup > cap else ""), fill="black")
     x1 = left + scale
     pen.line([x1, 35, x1, height - 25], fill=(90, 90, 90), width=1)
     pen.text((x1 - 10, height - 22), "1.0x", fill="black")
@@ -153,7 +156,12 @@ def main(argv=None) -> int:
     p.add_argument("--skip", default="", help="comma-separated names to skip (e.g. pytorch_torch_compile)")
     p.add_argument("--taesd", default="builtin:taesd")
     p.add_argument("--cache-dir", type=Path, default=None)
+    p.add_argument("--chart-only", action="store_true", help="redraw the chart and table from an existing --json")
     args = p.parse_args(argv)
+    if args.chart_only:
+        out = json.loads(args.json.read_text())
+        draw_outputs(out, args.json)
+        return 0
 
     from engine import runtimes
     from engine.options import load_preset
@@ -252,15 +260,20 @@ def main(argv=None) -> int:
                 row["psnr_db"] = psnr_db(images[name], images["quality"])
         save()
 
+    save()
+    draw_outputs(out, args.json)
+    print(markdown(out))
+    return 0
+
+
+def draw_outputs(out: dict, json_path: Path) -> None:
     rows = [(f"{name} ({r['runtime']})", r["speedup"]) for name, r in out["optimizations"].items() if "speedup" in r]
     rows += [(f"preset {name}", r["speedup"]) for name, r in out["presets"].items() if "speedup" in r]
     if rows:
-        chart(rows, args.json.with_suffix(".png"),
-              f"Speed-up, builtin:sd15 {args.size}x{args.size} (optimizations vs their runtime's baseline; "
+        chart(rows, json_path.with_suffix(".png"),
+              f"Speed-up, builtin:sd15 {out['size']}x{out['size']} (optimizations vs their runtime's baseline; "
               f"presets vs quality)")
-    save()
-    print(markdown(out))
-    return 0
+    json_path.with_suffix(".md").write_text(markdown(out))
 
 
 if __name__ == "__main__":
