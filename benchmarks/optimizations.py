@@ -68,10 +68,11 @@ class Bench:
         return {"prompt": PROMPT, "negative_prompt": "", "width": self.size, "height": self.size,
                 "steps": self.steps, "guidance": 7.0, "sampler": "DPM++ 2M Karras", "seed": 1, **over}
 
-    def configure(self, runtime: str, options: dict) -> None:
+    def configure(self, runtime: str, options: dict | None = None, preset=None) -> None:
+        """Options alone must all act (else the row is wrong); a preset's inapplicable ones drop, as in the app."""
         from engine.options import Optimizations
 
-        opts = Optimizations(**{**BASE_OPTIONS, **options})
+        opts = preset if preset is not None else Optimizations(**{**BASE_OPTIONS, **options})
         if runtime != self.runtime:
             self.engine.set_runtime(runtime, opts)
             self.runtime = runtime
@@ -81,7 +82,7 @@ class Bench:
         else:
             self.engine.set_optimizations(opts)
         not_applied = self.engine.not_applied
-        if not_applied:
+        if not_applied and preset is None:
             raise RuntimeError(f"{runtime} {options}: not applied here: {not_applied}")
 
     def run(self, request: dict, how: str = "plain") -> tuple[dict, object]:
@@ -228,15 +229,7 @@ def main(argv=None) -> int:
             preset = load_preset(name)
             runtime = runtimes.pick(bench.engine.hardware, "auto").name  # what the app would use here
             opts = preset.optimizations.model_dump()
-            # Options that cannot act with this runtime are dropped, as the app does; the row says which.
-            if runtime != bench.runtime:
-                bench.engine.set_runtime(runtime, preset.optimizations)
-                bench.runtime = runtime
-            else:
-                bench.engine.set_optimizations(preset.optimizations)
-            if not bench.loaded:
-                bench.engine.load("builtin:sd15")
-                bench.loaded = True
+            bench.configure(runtime, preset=preset.optimizations)  # the row says which options were dropped
             d = preset.defaults
             request = bench.request(**{k: v for k, v in (("sampler", d.sampler), ("steps", d.steps),
                                                           ("guidance", d.guidance)) if v is not None})

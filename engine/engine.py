@@ -86,7 +86,6 @@ class Engine:
         self.optimizations = optimizations or Optimizations()  # what the user asked for
         self.models_dir = Path(models_dir) if models_dir else None
         self.cache_dir = Path(cache_dir) if cache_dir else None
-        self.taesd_source = taesd
         self.taesd = load_tiny_autoencoder(taesd, models_dir=self.models_dir) if taesd else None
         self.runtime_wish = runtime
         self.choice = runtimes.pick(self.hardware, runtime)

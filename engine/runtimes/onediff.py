@@ -6,16 +6,10 @@ on to PyTorch with fp16 + SDPA.
 """
 from __future__ import annotations
 
-import importlib.util
-
 from ..hardware import HardwareReport
-from .pytorch import PyTorchRuntime
+from .pytorch import PyTorchRuntime, _imports
 
 BACKENDS = ("nexfort", "oneflow")  # preferred first
-
-
-def _imports(module: str) -> bool:
-    return importlib.util.find_spec(module) is not None
 
 
 def onediff_backend() -> str | None:
