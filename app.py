@@ -134,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
 
     defaults.setdefault("prompt", EXAMPLE_PROMPT)
     if model.name == "builtin:shapes":
-        defaults.setdefault("sampler", "Euler a")  # its best sampler (tests/test_shapes_model.py)
+        defaults.setdefault("sampler", "DPM++ 2M Karras")  # as tests/test_shapes_model.py measures it
     defaults.setdefault("width", model.native_size)
     defaults.setdefault("height", model.native_size)
     demo = build_ui(engine, defaults, presets_dir=presets_dir)

@@ -37,7 +37,7 @@ def main(argv=None) -> int:
     pen = ImageDraw.Draw(grid)
     for row, prompt in enumerate(PROMPTS):
         result = engine.txt2img({"prompt": prompt, "width": cell, "height": cell, "steps": args.steps,
-                                 "guidance": 7.0, "sampler": "Euler", "seed": 1, "batch_size": args.seeds})
+                                 "guidance": 7.0, "sampler": "DPM++ 2M Karras", "seed": 1, "batch_size": args.seeds})
         words, lines = prompt.split(), [""]
         for w in words:
             if len(lines[-1]) + len(w) > 40:
