@@ -69,6 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", default=None, choices=["auto", "fp32", "bf16", "fp16"],
                    help="overrides the preset's precision (auto: fp16 on CUDA, bf16 on CPUs with hardware bf16)")
     p.add_argument("--int8-weights", action="store_true", help="int8 weight compression (OpenVINO runtime)")
+    p.add_argument("--int8-convolutions", action="store_true",
+                   help="int8 weights plus int8 convolutions, calibrated once (OpenVINO runtime; least memory)")
     p.add_argument("--compiled-blob-cache", action="store_true",
                    help="keep OpenVINO compiled blobs on disk: ~2 s faster compiles, ~3 GiB more peak RAM (SD 1.5)")
     p.add_argument("--cache-dir", default=None,
@@ -110,6 +112,7 @@ def main(argv: list[str] | None = None) -> int:
             optimizations = preset.optimizations
             defaults = {**preset.defaults.model_dump(exclude_none=True), "preset": preset.name}
         overrides = {k: v for k, v in (("precision", args.precision), ("int8_weights", args.int8_weights or None),
+                                       ("int8_convolutions", args.int8_convolutions or None),
                                        ("compiled_blob_cache", args.compiled_blob_cache or None)) if v is not None}
         if overrides:
             optimizations = (optimizations or Optimizations()).model_copy(update=overrides)

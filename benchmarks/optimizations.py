@@ -36,6 +36,7 @@ OPTIMIZATIONS = {
     "pytorch_deepcache_3": ("pytorch", {"deepcache_interval": 3}, {}, "plain"),
     "pytorch_torch_compile": ("pytorch", {"torch_compile": True}, {}, "plain"),
     "openvino_int8_weights": ("openvino", {"int8_weights": True}, {}, "plain"),
+    "openvino_int8_convolutions": ("openvino", {"int8_convolutions": True}, {}, "plain"),
     "openvino_tiny_vae": ("openvino", {"tiny_vae": True}, {}, "plain"),
     "openvino_prompt_cache": ("openvino", {"prompt_cache": True}, {}, "second_seed"),
     "openvino_result_cache": ("openvino", {"result_cache": True}, {}, "repeat"),

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-CONFIGS = ("pytorch_fp32", "pytorch_bf16", "openvino_bf16", "openvino_int8")
+CONFIGS = ("pytorch_fp32", "pytorch_bf16", "openvino_bf16", "openvino_int8", "openvino_int8h")  # int8h: + int8 convolutions
 
 
 def engine_args(config: str) -> dict:
@@ -34,7 +34,7 @@ def engine_args(config: str) -> dict:
     runtime, kind = config.split("_")
     return {"runtime": runtime,
             "optimizations": Optimizations(precision="fp32" if kind == "fp32" else "bf16",
-                                           int8_weights=kind == "int8")}
+                                           int8_weights=kind == "int8", int8_convolutions=kind == "int8h")}
 
 
 def unet_inputs(unet_config, size: int, batch: int = 2):
@@ -201,7 +201,7 @@ def main(argv=None) -> int:
 
     s = results["unet_step_s"]
     ratios = {}
-    for ov in ("openvino_bf16", "openvino_int8"):
+    for ov in ("openvino_bf16", "openvino_int8", "openvino_int8h"):
         for pt in ("pytorch_fp32", "pytorch_bf16"):
             if ov in s and pt in s:
                 ratios[f"{pt}/{ov}"] = s[pt] / s[ov]

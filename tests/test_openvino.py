@@ -100,6 +100,23 @@ def test_int8_weights_run_and_say_so(cache_dir, ov_engine):
     assert diff.mean() < 20  # compressed weights move the output a little, not into different noise
 
 
+def test_int8_convolutions_quantize_once_and_come_back_from_the_cache(tmp_path, ov_engine):
+    engine = Engine(runtime="openvino", cache_dir=tmp_path, optimizations=Optimizations(int8_convolutions=True))
+    engine.load("builtin:tiny")
+    assert "unet" in {part for part, _ in engine.runtime.conversions}
+    assert engine.runtime.variant.endswith("int8h")
+    r = engine.txt2img(REQ)
+    assert "int8 convolutions" in r.readout.precision
+    xml = next(tmp_path.rglob("*-int8h/unet.xml")).read_text()
+    assert "FakeQuantize" in xml  # activations are quantized, not only weights
+    diff = np.abs(pixels(r) - pixels(ov_engine.txt2img(REQ)))
+    assert diff.mean() < 25  # quantized activations move the picture, not into different noise
+    again = Engine(runtime="openvino", cache_dir=tmp_path, optimizations=Optimizations(int8_convolutions=True))
+    again.load("builtin:tiny")
+    assert not again.runtime.conversions  # nothing converted or calibrated again
+    assert np.array_equal(pixels(again.txt2img(REQ)), pixels(r))
+
+
 def test_sdxl_runs_on_openvino(tmp_path):
     pt = Engine(runtime="pytorch")
     pt.load("builtin:tiny-sdxl")

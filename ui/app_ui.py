@@ -83,6 +83,7 @@ def engine_markdown(engine: Engine) -> str:
 OPTION_HELP = {
     "precision": "auto: fp16 on CUDA, bf16 on CPUs with hardware bf16, else fp32",
     "int8_weights": "weights compressed to int8 (nncf): less memory",
+    "int8_convolutions": "int8 weights, and convolutions run in int8 (calibrated once): least memory",
     "compiled_blob_cache": "keep compiled graphs on disk: faster restarts, more peak RAM",
     "channels_last": "NHWC memory layout for convolutions",
     "attention": "SDPA (PyTorch's fused attention) or xformers",

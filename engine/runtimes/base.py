@@ -13,7 +13,7 @@ from ..options import Optimizations
 # Options that act inside one runtime's own preparation of the model.
 PYTORCH_ONLY = ("channels_last", "attention", "attention_slicing", "torch_compile", "token_merging_ratio",
                 "deepcache_interval")
-OPENVINO_ONLY = ("int8_weights", "compiled_blob_cache")
+OPENVINO_ONLY = ("int8_weights", "int8_convolutions", "compiled_blob_cache")
 
 
 @dataclass

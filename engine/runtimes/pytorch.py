@@ -49,7 +49,7 @@ class PyTorchRuntime(Runtime):
 
     def __init__(self, hardware, optimizations, cache_dir=None):
         super().__init__(hardware, optimizations, cache_dir)
-        if optimizations.int8_weights:
+        if optimizations.int8_weights or optimizations.int8_convolutions:
             raise RuntimeUnavailable("INT8 weights need the OpenVINO runtime.")
         if hardware.has_cuda:
             self._device = "cuda"
