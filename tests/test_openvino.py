@@ -126,6 +126,14 @@ def test_sdxl_runs_on_openvino(tmp_path):
     assert diff.max() <= 3
 
 
+def test_int8_convolutions_on_sdxl_fall_back_to_int8_weights_and_say_so(tmp_path):
+    # SDXL's UNet takes pooled text and size inputs the calibration does not make; it gets int8 weights only.
+    engine = Engine(runtime="openvino", cache_dir=tmp_path, optimizations=Optimizations(int8_convolutions=True))
+    engine.load("builtin:tiny-sdxl")
+    precision = engine.txt2img({**REQ, "steps": 2}).readout.precision
+    assert "int8 weights" in precision and "convolutions" not in precision
+
+
 def test_unwritable_cache_still_serves(tmp_path):
     blocker = tmp_path / "file-not-dir"
     blocker.write_text("x")  # a cache path under a regular file can never be created

@@ -395,6 +395,7 @@ class OpenVINORuntime(Runtime):
         self._last_part: str | None = None  # the part inferred last; its scratch is freed when another runs
         self._hybrid = optimizations.int8_convolutions
         self._int8 = optimizations.int8_weights or self._hybrid
+        self._convs_quantized = False  # whether the prepared UNet's IR really has quantized convolutions
 
     @property
     def cache_root(self) -> Path:
@@ -406,7 +407,7 @@ class OpenVINORuntime(Runtime):
 
     @property
     def precision(self) -> str:
-        if self._hybrid:
+        if self._hybrid and self._convs_quantized:
             return self._precision + " + int8 weights + int8 convolutions"
         return self._precision + (" + int8 weights" if self._int8 else "")
 
@@ -511,6 +512,8 @@ class OpenVINORuntime(Runtime):
             for part in parts:
                 ir = self._ir(part, module)
                 self._irs[part] = ir
+                if part == "unet":  # said from the IR itself, so a cached one reports the same
+                    self._convs_quantized = any(op.get_type_name() == "FakeQuantize" for op in ir.get_ops())
             config = module.config
             if component == "unet":
                 adapter = OVUNet(self, config)
