@@ -389,9 +389,7 @@ class OpenVINORuntime(Runtime):
         self.conversions: list[tuple[str, float]] = []  # (part, seconds) converted in this process
         self._identity: str | None = None
         self._irs: dict[str, Any] = {}  # part -> ov.Model of the prepared pipeline
-        self._calibration_text: list[np.ndarray] | None = None
-        self._alphas_cumprod: np.ndarray | None = None
-        self._calibration_channels = 4
+        self._calibration: list[dict[str, np.ndarray]] = []  # UNet inputs for INT8-convolution calibration
         self._last_part: str | None = None  # the part inferred last; its scratch is freed when another runs
         self._hybrid = optimizations.int8_convolutions
         self._int8 = optimizations.int8_weights or self._hybrid
@@ -450,37 +448,20 @@ class OpenVINORuntime(Runtime):
         import nncf
 
         if self._hybrid and part == "unet":
-            samples = self._calibration_samples(model)
-            if samples:
-                return hybrid_quantize(model, samples)
+            if {p.get_any_name() for p in model.inputs} == {"sample", "timestep", "encoder_hidden_states"} \
+                    and self._calibration:
+                return hybrid_quantize(model, self._calibration)
             log.info("INT8 convolutions need SD 1.x/2.x UNet inputs; this UNet gets int8 weights only")
         return nncf.compress_weights(model)
 
-    def _calibration_samples(self, unet_ir) -> list[dict[str, np.ndarray]]:
-        """UNet inputs as a denoising loop with guidance makes them: noisy latents over the
-        schedule, timesteps from 999 down, [empty prompt, prompt] text states."""
-        names = {p.get_any_name(): p for p in unet_ir.inputs}
-        if set(names) != {"sample", "timestep", "encoder_hidden_states"} or self._calibration_text is None:
-            return []
-        states = self._calibration_text
-        channels = self._calibration_channels
-        rng = np.random.default_rng(0)
-        out = []
-        for i, t in enumerate(CALIBRATION_TIMESTEPS):
-            a = self._alphas_cumprod[t]
-            latents = rng.standard_normal((2, channels, CALIBRATION_LATENT, CALIBRATION_LATENT))
-            noise = rng.standard_normal(latents.shape)
-            sample = (np.sqrt(a) * latents + np.sqrt(1 - a) * noise).astype(np.float32)
-            cond = states[1 + i % (len(states) - 1)]
-            out.append({"sample": sample, "timestep": np.array([float(t)], np.float32),
-                        "encoder_hidden_states": np.stack([states[0], cond]).astype(np.float32)})
-        return out
-
     def _prepare_calibration(self, pipe) -> None:
-        """Text states for INT8-convolution calibration, taken before the UNet is converted."""
-        self._calibration_text = None
+        """UNet inputs for INT8-convolution calibration, made before the UNet is converted, as a
+        denoising loop with guidance makes them: latents noised over the schedule, timesteps from
+        999 down, [empty prompt, prompt] states from the model's own text encoder."""
+        self._calibration = []
         encoder, tokenizer = getattr(pipe, "text_encoder", None), getattr(pipe, "tokenizer", None)
-        if not (self._hybrid and encoder is not None and tokenizer is not None):
+        alphas = getattr(pipe.scheduler, "alphas_cumprod", None)
+        if not (self._hybrid and encoder is not None and tokenizer is not None and alphas is not None):
             return
         if self.ir_cache.valid(self._identity, self.variant, "unet") if self._identity else False:
             return  # the quantized UNet comes from the cache; nothing to calibrate
@@ -492,10 +473,15 @@ class OpenVINORuntime(Runtime):
         else:
             with torch.no_grad():
                 states = encoder(ids)[0].float().numpy()
-        self._calibration_text = list(states)
-        self._calibration_channels = pipe.unet.config.in_channels
-        betas = np.linspace(0.00085**0.5, 0.012**0.5, 1000) ** 2  # SD's scaled-linear schedule
-        self._alphas_cumprod = np.cumprod(1 - betas)
+        rng = np.random.default_rng(0)
+        shape = (2, pipe.unet.config.in_channels, CALIBRATION_LATENT, CALIBRATION_LATENT)
+        for i, t in enumerate(CALIBRATION_TIMESTEPS):
+            a = float(alphas[t])
+            sample = np.sqrt(a) * rng.standard_normal(shape) + np.sqrt(1 - a) * rng.standard_normal(shape)
+            cond = states[1 + i % (len(states) - 1)]
+            self._calibration.append({"sample": sample.astype(np.float32),
+                                      "timestep": np.array([float(t)], np.float32),
+                                      "encoder_hidden_states": np.stack([states[0], cond]).astype(np.float32)})
 
     # -- preparing a pipeline
 
@@ -523,6 +509,7 @@ class OpenVINORuntime(Runtime):
                 adapter = OVTextEncoder(self, component, config, with_projection=component == "text_encoder_2")
             setattr(pipe, component, adapter)
             del module  # the PyTorch copy goes; OpenVINO holds the weights now
+        self._calibration = []  # used only while converting the UNet
         gc.collect()
 
     # -- compiled models per shape
