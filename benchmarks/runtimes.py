@@ -25,7 +25,8 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-CONFIGS = ("pytorch_fp32", "pytorch_bf16", "openvino_bf16", "openvino_int8", "openvino_int8h")  # int8h: + int8 convolutions
+# int8: INT8 weights; int8h: INT8 weights and convolutions (hybrid quantization)
+CONFIGS = ("pytorch_fp32", "pytorch_bf16", "openvino_bf16", "openvino_int8", "openvino_int8h")
 
 
 def engine_args(config: str) -> dict:

@@ -30,6 +30,8 @@ from PIL import Image, ImageDraw
 
 ROOT = Path(__file__).resolve().parent.parent
 SIZE = 128  # native resolution (latent 16x16)
+VAE_BATCH, VAE_CROP = 16, 64  # VAE: random 64x64 crops, 16 per step
+UNET_BATCH = 64
 
 COLOURS = {
     "red": (220, 30, 30), "orange": (245, 140, 20), "yellow": (245, 220, 30), "green": (30, 160, 60),
@@ -172,7 +174,7 @@ def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-def train_vae(work: Path, steps: int, seed: int, batch: int = 16, crop: int = 64):
+def train_vae(work: Path, steps: int, seed: int, batch: int = VAE_BATCH, crop: int = VAE_CROP):
     # Random 64x64 crops. Whole 128x128 pictures at batch 4 (same pixels per step) were tried and
     # collapsed to two or three colours in 1,500 steps, while the crop-trained VAE keeps all eight
     # (it decodes the middle of a 128x128 flat background a little dull: yellow 216,182,53 for 245,220,30).
@@ -222,7 +224,7 @@ def encode_set(work: Path, vae, count: int, seed: int):
     log(f"latents: {tuple(mean.shape)}, scaling factor {scaling:.4f}")
 
 
-def train_unet(work: Path, steps: int, seed: int, batch: int = 64, lr: float = 8e-4, offset: float = 0.2):
+def train_unet(work: Path, steps: int, seed: int, batch: int = UNET_BATCH, lr: float = 8e-4, offset: float = 0.2):
     from diffusers import DDPMScheduler
 
     from engine.models import SD_SCHEDULER_CONFIG
@@ -308,7 +310,7 @@ def assemble(work: Path, out: Path, args: argparse.Namespace, seconds: dict):
     (tmp / "training.json").write_text(json.dumps({
         "script": "tools/train_shapes.py", "seed": args.seed, "vae_steps": args.vae_steps,
         "latent_images": args.images, "unet_steps": args.unet_steps, "offset_noise": args.offset_noise,
-        "vae_batch": 16, "vae_crop": 64, "unet_batch": 64, "seconds": seconds,
+        "vae_batch": VAE_BATCH, "vae_crop": VAE_CROP, "unet_batch": UNET_BATCH, "seconds": seconds,
         "torch": torch.__version__, "threads": torch.get_num_threads(),
     }, indent=2) + "\n")
     if (out / "README.md").is_file():  # the hand-written model card outlives a retrain

@@ -463,7 +463,7 @@ class OpenVINORuntime(Runtime):
         alphas = getattr(pipe.scheduler, "alphas_cumprod", None)
         if not (self._hybrid and encoder is not None and tokenizer is not None and alphas is not None):
             return
-        if self.ir_cache.valid(self._identity, self.variant, "unet") if self._identity else False:
+        if self._identity and self.ir_cache.valid(self._identity, self.variant, "unet"):
             return  # the quantized UNet comes from the cache; nothing to calibrate
         ids = tokenizer([""] + CALIBRATION_PROMPTS, padding="max_length", max_length=TEXT_LENGTH, truncation=True,
                         return_tensors="pt").input_ids
