@@ -175,3 +175,12 @@ def test_compiled_blob_cache_is_opt_in(cache_dir, tmp_path):
     assert "CACHE_DIR" not in plain.runtime._config()
     blobs = Engine(runtime="openvino", cache_dir=tmp_path, optimizations=Optimizations(compiled_blob_cache=True))
     assert blobs.runtime._config()["CACHE_DIR"].startswith(str(tmp_path))
+
+
+def test_readout_names_the_precision_the_compiled_model_reports():
+    # The compiled model reports an ov.Type; str() of bf16 is "<Type: 'bfloat16'>", which once read as fp32.
+    import openvino as ov
+
+    from engine.runtimes.openvino import precision_name
+
+    assert [precision_name(t) for t in (ov.Type.bf16, ov.Type.f16, ov.Type.f32)] == ["bf16", "fp16", "fp32"]

@@ -111,6 +111,13 @@ def _unet_inputs(config, batch: int, latent_h: int, latent_w: int) -> dict[str, 
     return inputs
 
 
+def precision_name(hint) -> str:
+    """Our name for a compiled model's INFERENCE_PRECISION_HINT. It is an ov.Type, whose str() is
+    "<Type: 'bfloat16'>"; to_string() gives the short name ("bf16", "f16", "f32")."""
+    short = hint.to_string() if hasattr(hint, "to_string") else str(hint).lower()
+    return {"bf16": "bf16", "f16": "fp16"}.get(short, "fp32")
+
+
 def _convert(module: torch.nn.Module, example: dict[str, torch.Tensor]):
     import openvino as ov
 
@@ -543,9 +550,8 @@ class OpenVINORuntime(Runtime):
         self._cost[part] = max(self._cost.get(part, 0), _rss() - rss_before)
         self.compile_events.append(CompileEvent(part, key[1], seconds))
         log.info("compiled %s for %s in %.2f s", part, dict(key[1]), seconds)
-        actual = str(compiled.get_property("INFERENCE_PRECISION_HINT")).lower()
         if part == "unet":
-            self._precision = "bf16" if "bf16" in actual else ("fp16" if "f16" in actual else "fp32")
+            self._precision = precision_name(compiled.get_property("INFERENCE_PRECISION_HINT"))
         self._compiled[key] = compiled
         same_part = [k for k in self._compiled if k[0] == part]
         for old in same_part[:-self.max_shapes]:  # oldest first
