@@ -546,6 +546,7 @@ class OpenVINORuntime(Runtime):
         model.reshape({name: list(shape) for name, shape in shapes.items()})
         compiled = self.core.compile_model(model, "CPU", self._config())
         del model
+        drop_mapped_pages(self.ir_cache.root / "ir")  # the IR pages the compile read; the compiled model has its own
         seconds = time.perf_counter() - start
         self._cost[part] = max(self._cost.get(part, 0), _rss() - rss_before)
         self.compile_events.append(CompileEvent(part, key[1], seconds))
@@ -571,10 +572,10 @@ class OpenVINORuntime(Runtime):
             log.info("evicted compiled %s for %s to make room", old[0], dict(old[1]))
 
     def infer(self, part: str, inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
-        compiled = self.compiled(part, {k: v.shape for k, v in inputs.items()})
-        if part != self._last_part:
+        if part != self._last_part:  # before compiling this part, so a compile never meets the other's scratch
             self._release_scratch(self._last_part)
             self._last_part = part
+        compiled = self.compiled(part, {k: v.shape for k, v in inputs.items()})
         result = compiled(inputs)
         # Copy: the request's output buffers are reused by the next call.
         return [np.array(result[out]) for out in compiled.outputs]
@@ -622,6 +623,39 @@ class OpenVINORuntime(Runtime):
 
     def describe(self) -> str:
         return f"openvino on CPU ({self.precision}), IR cache {self.cache_root}"
+
+
+def drop_mapped_pages(folder: Path) -> int:
+    """Take this process's resident pages of read-only file mappings under `folder` out of its RSS.
+
+    OpenVINO memory-maps an IR's .bin and reads all of it while compiling. The compiled model
+    keeps its own (repacked) weights, yet the mapping stays, and its pages stay counted in RSS:
+    0.8 GiB for an INT8 SD 1.5 UNet (measured: compiled 1.83 -> 1.03 GiB, first inference
+    faults back 0.02 GiB). MADV_DONTNEED on a mapping that cannot be written drops nothing but
+    the process's page-table entries: the file stays in the kernel's page cache, and a page that
+    is read again faults back in. Linux only; elsewhere a no-op. Returns the bytes advised."""
+    import ctypes
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return 0
+    prefix = str(Path(folder).resolve()) + os.sep
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        with open("/proc/self/maps") as maps:
+            lines = maps.readlines()
+    except (OSError, AttributeError):
+        return 0
+    advised = 0
+    for line in lines:
+        fields = line.split(maxsplit=5)
+        if len(fields) < 6 or "w" in fields[1] or not fields[5].strip().startswith(prefix):
+            continue  # only read-only mappings: no page of them can hold a change that would be lost
+        start, end = (int(x, 16) for x in fields[0].split("-"))
+        if libc.madvise(start, end - start, 4) == 0:  # MADV_DONTNEED
+            advised += end - start
+    return advised
 
 
 def _rss() -> int:
