@@ -162,8 +162,13 @@ class IRCache:
     def __init__(self, root: Path):
         self.root = Path(root)
 
+    @property
+    def files_root(self) -> Path:
+        """Where every entry's files live."""
+        return self.root / "ir"
+
     def folder(self, identity: str, variant: str) -> Path:
-        return self.root / "ir" / identity / variant
+        return self.files_root / identity / variant
 
     @staticmethod
     def _fingerprint(path: Path) -> str:
@@ -546,7 +551,7 @@ class OpenVINORuntime(Runtime):
         model.reshape({name: list(shape) for name, shape in shapes.items()})
         compiled = self.core.compile_model(model, "CPU", self._config())
         del model
-        drop_mapped_pages(self.ir_cache.root / "ir")  # the IR pages the compile read; the compiled model has its own
+        drop_mapped_pages(self.ir_cache.files_root)  # the IR pages the compile read; the compiled model has its own
         seconds = time.perf_counter() - start
         self._cost[part] = max(self._cost.get(part, 0), _rss() - rss_before)
         self.compile_events.append(CompileEvent(part, key[1], seconds))
