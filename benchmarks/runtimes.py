@@ -89,9 +89,9 @@ def run_child(config: str, size: int, steps: int, cache_dir: str) -> dict:
     """Fresh process: start, load, generate one image; report its own peak RSS."""
     start = time.perf_counter()
     from engine import Engine
-    from engine.telemetry import PeakRssSampler
+    from engine.devices import PeakMemory
 
-    with PeakRssSampler() as rss:
+    with PeakMemory("cpu") as rss:
         engine = Engine(cache_dir=Path(cache_dir), **engine_args(config))
         model = engine.load("builtin:sd15")
         result = engine.txt2img({"prompt": "a red circle on a blue background", "width": size, "height": size,

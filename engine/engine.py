@@ -21,13 +21,14 @@ from .models import LoadedModel, load_model, load_tiny_autoencoder
 from .options import DEFAULTS, LABELS, RUNTIME_FIELDS, Optimizations, is_on
 from .requests import (HiresFixRequest, Img2ImgRequest, TiledUpscaleRequest, Txt2ImgRequest, load_image,
                        parse_request)
-from .runtimes.base import Runtime, WarmupResult
+from .runtimes.base import Runtime, WarmupResult, WarmupShape
 from .tasks.common import ProgressFn, StopFlag
 from .tasks.hires_fix import run_hires_fix
 from .tasks.img2img import run_img2img
 from .tasks.tiled_upscale import run_tiled_upscale
 from .tasks.txt2img import run_txt2img
-from .telemetry import CudaPeakMemory, PeakRssSampler, Readout, StageTimer
+from .devices import PeakMemory
+from .telemetry import Readout, StageTimer
 
 log = logging.getLogger(__name__)
 try:  # diffusers warns on every from_pipe / dtype move about things that do not apply here
@@ -229,7 +230,7 @@ class Engine:
         shapes = []
         for w, h in sizes:
             req, _ = Txt2ImgRequest(width=w, height=h, batch_size=batch_size).snapped(model.vae_scale_factor)
-            shapes.append((req.width, req.height, batch_size))
+            shapes.append(WarmupShape(req.width, req.height, batch_size))
         with self._lock:
             return self.runtime.warmup(model, shapes)
 
@@ -277,7 +278,7 @@ class Engine:
             if deepcache is not None:
                 deepcache.reset_counts()
             try:
-                with PeakRssSampler() as rss, CudaPeakMemory(self.runtime.device) as vram:
+                with PeakMemory(self.runtime.device) as rss:
                     images, steps_done, planned, details, extra = work(timer, self._live_progress(progress))
             except Exception as e:
                 if not _is_out_of_memory(e):
@@ -318,8 +319,8 @@ class Engine:
             steps=steps_done,
             it_per_s=steps_done / denoise_s if denoise_s > 0 else 0.0,
             peak_rss_bytes=rss.peak_rss_bytes,
-            peak_vram_allocated_bytes=vram.allocated_bytes,
-            peak_vram_reserved_bytes=vram.reserved_bytes,
+            peak_vram_allocated_bytes=rss.vram_allocated_bytes,
+            peak_vram_reserved_bytes=rss.vram_reserved_bytes,
             runtime=self.runtime.name,
             precision=self.runtime.precision,
             device=self.runtime.device,

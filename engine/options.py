@@ -1,10 +1,17 @@
-"""Optimizations (one field per UI checkbox) and presets from presets/*.toml."""
+"""The option schema: Optimizations (one field per UI control) and presets from presets/*.toml.
+
+Each field carries its own metadata (label, help, owning runtime, whether the runtime applies it, a
+command-line flag); `OPTION_SPECS` reads it once, and the UI controls, the CLI flags, the runtimes'
+"needs runtime X" reasons and the presets are all built from that one table.
+"""
 from __future__ import annotations
 
 import re
 import tomllib
+import typing
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -18,69 +25,109 @@ Precision = Literal["auto", "fp32", "bf16", "fp16"]
 Attention = Literal["sdpa", "xformers"]
 
 
+def option(default, label: str, help: str, *, runtime: str | None = None, prepares: bool = False, cli: bool = False,
+           step: float | None = None, **bounds):
+    """A field with its UI/CLI metadata. runtime: the one runtime that can act on it (None: every runtime);
+    prepares: the runtime applies it when it prepares the model, so a change re-prepares the model."""
+    extra = {"label": label, "help": help, "runtime": runtime, "prepares": prepares, "cli": cli, "step": step}
+    return Field(default, json_schema_extra=extra, **bounds)
+
+
 class Optimizations(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    # auto: fp16 on CUDA, bf16 on CPUs with hardware bf16 (AVX512-BF16/AMX), fp32 elsewhere.
-    precision: Precision = "auto"
-    # Weights stored as int8 (nncf weight compression); OpenVINO runtime only.
-    int8_weights: bool = False
-    # Hybrid INT8 (implies int8 weights): convolutions quantized int8 x int8, calibrated once at
-    # conversion on a few synthetic denoising inputs. Weight-only int8 convolutions are unpacked to
-    # f32 when OpenVINO compiles them; quantized ones stay int8, so the compiled UNet is smaller.
-    int8_convolutions: bool = False
-    # OpenVINO CACHE_DIR for compiled blobs. Off by default: measured on SD 1.5 (fp32 UNet), importing
-    # a blob saves ~2 s of compile but peaks at 9.8 GiB RSS against 6.6 GiB compiling from the IR.
-    compiled_blob_cache: bool = False
+    precision: Precision = option(
+        "auto", "Precision", "auto: fp16 on CUDA, bf16 on CPUs with hardware bf16 (AVX512-BF16/AMX), else fp32",
+        prepares=True, cli=True)
+    int8_weights: bool = option(
+        False, "INT8 weights", "weights compressed to int8 (nncf): less memory", runtime="openvino", prepares=True,
+        cli=True)
+    # Weight-only int8 convolutions are unpacked to f32 when OpenVINO compiles them; quantized ones stay int8.
+    int8_convolutions: bool = option(
+        False, "INT8 convolutions (hybrid quantization)",
+        "int8 weights, and convolutions run in int8 (calibrated once): least memory", runtime="openvino",
+        prepares=True, cli=True)
+    # Off by default: measured on SD 1.5 (fp32 UNet), importing a blob saves ~2 s of compile but peaks at
+    # 9.8 GiB RSS against 6.6 GiB compiling from the IR.
+    compiled_blob_cache: bool = option(
+        False, "Compiled-blob cache", "keep compiled graphs on disk: faster restarts, more peak RAM",
+        runtime="openvino", prepares=True, cli=True)
 
-    # PyTorch runtime: memory layout, attention kernels and graph compile.
-    channels_last: bool = False
-    attention: Attention = "sdpa"
-    attention_slicing: bool = False
-    torch_compile: bool = False
-    # Token merging (tomesd): merge this fraction of similar tokens in self-attention; 0 = off.
-    token_merging_ratio: float = Field(0.0, ge=0.0, le=0.75)
-    # DeepCache-style reuse of the UNet's deep features: a full UNet call every N steps, shallow ones between.
-    deepcache_interval: int = Field(0, ge=0, le=10)  # 0 or 1 = off
+    channels_last: bool = option(False, "channels_last memory format", "NHWC memory layout for convolutions",
+                                 runtime="pytorch", prepares=True)
+    attention: Attention = option("sdpa", "Attention backend", "SDPA (PyTorch's fused attention) or xformers",
+                                  runtime="pytorch", prepares=True)
+    attention_slicing: bool = option(False, "Attention slicing", "attention in slices: less memory, a little slower",
+                                     runtime="pytorch", prepares=True)
+    torch_compile: bool = option(False, "torch.compile", "compile the UNet (the first run at a size is slow)",
+                                 runtime="pytorch", prepares=True)
+    token_merging_ratio: float = option(
+        0.0, "Token merging ratio (tomesd)", "merge similar tokens in self-attention; changes the image slightly",
+        runtime="pytorch", prepares=True, step=0.05, ge=0.0, le=0.75)
+    deepcache_interval: int = option(
+        0, "DeepCache interval (full UNet every N steps)", "full UNet every N steps, shallow ones between; 0 = off",
+        runtime="pytorch", prepares=True, step=1, ge=0, le=10)
 
-    # Every runtime: decoding and caches.
-    vae_slicing: bool = True  # decode a batch one image at a time (lower peak memory)
-    vae_tiling: bool = False  # decode large images in tiles
-    tiny_vae: bool = False  # decode (and preview) with TAESD/TAESDXL; needs --taesd
-    prompt_cache: bool = True
-    result_cache: bool = False
-    # End denoising when the latent changes by less than this (relative) per step; 0 = off.
-    early_stop_threshold: float = Field(0.0, ge=0.0, le=0.5)
+    vae_slicing: bool = option(True, "VAE slicing", "decode a batch one image at a time (lower peak memory)")
+    vae_tiling: bool = option(False, "VAE tiling", "decode large images in 512 px tiles")
+    tiny_vae: bool = option(False, "Tiny autoencoder (TAESD)",
+                            "decode and preview with TAESD: much faster, slightly softer")
+    prompt_cache: bool = option(True, "Prompt-embedding cache", "reuse text-encoder outputs for a prompt seen before")
+    result_cache: bool = option(False, "Result cache",
+                                "an identical request (model, parameters, seed) returns its saved image")
+    early_stop_threshold: float = option(
+        0.0, "Early stop threshold", "end when the latents change less than this per step; 0 = off",
+        step=0.0025, ge=0.0, le=0.5)
 
     @property
     def deepcache(self) -> bool:
         return self.deepcache_interval > 1
 
 
+@dataclass(frozen=True)
+class OptionSpec:
+    """What the UI, the CLI and the runtimes need to know about one option."""
+
+    name: str
+    label: str
+    help: str
+    default: Any
+    kind: str  # "bool", "choice", "int" or "float"
+    choices: tuple = ()
+    minimum: float | None = None
+    maximum: float | None = None
+    step: float | None = None
+    runtime: str | None = None
+    prepares: bool = False
+    cli: bool = False
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+
+def _spec(name: str, info) -> OptionSpec:
+    extra = dict(info.json_schema_extra)
+    bounds = {type(m).__name__: getattr(m, type(m).__name__.lower(), None) for m in info.metadata}  # Ge(ge=0)...
+    choices = typing.get_args(info.annotation) if typing.get_origin(info.annotation) is Literal else ()
+    kind = "choice" if choices else {bool: "bool", int: "int", float: "float"}[info.annotation]
+    return OptionSpec(name=name, label=extra["label"], help=extra["help"], default=info.default, kind=kind,
+                      choices=choices, minimum=bounds.get("Ge"), maximum=bounds.get("Le"), step=extra["step"],
+                      runtime=extra["runtime"], prepares=extra["prepares"], cli=extra["cli"])
+
+
+OPTION_SPECS: dict[str, OptionSpec] = {name: _spec(name, info) for name, info in Optimizations.model_fields.items()}
+LABELS = {name: spec.label for name, spec in OPTION_SPECS.items()}
 # Options a runtime applies when it prepares the model; changing them re-prepares it.
-RUNTIME_FIELDS = frozenset({"precision", "int8_weights", "int8_convolutions", "compiled_blob_cache", "channels_last",
-                            "attention", "attention_slicing", "torch_compile", "token_merging_ratio",
-                            "deepcache_interval"})
-# What each option is called in the UI.
-LABELS = {
-    "precision": "Precision",
-    "int8_weights": "INT8 weights",
-    "int8_convolutions": "INT8 convolutions (hybrid quantization)",
-    "compiled_blob_cache": "Compiled-blob cache",
-    "channels_last": "channels_last memory format",
-    "attention": "Attention backend",
-    "attention_slicing": "Attention slicing",
-    "torch_compile": "torch.compile",
-    "token_merging_ratio": "Token merging ratio (tomesd)",
-    "deepcache_interval": "DeepCache interval (full UNet every N steps)",
-    "vae_slicing": "VAE slicing",
-    "vae_tiling": "VAE tiling",
-    "tiny_vae": "Tiny autoencoder (TAESD)",
-    "prompt_cache": "Prompt-embedding cache",
-    "result_cache": "Result cache",
-    "early_stop_threshold": "Early stop threshold",
-}
+RUNTIME_FIELDS = frozenset(name for name, spec in OPTION_SPECS.items() if spec.prepares)
 DEFAULTS = Optimizations()
+
+
+def owned_elsewhere(runtime: str) -> dict[str, str]:
+    """Options that belong to another runtime than `runtime` -> "needs the X runtime"."""
+    names = {"pytorch": "PyTorch", "openvino": "OpenVINO"}
+    return {name: f"needs the {names[spec.runtime]} runtime" for name, spec in OPTION_SPECS.items()
+            if spec.runtime is not None and spec.runtime != runtime}
 
 
 def is_on(opts: Optimizations, name: str) -> bool:

@@ -1,44 +1,9 @@
-"""Stage timer, peak RAM / VRAM sampling, iterations per second."""
+"""Stage timer and the readout shown beside every image (peak memory comes from devices.PeakMemory)."""
 from __future__ import annotations
 
-import threading
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
-
-import psutil
-
-
-class PeakRssSampler:
-    """Samples this process's RSS in a thread; peak_rss_bytes is the highest seen."""
-
-    def __init__(self, interval_s: float = 0.01):
-        self.interval_s = interval_s
-        self._process = psutil.Process()
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-        self.peak_rss_bytes = 0
-
-    def _sample(self) -> None:
-        rss = self._process.memory_info().rss
-        if rss > self.peak_rss_bytes:
-            self.peak_rss_bytes = rss
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval_s):
-            self._sample()
-
-    def __enter__(self) -> "PeakRssSampler":
-        self._sample()
-        self._thread = threading.Thread(target=self._run, name="rss-sampler", daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
-        self._sample()
 
 
 class StageTimer:
@@ -58,31 +23,6 @@ class StageTimer:
 
     def elapsed_s(self) -> float:
         return time.perf_counter() - self._start
-
-
-class CudaPeakMemory:
-    """Peak CUDA allocated/reserved bytes over a block; None when the job does not use CUDA."""
-
-    def __init__(self, device: str):
-        self.enabled = device.startswith("cuda")
-        self.allocated_bytes: int | None = None
-        self.reserved_bytes: int | None = None
-
-    def __enter__(self):
-        if self.enabled:
-            import torch
-
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-        return self
-
-    def __exit__(self, *exc):
-        if self.enabled:
-            import torch
-
-            torch.cuda.synchronize()
-            self.allocated_bytes = int(torch.cuda.max_memory_allocated())
-            self.reserved_bytes = int(torch.cuda.max_memory_reserved())
 
 
 @dataclass

@@ -2,18 +2,30 @@
 from __future__ import annotations
 
 import contextlib
+import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..hardware import HardwareReport
-from ..options import Optimizations
+from ..options import Optimizations, owned_elsewhere
 
 
-# Options that act inside one runtime's own preparation of the model.
-PYTORCH_ONLY = ("channels_last", "attention", "attention_slicing", "torch_compile", "token_merging_ratio",
-                "deepcache_interval")
-OPENVINO_ONLY = ("int8_weights", "int8_convolutions", "compiled_blob_cache")
+@dataclass(frozen=True)
+class WarmupShape:
+    """One shape a task will run: the UNet at (width, height) for `batch` images, with or without guidance,
+    the VAE decoder at `decode_batch` images, and (img2img, hires fix, tiles) the VAE encoder at one image."""
+
+    width: int
+    height: int
+    batch: int = 1
+    guidance: bool = True
+    decode_batch: int = 1
+    encode: bool = False
+
+    @property
+    def unet_batch(self) -> int:
+        return self.batch * (2 if self.guidance else 1)
 
 
 @dataclass
@@ -24,6 +36,13 @@ class WarmupResult:
     seconds: float
     compiled: bool  # False: the shape was already warm, or the runtime has nothing to compile
     state: str = "nothing to compile (eager)"  # what to tell the user
+
+
+@dataclass
+class CompileEvent:
+    part: str
+    shape: tuple
+    seconds: float
 
 
 class Runtime(ABC):
@@ -39,7 +58,9 @@ class Runtime(ABC):
         self.hardware = hardware
         self.optimizations = optimizations
         self.cache_dir = cache_dir
-        self.compile_events: list = []  # one entry per compile this runtime did (per-shape runtimes)
+        self.compile_events: list[CompileEvent] = []  # one entry per compile this runtime did
+        self.applied: list[str] = []  # what prepare() did, for the Engine tab
+        self.proven = False  # a job ran to its end on this runtime (set by the engine)
 
     @classmethod
     @abstractmethod
@@ -58,14 +79,19 @@ class Runtime(ABC):
 
     @abstractmethod
     def prepare(self, model) -> None:
-        """Make `model.pipe` ready for this runtime (device, dtype, attention, compile)."""
+        """Make `model.pipe` ready for this runtime (device, dtype, attention, compile).
+
+        Transactional: if it raises, the model this runtime prepared before still works."""
+
+    @property
+    def compiles(self) -> bool:
+        """Whether this runtime compiles graphs lazily, at a shape's first run (which can fail there)."""
+        return False
 
     @classmethod
     def option_reasons(cls, hardware: HardwareReport) -> dict[str, str]:
         """Optimizations this runtime cannot apply here -> one line saying why (the UI greys them out)."""
-        reasons = {name: "needs the PyTorch runtime" for name in PYTORCH_ONLY}
-        reasons.update({name: "needs the OpenVINO runtime" for name in OPENVINO_ONLY})
-        return reasons
+        return owned_elsewhere(cls.name)
 
     def cached_components(self, identity: str) -> set[str]:
         """Pipeline components this runtime can supply from its own cache (their weights need not load)."""
@@ -75,9 +101,63 @@ class Runtime(ABC):
         """Context every task runs inside (autocast and no_grad where needed)."""
         return contextlib.nullcontext()
 
-    def warmup(self, model, shapes: list[tuple[int, int, int]]) -> list[WarmupResult]:
-        """Compile ahead for (width, height, batch) shapes; eager runtimes have nothing to do."""
-        return [WarmupResult(w, h, b, 0.0, False) for w, h, b in shapes]
+    # -- per job
+
+    def compile_mark(self) -> int:
+        return len(self.compile_events)
+
+    def shape_state(self, mark: int) -> str:
+        """For the readout: 'eager (no compile)', 'warm (cache hit)' or 'compiled now (N s, K graphs)'."""
+        if not self.compiles:
+            return "eager (no compile)"
+        new = self.compile_events[mark:]
+        if not new:
+            return "warm (cache hit)"
+        return f"compiled now ({sum(e.seconds for e in new):.1f} s, {len(new)} graphs)"
+
+    def begin_denoise(self, pipe) -> None:
+        """A denoising pass starts (DeepCache forgets features kept from an earlier pass)."""
+
+    def begin_job(self) -> None:
+        """A job starts: per-job counters go back to zero."""
+
+    def job_details(self) -> dict:
+        """Runtime facts about the last job for the readout (e.g. DeepCache's full and shallow UNet calls)."""
+        return {}
+
+    # -- warm-up
+
+    def warmup(self, model, shapes: list[WarmupShape]) -> list[WarmupResult]:
+        """Compile ahead what `shapes` will run; eager runtimes have nothing to do."""
+        return [WarmupResult(s.width, s.height, s.batch, 0.0, False) for s in shapes]
 
     def describe(self) -> str:
         return f"{self.name} on {self.device} ({self.precision})"
+
+
+class ShapeLog:
+    """Notes the first call of a module at each input shape as a compile (torch.compile and OneDiff compile
+    on first use of a shape), so the readout can say 'compiled now' or 'warm'."""
+
+    def __init__(self, module, part: str, events: list[CompileEvent]):
+        self.part, self.events = part, events
+        self.seen: set[tuple] = set()
+        self._pending: tuple | None = None
+        module.register_forward_pre_hook(self._before, with_kwargs=True)
+        module.register_forward_hook(self._after, with_kwargs=True)
+
+    @staticmethod
+    def _key(args, kwargs) -> tuple:
+        tensors = [*args, *kwargs.values()]
+        return tuple(tuple(t.shape) for t in tensors if hasattr(t, "shape"))
+
+    def _before(self, module, args, kwargs):
+        key = self._key(args, kwargs)
+        self._pending = (key, time.perf_counter()) if key not in self.seen else None
+
+    def _after(self, module, args, kwargs, output):
+        if self._pending is not None:
+            key, start = self._pending
+            self.seen.add(key)
+            self.events.append(CompileEvent(self.part, key, time.perf_counter() - start))
+            self._pending = None

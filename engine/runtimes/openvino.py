@@ -20,7 +20,6 @@ import tempfile
 import time
 import warnings
 from collections import OrderedDict
-from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -30,7 +29,8 @@ import torch
 
 from ..errors import RuntimeUnavailable
 from ..hardware import HardwareReport
-from .base import PYTORCH_ONLY, Runtime, WarmupResult
+from ..options import owned_elsewhere
+from .base import CompileEvent, Runtime, WarmupResult, WarmupShape
 
 log = logging.getLogger(__name__)
 
@@ -44,13 +44,6 @@ PARTS_OF = {  # pipeline component -> IR parts made from it
     "text_encoder": ("text_encoder",),
     "text_encoder_2": ("text_encoder_2",),
 }
-
-
-@dataclass
-class CompileEvent:
-    part: str
-    shape: tuple
-    seconds: float
 
 
 # ---------------------------------------------------------------- conversion
@@ -378,7 +371,7 @@ class OpenVINORuntime(Runtime):
     @classmethod
     def option_reasons(cls, hardware: HardwareReport) -> dict[str, str]:
         why = "needs the PyTorch runtime (OpenVINO runs the UNet as one compiled graph)"
-        return {name: why for name in PYTORCH_ONLY}
+        return {name: why for name in owned_elsewhere("openvino")}
 
     def __init__(self, hardware, optimizations, cache_dir: Path | None = None, max_shapes: int = 4):
         super().__init__(hardware, optimizations, cache_dir)
@@ -616,7 +609,8 @@ class OpenVINORuntime(Runtime):
 
     def warmup(self, model, shapes: list[tuple[int, int, int]]) -> list[WarmupResult]:
         results = []
-        for width, height, batch in shapes:
+        for shape in shapes:
+            width, height, batch = shape.width, shape.height, shape.batch
             before = len(self.compile_events)
             start = time.perf_counter()
             for part, part_shapes in self._shapes_for(model, width, height, batch).items():

@@ -12,7 +12,8 @@ import torch
 
 from ..errors import RuntimeUnavailable
 from ..hardware import HardwareReport
-from .base import OPENVINO_ONLY, Runtime
+from ..options import owned_elsewhere
+from .base import Runtime
 
 
 def _imports(module: str) -> bool:
@@ -36,7 +37,7 @@ class PyTorchRuntime(Runtime):
 
     @classmethod
     def option_reasons(cls, hardware: HardwareReport) -> dict[str, str]:
-        reasons = {name: "needs the OpenVINO runtime" for name in OPENVINO_ONLY}
+        reasons = owned_elsewhere("pytorch")
         if not hardware.has_cuda:
             reasons["attention"] = "xformers needs CUDA; SDPA is used"
         elif not _imports("xformers"):
@@ -58,7 +59,6 @@ class PyTorchRuntime(Runtime):
         else:
             self._device = "cpu"
         self._precision = self._choose_precision(optimizations.precision)
-        self.applied: list[str] = []  # what prepare() did, for the Engine tab
 
     def _choose_precision(self, wish: str) -> str:
         if wish == "auto":

@@ -1,0 +1,124 @@
+"""The denoise context: what a task's denoising loop reports to, and the small extensions that act on it.
+
+Each per-step behaviour (progress, live preview, early stop, the user's Stop) is one extension with
+`reset` (a new denoising pass starts) and `on_step` (a step ended; return True to end the pass), in
+the manner of InvokeAI's denoise extensions, instead of flags on one shared object. The context
+turns them into the one diffusers `callback_on_step_end` a pipeline takes.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from ..telemetry import StageTimer
+
+ProgressFn = Callable[[int, int], None]  # (step done, total steps)
+
+
+@dataclass
+class Step:
+    number: int  # 1-based, counted over the whole job (several passes add up)
+    total: int  # steps the whole job plans
+    local: int  # 1-based within this pass
+    local_total: int
+    latents: torch.Tensor | None
+
+
+class Extension:
+    def reset(self) -> None:
+        """A new denoising pass begins."""
+
+    def on_step(self, step: Step) -> bool:
+        """A step ended; True ends this pass after it."""
+        return False
+
+
+class Progress(Extension):
+    def __init__(self, report: ProgressFn):
+        self.report = report
+
+    def on_step(self, step: Step) -> bool:
+        self.report(step.number, step.total)
+        return False
+
+
+class Preview(Extension):
+    """Every `every` steps (and at the last), `show(step, total, latents)` makes a live preview."""
+
+    def __init__(self, every: int, show: Callable[[int, int, torch.Tensor], None]):
+        self.every, self.show = every, show
+
+    def on_step(self, step: Step) -> bool:
+        if step.latents is not None and (step.number % self.every == 0 or step.number == step.total):
+            self.show(step.number, step.total, step.latents)
+        return False
+
+
+class EarlyStop(Extension):
+    """Ends a pass once the latents change by less than `threshold` (relative L2) in one step; only in
+    the second half of a pass, since at high noise the picture is not formed yet. `stopped` says where."""
+
+    def __init__(self, threshold: float):
+        self.threshold = threshold
+        self.stopped: dict | None = None
+        self._previous: torch.Tensor | None = None
+
+    def reset(self) -> None:
+        self._previous = None
+
+    def on_step(self, step: Step) -> bool:
+        if step.latents is None or not (step.local_total / 2 <= step.local < step.local_total):
+            return False
+        previous, self._previous = self._previous, step.latents.detach().float().clone()
+        if previous is None or previous.shape != self._previous.shape:
+            return False
+        change = float((self._previous - previous).norm() / previous.norm().clamp_min(1e-8))
+        if change < self.threshold:
+            self.stopped = {"step": step.number, "of": step.total, "change": change}
+            return True
+        return False
+
+
+class StopRequest(Extension):
+    """The user's Stop: set `requested` from any thread; the pass ends after the current step."""
+
+    def __init__(self):
+        self.requested = False
+
+    def on_step(self, step: Step) -> bool:
+        return self.requested
+
+
+@dataclass
+class DenoiseContext:
+    """Handed to a task's run(): its stage timer, the job's extensions, and the steps counted so far."""
+
+    timer: StageTimer = field(default_factory=StageTimer)
+    extensions: list[Extension] = field(default_factory=list)
+    stop: StopRequest = field(default_factory=StopRequest)
+    steps_done: int = 0
+
+    @property
+    def stopped(self) -> bool:
+        return self.stop.requested
+
+    def find(self, kind: type[Extension]) -> Extension | None:
+        return next((e for e in self.extensions if isinstance(e, kind)), None)
+
+    def callback(self, local_total: int, total: int):
+        """diffusers callback_on_step_end for one pass of `local_total` steps, within a job of `total`."""
+        for extension in (*self.extensions, self.stop):
+            extension.reset()
+        offset = self.steps_done
+
+        def on_step_end(pipe, step_index, timestep, callback_kwargs):
+            self.steps_done = offset + step_index + 1
+            step = Step(self.steps_done, total, step_index + 1, local_total, callback_kwargs.get("latents"))
+            end = [extension.on_step(step) for extension in (*self.extensions, self.stop)]
+            if any(end):
+                pipe._interrupt = True
+            return callback_kwargs
+
+        return on_step_end
