@@ -41,6 +41,17 @@ def job_bytes(unet_width: int, width: int, height: int, batch: int) -> float:
     return batch * width * height * BYTES_PER_PIXEL * (unet_width / 320)
 
 
+def check_job_fits(device: str, unet_width: int, width: int, height: int, batch: int) -> None:
+    """Refuse, before any work, a job that clearly cannot fit in the memory free on its device."""
+    from .errors import UserError
+
+    need, free = job_bytes(unet_width, width, height, batch), free_bytes(device)
+    if need > free:
+        where = "VRAM" if is_cuda(device) else "RAM"
+        raise UserError(f"{batch} image(s) at {width}x{height} need about {need / GIB:.0f} GiB and {free / GIB:.0f} GiB "
+                        f"{where} is free: lower the size or batch size (or use tiled upscale).")
+
+
 @dataclass
 class LiveMemory:
     ram_bytes: int

@@ -230,6 +230,26 @@ TINY_AUTOENCODERS = {
 }
 
 
+def tiny_autoencoder_family(text: str, latent_channels: int = 4) -> str:
+    """Which models' latents a tiny autoencoder decodes: "sdxl" (TAESDXL) or "sd1" (TAESD, SD 1.x/2.x).
+
+    TAESD and TAESDXL share one architecture and config; only the name tells them apart
+    (builtin:taesdxl, madebyollin/taesdxl, a folder named like taesdxl), so a name with "xl" is TAESDXL."""
+    if latent_channels != 4:
+        return f"{latent_channels}-channel latents"
+    return "sdxl" if "xl" in Path(text.replace("builtin:", "")).name.lower() else "sd1"
+
+
+def tiny_autoencoder_mismatch(family: str, model: "LoadedModel") -> str | None:
+    """Why a tiny autoencoder of `family` cannot decode `model`'s latents, or None when it can."""
+    wanted = "sdxl" if model.is_sdxl else "sd1"
+    if family == wanted:
+        return None
+    names = {"sdxl": "TAESDXL (SDXL latents)", "sd1": "TAESD (SD 1.x/2.x latents)"}
+    return (f"the tiny autoencoder is {names.get(family, family)} and this model is {model.family}: it needs "
+            f"{names[wanted]}, or its colours come out wrong")
+
+
 def load_tiny_autoencoder(text: str, *, models_dir: Path | None = None, allow_any_path: bool = True):
     """An AutoencoderTiny from builtin:taesd[xl], a local diffusers folder, or a hub id (e.g. madebyollin/taesd)."""
     from diffusers import AutoencoderTiny
@@ -251,8 +271,8 @@ def load_tiny_autoencoder(text: str, *, models_dir: Path | None = None, allow_an
     except Exception as e:
         if _is_network_error(e):
             raise ModelLoadError(f"Could not download the tiny autoencoder {text!r}: no network, and it is not "
-                                 f"in the local cache. Pass a local folder with --taesd.") from None
-        raise ModelLoadError(f"Could not load the tiny autoencoder {text!r}: {_one_line(e)}") from None
+                                 f"in the local cache. Pass a local folder with --taesd.") from e
+        raise ModelLoadError(f"Could not load the tiny autoencoder {text!r}: {_one_line(e)}") from e
 
 
 # ---------------------------------------------------------------- resolving a source
@@ -334,7 +354,7 @@ def family_of_folder(folder: Path) -> str:
     try:
         class_name = json.loads(index.read_text(encoding="utf-8")).get("_class_name", "")
     except (OSError, ValueError) as e:
-        raise ModelLoadError(f"{index} is damaged: {e}") from None
+        raise ModelLoadError(f"{index} is damaged: {e}") from e
     if "XL" in class_name or (folder / "text_encoder_2").is_dir():
         return "sdxl"
     te_config = folder / "text_encoder" / "config.json"
@@ -364,7 +384,7 @@ def checkpoint_keys(path: Path) -> list[str]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:  # weights_only refuses code; truncated zips fail here too
-        raise ModelLoadError(f"Could not read {path.name} as a weights-only checkpoint: {_one_line(e)}") from None
+        raise ModelLoadError(f"Could not read {path.name} as a weights-only checkpoint: {_one_line(e)}") from e
     while isinstance(state, dict) and "state_dict" in state:
         state = state["state_dict"]
     if not isinstance(state, dict):
@@ -383,8 +403,8 @@ def _safetensors_header(path: Path) -> dict:
             raise ModelLoadError(f"{path.name} is truncated or not a safetensors file.")
         try:
             header = json.loads(f.read(n))
-        except ValueError:
-            raise ModelLoadError(f"{path.name} has a damaged safetensors header.") from None
+        except ValueError as e:
+            raise ModelLoadError(f"{path.name} has a damaged safetensors header.") from e
     header.pop("__metadata__", None)
     end = max((v["data_offsets"][1] for v in header.values()), default=0)
     if 8 + n + end > size:
@@ -503,8 +523,8 @@ def _load_single_file(source: ModelSource, family: str, config_dir) -> Any:
             raise ModelLoadError(
                 f"{source.path.name} is a {family} checkpoint, but its diffusers config could not be fetched from "
                 f"the hub (no network). Pass --model-config DIR with a diffusers folder of the same architecture."
-            ) from None
-        raise ModelLoadError(f"Could not load {source.path.name}: {_one_line(e)}") from None
+            ) from e
+        raise ModelLoadError(f"Could not load {source.path.name}: {_one_line(e)}") from e
 
 
 def _load_hub(source: ModelSource):
@@ -515,8 +535,8 @@ def _load_hub(source: ModelSource):
     except Exception as e:
         if _is_network_error(e):
             raise ModelLoadError(f"Could not download {source.value!r} from the Hugging Face hub: no network "
-                                 f"connection, and it is not in the local cache.") from None
-        raise ModelLoadError(f"Could not load {source.value!r} from the hub: {_one_line(e)}") from None
+                                 f"connection, and it is not in the local cache.") from e
+        raise ModelLoadError(f"Could not load {source.value!r} from the hub: {_one_line(e)}") from e
     name = type(pipe).__name__
     if name not in ("StableDiffusionPipeline", "StableDiffusionXLPipeline"):
         raise ModelLoadError(f"{source.value!r} is a {name}; only Stable Diffusion 1.x/2.x and SDXL are supported.")
@@ -528,7 +548,7 @@ def _guarded(load: Callable[[], Any], source: ModelSource):
     try:
         return load()
     except Exception as e:
-        raise ModelLoadError(f"Could not load {source.text!r}: {_one_line(e)}") from None
+        raise ModelLoadError(f"Could not load {source.text!r}: {_one_line(e)}") from e
 
 
 def _is_network_error(e: BaseException) -> bool:

@@ -135,6 +135,13 @@ def is_on(opts: Optimizations, name: str) -> bool:
     return getattr(opts, name) != getattr(DEFAULTS, name)
 
 
+def effective(wanted: Optimizations, reasons: dict[str, str]) -> tuple[Optimizations, dict[str, str]]:
+    """`wanted` minus what cannot act here (reset to its default), and {label: reason} for each one dropped."""
+    dropped = {name: why for name, why in reasons.items() if is_on(wanted, name)}
+    kept = wanted.model_copy(update={name: getattr(DEFAULTS, name) for name in dropped})
+    return kept, {LABELS[name]: why for name, why in dropped.items()}
+
+
 class GenerationDefaults(BaseModel):
     """What a preset pre-fills in the UI; a request still states its own values."""
 
@@ -174,9 +181,9 @@ def load_preset(name: str, directory: Path = PRESETS_DIR) -> Preset:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
         return Preset.model_validate({"name": name, **data})
     except tomllib.TOMLDecodeError as e:
-        raise UserError(f"Preset {name!r} is not valid TOML: {e}") from None
+        raise UserError(f"Preset {name!r} is not valid TOML: {e}") from e
     except ValidationError as e:
-        raise UserError(f"Preset {name!r}: {describe_validation_error(e)}") from None
+        raise UserError(f"Preset {name!r}: {describe_validation_error(e)}") from e
 
 
 def _toml_value(v) -> str:

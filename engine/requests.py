@@ -165,10 +165,10 @@ def load_image(value: Any):
         image.load()
     except UserError:
         raise
-    except Image.DecompressionBombError:
-        raise UserError(f"The image is too large; the limit is {MAX_IMAGE_SIDE} pixels per side.") from None
+    except Image.DecompressionBombError as e:
+        raise UserError(f"The image is too large; the limit is {MAX_IMAGE_SIDE} pixels per side.") from e
     except (UnidentifiedImageError, OSError, ValueError, TypeError) as e:
-        raise UserError(f"That file is not an image that can be read ({type(e).__name__}).") from None
+        raise UserError(f"That file is not an image that can be read ({type(e).__name__}).") from e
     if image.mode == "RGBA" or (image.mode == "P" and "transparency" in image.info):
         background = Image.new("RGB", image.size, (255, 255, 255))
         background.paste(image.convert("RGBA"), mask=image.convert("RGBA").split()[-1])
@@ -207,7 +207,7 @@ def parse_request(cls: type[_R], data: dict[str, Any]) -> _R:
     try:
         return cls.model_validate(data)
     except ValidationError as e:
-        raise UserError(describe_validation_error(e, data)) from None
+        raise UserError(describe_validation_error(e, data)) from e
 
 
 def describe_validation_error(error: ValidationError, data: dict[str, Any] | None = None) -> str:

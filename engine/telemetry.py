@@ -47,6 +47,20 @@ class Readout:
     details: dict = field(default_factory=dict)  # task-specific: tiles, steps planned, pass sizes
     notices: list[str] = field(default_factory=list)
 
+    @classmethod
+    def of_job(cls, timer: StageTimer, output, memory, runtime, model_name: str, shape_cache: str, details: dict,
+               notices: list[str]) -> "Readout":
+        """The readout of a finished task: its TaskOutput, peak memory (devices.PeakMemory) and runtime."""
+        denoise_s = sum(s for name, s in timer.stages_s.items() if name.endswith("denoising"))
+        first = output.images[0] if output.images else None
+        return cls(total_s=timer.elapsed_s(), stages_s=dict(timer.stages_s), steps=output.steps_run,
+                   it_per_s=output.steps_run / denoise_s if denoise_s > 0 else 0.0,
+                   peak_rss_bytes=memory.peak_rss_bytes, peak_vram_allocated_bytes=memory.vram_allocated_bytes,
+                   peak_vram_reserved_bytes=memory.vram_reserved_bytes, runtime=runtime.name,
+                   precision=runtime.precision, device=runtime.device, model=model_name,
+                   width=first.width if first else 0, height=first.height if first else 0,
+                   batch_size=len(output.images), shape_cache=shape_cache, details=details, notices=list(notices))
+
     def to_dict(self) -> dict:
         return asdict(self)
 

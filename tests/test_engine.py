@@ -1,5 +1,3 @@
-import time
-
 import numpy as np
 import pytest
 
@@ -49,8 +47,8 @@ def test_readout_fields_are_plausible(tiny_engine):
     assert sum(ro.stages_s.values()) <= ro.total_s + 1e-3
     assert ro.steps == 5 and ro.it_per_s == pytest.approx(5 / ro.stages_s["denoising"])
     assert 50 << 20 < ro.peak_rss_bytes < 20 << 30
-    assert ro.peak_vram_allocated_bytes is None  # CPU
-    assert ro.runtime == "pytorch" and ro.precision in ("fp32", "bf16") and ro.model == "builtin:tiny"
+    assert (ro.peak_vram_allocated_bytes is None) == (not ro.device.startswith("cuda"))
+    assert ro.runtime == "pytorch" and ro.precision in ("fp32", "bf16", "fp16") and ro.model == "builtin:tiny"
     text = ro.summary()
     assert "it/s" in text and "GiB" in text
 
@@ -99,11 +97,10 @@ def test_missing_model_path_is_clear_and_keeps_old_model(tiny_engine):
 
 def test_hub_id_offline_fails_with_one_sentence(tiny_engine, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    start = time.perf_counter()
     with pytest.raises(ModelLoadError) as e:
         tiny_engine.load("someone/some-sd-model")
     assert "no network" in str(e.value) and "\n" not in str(e.value)
-    assert time.perf_counter() - start < 30
+    assert e.value.__cause__ is not None  # the log keeps what the hub client said
     assert tiny_engine.model.name == "builtin:tiny"
 
 
@@ -132,8 +129,10 @@ def test_batch_that_cannot_fit_in_memory_is_refused_before_work(tiny_engine, mon
 
     real = psutil.virtual_memory()
     monkeypatch.setattr(psutil, "virtual_memory", lambda: real._replace(available=50 << 20))
-    with pytest.raises(UserError, match="GiB is free: lower the size or batch size"):
-        tiny_engine.txt2img({"prompt": "x", "width": 2048, "height": 2048, "batch_size": 8, "steps": 1})
-    assert tiny_engine.live.step == 0 or not tiny_engine.live.running
+    live_before, steps = tiny_engine.live, []
+    with pytest.raises(UserError, match="GiB RAM is free: lower the size or batch size"):
+        tiny_engine.txt2img({"prompt": "x", "width": 2048, "height": 2048, "batch_size": 8, "steps": 1},
+                            progress=lambda i, n: steps.append(i))
+    assert steps == [] and tiny_engine.live is live_before  # refused before the job started
     monkeypatch.undo()
     assert gen(tiny_engine).images

@@ -1,6 +1,3 @@
-import json
-import time
-
 import numpy as np
 import pytest
 import torch
@@ -9,11 +6,8 @@ from engine import Engine, ModelLoadError
 from engine.models import build_builtin, family_of_keys, load_model, resolve_source
 
 
-def test_builtin_tiny_builds_fast_and_is_deterministic():
-    build_builtin("tiny")  # imports warm
-    start = time.perf_counter()
+def test_builtin_tiny_is_deterministic():
     _, a = build_builtin("tiny")
-    assert time.perf_counter() - start < 2.0
     _, b = build_builtin("tiny")
     for (ka, va), (kb, vb) in zip(a.unet.state_dict().items(), b.unet.state_dict().items()):
         assert ka == kb and torch.equal(va, vb)
@@ -123,7 +117,6 @@ def test_remote_names_stay_inside_models_dir(tmp_path, tiny_saved):
     (models / "ok.safetensors").write_bytes(b"")
     assert resolve_source("ok.safetensors", models_dir=models, allow_any_path=False).kind == "file"
     assert resolve_source("owner/name", models_dir=models, allow_any_path=False).kind == "hub"
-    assert json.loads((tiny_saved["folder"] / "model_index.json").read_text())["_class_name"]
 
 
 def test_identity_is_stable_across_processes():

@@ -184,3 +184,14 @@ def test_tiled_vae_encode_is_close_to_plain_encode(tiny_engine):
     assert tiled.shape == plain.shape == (1, 4, 72, 80)
     # same noise, means/stds differ only where tiles saw less context
     assert torch.mean(torch.abs(tiled - plain)) < 0.25 * torch.mean(torch.abs(plain))
+
+
+def test_tiled_upscale_batch_size_makes_variants_from_consecutive_seeds(tiny_engine):
+    request = {**BASE, "steps": 2, "strength": 0.5, "factor": 2, "tile_size": 128, "tile_overlap": 32, "seed": 40}
+    image = noise_image(96, 64)
+    two = tiny_engine.tiled_upscale({**request, "batch_size": 2}, image)
+    second_alone = tiny_engine.tiled_upscale({**request, "seed": 41}, image)
+    assert len(two.images) == 2 and two.seeds == [40, 41]
+    assert not np.array_equal(np.asarray(two.images[0]), np.asarray(two.images[1]))
+    assert np.array_equal(np.asarray(two.images[1]), np.asarray(second_alone.images[0]))
+    assert two.readout.steps == 2 * second_alone.readout.steps

@@ -26,7 +26,6 @@ class DeepCache:
 
     def install(self) -> "DeepCache":
         self.unet.forward = self.forward  # instance attribute: nn.Module.__call__ runs it
-        self.unet.deepcache = self
         return self
 
     def reset_counts(self) -> None:

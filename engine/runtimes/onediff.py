@@ -7,6 +7,7 @@ on to PyTorch with fp16 + SDPA.
 from __future__ import annotations
 
 from ..hardware import HardwareReport
+from .base import ShapeLog
 from .pytorch import PyTorchRuntime, _imports
 
 BACKENDS = ("nexfort", "oneflow")  # preferred first
@@ -55,7 +56,12 @@ class OneDiffRuntime(PyTorchRuntime):
             compile_pipe(model.pipe, backend="nexfort", options={"mode": "max-autotune:cudagraphs"})
         else:
             compile_pipe(model.pipe)
+        ShapeLog(model.pipe.unet, "unet", self.compile_events)  # OneDiff compiles at a shape's first call
         self.applied.append(f"OneDiff compile ({self.backend})")
+
+    @property
+    def compiles(self) -> bool:
+        return True
 
     def describe(self) -> str:
         return f"onediff ({self.backend}) on {self.device} ({self.precision})"

@@ -13,7 +13,7 @@ import torch
 from ..errors import RuntimeUnavailable
 from ..hardware import HardwareReport
 from ..options import owned_elsewhere
-from .base import Runtime
+from .base import Runtime, ShapeLog
 
 
 def _imports(module: str) -> bool:
@@ -59,6 +59,7 @@ class PyTorchRuntime(Runtime):
         else:
             self._device = "cpu"
         self._precision = self._choose_precision(optimizations.precision)
+        self._deepcache = None
 
     def _choose_precision(self, wish: str) -> str:
         if wish == "auto":
@@ -72,6 +73,10 @@ class PyTorchRuntime(Runtime):
     @property
     def device(self) -> str:
         return self._device
+
+    @property
+    def compiles(self) -> bool:
+        return self.optimizations.torch_compile
 
     @property
     def precision(self) -> str:
@@ -95,10 +100,10 @@ class PyTorchRuntime(Runtime):
             pipe.to(dtype=self.weight_dtype)
         if self.weight_dtype == torch.float16 and getattr(pipe.vae.config, "force_upcast", False):
             pipe.vae.to(torch.float32)  # SDXL's VAE overflows in fp16
-        self.applied = []
+        applied, deepcache = [], None  # runtime state changes only once this model is ready
         if opts.attention == "xformers":
             pipe.enable_xformers_memory_efficient_attention()
-            self.applied.append("xformers attention")
+            applied.append("xformers attention")
         else:
             # diffusers uses torch SDPA (AttnProcessor2_0) by default; make it explicit.
             from diffusers.models.attention_processor import AttnProcessor2_0
@@ -106,26 +111,41 @@ class PyTorchRuntime(Runtime):
             pipe.unet.set_attn_processor(AttnProcessor2_0())
         if opts.attention_slicing:
             pipe.enable_attention_slicing()  # attention in slices: less peak memory, a little slower
-            self.applied.append("attention slicing")
+            applied.append("attention slicing")
         if opts.channels_last:
             pipe.unet.to(memory_format=torch.channels_last)
             pipe.vae.to(memory_format=torch.channels_last)
-            self.applied.append("channels_last")
+            applied.append("channels_last")
         if opts.token_merging_ratio > 0:
             import tomesd
 
             tomesd.apply_patch(pipe, ratio=opts.token_merging_ratio)
-            self.applied.append(f"token merging {opts.token_merging_ratio:g}")
+            applied.append(f"token merging {opts.token_merging_ratio:g}")
         if opts.deepcache:
             from .deepcache import DeepCache
 
-            DeepCache(pipe.unet, opts.deepcache_interval).install()
-            self.applied.append(f"DeepCache every {opts.deepcache_interval}")
+            deepcache = DeepCache(pipe.unet, opts.deepcache_interval).install()
+            applied.append(f"DeepCache every {opts.deepcache_interval}")
         if opts.torch_compile:
             # CUDA graphs on CUDA, except with DeepCache, whose kept features outlive a graph replay.
             mode = "reduce-overhead" if self._device == "cuda" and not opts.deepcache else None
             pipe.unet = torch.compile(pipe.unet, mode=mode)
-            self.applied.append("torch.compile" + (" (reduce-overhead)" if mode else ""))
+            ShapeLog(pipe.unet, "unet", self.compile_events)  # compiled at each shape's first call
+            applied.append("torch.compile" + (" (reduce-overhead)" if mode else ""))
+        self.applied, self._deepcache = applied, deepcache
+
+    def begin_denoise(self, pipe) -> None:
+        if self._deepcache is not None:
+            self._deepcache.reset()  # never reuse features of an earlier (perhaps stopped) pass
+
+    def begin_job(self) -> None:
+        if self._deepcache is not None:
+            self._deepcache.reset_counts()
+
+    def job_details(self) -> dict:
+        if self._deepcache is None:
+            return {}
+        return {"unet_calls_full": self._deepcache.full_calls, "unet_calls_shallow": self._deepcache.shallow_calls}
 
     def inference_context(self):
         stack = contextlib.ExitStack()

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -10,25 +10,10 @@ from PIL import Image
 
 from ..schedulers import make_scheduler
 from ..tiling import Blender, Tile, grid
+from .context import DenoiseContext
 
-ProgressFn = Callable[[int, int], None]  # (step done, total steps)
 VAE_TILE_LATENT = 64  # latent tile side for tiled VAE decode (512 px at the usual 8x)
 VAE_TILE_OVERLAP = 8
-
-
-@dataclass
-class StopFlag:
-    """Per-job control: Engine.stop() sets `requested`; `on_latents` sees the latents after each step.
-
-    With `early_stop_threshold` > 0 denoising ends once the latents change by less than that
-    (relative L2) in one step; `early_stop` then says where.
-    """
-
-    requested: bool = False
-    on_latents: Callable[[int, int, torch.Tensor], None] | None = None
-    early_stop_threshold: float = 0.0
-    early_stop: dict | None = None
-    previous_latents: torch.Tensor | None = None
 
 
 @dataclass
@@ -76,37 +61,6 @@ def encode_request_prompt(model, runtime, request, timer, batch_size: int | None
         return PromptEmbeddings(cache.expand(kwargs, batch))
 
 
-def step_callback(total: int, progress: ProgressFn | None, stop: StopFlag, counter: list[int], offset: int = 0,
-                  grand_total: int | None = None):
-    """diffusers callback_on_step_end: report step i of N, honour a stop request."""
-
-    def callback(pipe, step_index, timestep, callback_kwargs):
-        counter[0] = step_index + 1
-        if progress is not None:
-            progress(offset + step_index + 1, grand_total or total)
-        if stop.on_latents is not None and "latents" in callback_kwargs:
-            stop.on_latents(offset + step_index + 1, grand_total or total, callback_kwargs["latents"])
-        # Early stop is only considered in the second half: at high noise the picture is not formed yet.
-        if (stop.early_stop_threshold > 0 and "latents" in callback_kwargs and total / 2 <= step_index + 1 < total):
-            _check_early_stop(pipe, stop, callback_kwargs["latents"], offset + step_index + 1, grand_total or total)
-        if stop.requested:
-            pipe._interrupt = True
-        return callback_kwargs
-
-    return callback
-
-
-def _check_early_stop(pipe, stop: StopFlag, latents: torch.Tensor, step: int, total: int) -> None:
-    previous = stop.previous_latents
-    stop.previous_latents = latents.detach().float().clone()
-    if previous is None or previous.shape != latents.shape:
-        return
-    change = float((stop.previous_latents - previous).norm() / previous.norm().clamp_min(1e-8))
-    if change < stop.early_stop_threshold:
-        stop.early_stop = {"step": step, "of": total, "change": change}
-        pipe._interrupt = True
-
-
 def generators(seed: int, count: int, device: str) -> list[torch.Generator]:
     """Image i gets seed+i, so any image of a batch can be made again alone."""
     gen_device = "cpu" if device == "mps" else device
@@ -126,30 +80,21 @@ def derived_pipeline(model, task: str):
     return cache[task]
 
 
-def denoise(model, pipe, runtime, embeds: PromptEmbeddings, *, sampler: str, steps: int, guidance: float,
-            gens: list[torch.Generator], width: int, height: int, progress: ProgressFn | None, stop: StopFlag,
-            image_latents: torch.Tensor | None = None, strength: float = 1.0, offset: int = 0,
-            grand_total: int | None = None) -> tuple[torch.Tensor, int]:
-    """Run the diffusers loop to latents; with image_latents it is img2img from those latents."""
+def denoise(model, pipe, runtime, embeds: PromptEmbeddings, ctx: DenoiseContext, *, sampler: str, steps: int,
+            guidance: float, gens: list[torch.Generator], width: int, height: int, total: int,
+            image_latents: torch.Tensor | None = None, strength: float = 1.0) -> torch.Tensor:
+    """One diffusers denoising pass to latents (img2img from image_latents); `total` is the job's step count."""
     pipe.scheduler = make_scheduler(sampler, model.scheduler_config)
-    stop.previous_latents = None
-    deepcache = getattr(pipe.unet, "deepcache", None)
-    if deepcache is not None:
-        deepcache.reset()  # never reuse features of an earlier (perhaps stopped) run
-    done = [0]
+    runtime.begin_denoise(pipe)
     expected = steps if image_latents is None else steps_for_strength(steps, strength)
-    kwargs = dict(
-        **embeds.kwargs, num_inference_steps=steps, guidance_scale=guidance, generator=gens,
-        output_type="latent",
-        callback_on_step_end=step_callback(expected, progress, stop, done, offset, grand_total),
-    )
+    kwargs = dict(**embeds.kwargs, num_inference_steps=steps, guidance_scale=guidance, generator=gens,
+                  output_type="latent", callback_on_step_end=ctx.callback(expected, total))
     if image_latents is None:
         kwargs.update(height=height, width=width)
     else:
         # diffusers runs int(steps * strength) steps; nudge so it runs round(steps * strength).
         kwargs.update(image=image_latents, strength=min(1.0, (expected + 1e-4) / steps))
-    latents = pipe(**kwargs).images
-    return latents, done[0]
+    return pipe(**kwargs).images
 
 
 def steps_for_strength(steps: int, strength: float) -> int:

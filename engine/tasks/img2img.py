@@ -2,30 +2,41 @@
 from __future__ import annotations
 
 from ..requests import Img2ImgRequest
-from ..telemetry import StageTimer
-from .common import (ProgressFn, StopFlag, decode_latents, denoise, derived_pipeline, encode_images,
-                     encode_request_prompt, fit_image, generators, steps_for_strength)
+from .base import Task, TaskOutput
+from .common import (decode_latents, denoise, derived_pipeline, encode_images, encode_request_prompt, fit_image,
+                     generators, steps_for_strength)
+from .context import DenoiseContext
 
 
-def run_img2img(model, runtime, request: Img2ImgRequest, image, timer: StageTimer, progress: ProgressFn | None,
-                stop: StopFlag) -> tuple[list, int, int]:
-    """Returns (images, steps run, steps planned). Strength 0 returns the fitted input untouched."""
-    with timer.stage("resize"):
-        fitted = fit_image(image, request.width, request.height, request.resize_mode)
-    planned = steps_for_strength(request.steps, request.strength)
-    if planned == 0:
-        return [fitted.copy() for _ in range(request.batch_size)], 0, 0
-    pipe = derived_pipeline(model, "img2img")
-    gens = generators(request.seed, request.batch_size, runtime.device)
-    with runtime.inference_context():
-        embeds = encode_request_prompt(model, runtime, request, timer)
-        with timer.stage("vae_encode"):
-            latents = encode_images(model, [fitted] * request.batch_size, gens, tiled=request.vae_tiling)
-        with timer.stage("denoising"):
-            latents, done = denoise(model, pipe, runtime, embeds, sampler=request.sampler, steps=request.steps,
-                                    guidance=request.guidance, gens=gens, width=request.width,
-                                    height=request.height, progress=progress, stop=stop, image_latents=latents,
-                                    strength=request.strength)
-        with timer.stage("vae_decode"):
-            images = decode_latents(model, latents, tiled=request.vae_tiling)
-    return images, done, planned
+class Img2Img(Task):
+    name = "img2img"
+    request_type = Img2ImgRequest
+    takes_image = True
+
+    def normalise(self, request):
+        return request.sized_for(self.image.size, self.model.vae_scale_factor)
+
+    def memory_need(self):
+        return self.request.width, self.request.height, self.request.batch_size
+
+    def run(self, runtime, ctx: DenoiseContext) -> TaskOutput:
+        r, model = self.request, self.model
+        with ctx.timer.stage("resize"):  # 1. the input at the output size
+            fitted = fit_image(self.image, r.width, r.height, r.resize_mode)
+        planned = steps_for_strength(r.steps, r.strength)
+        if planned == 0:
+            return TaskOutput([fitted.copy() for _ in range(r.batch_size)], 0, 0, {"steps_planned": 0},
+                              ["Strength 0: the input is returned (resized) and no denoising step ran."])
+        gens = generators(r.seed, r.batch_size, runtime.device)
+        with runtime.inference_context():
+            embeds = encode_request_prompt(model, runtime, r, ctx.timer)  # 2. the prompt pair
+            with ctx.timer.stage("vae_encode"):  # 3. the input to latents, one sample per image
+                latents = encode_images(model, [fitted] * r.batch_size, gens, tiled=r.vae_tiling)
+            with ctx.timer.stage("denoising"):  # 4. denoise from the noised input
+                latents = denoise(model, derived_pipeline(model, "img2img"), runtime, embeds, ctx,
+                                  sampler=r.sampler, steps=r.steps, guidance=r.guidance, gens=gens, width=r.width,
+                                  height=r.height, total=planned, image_latents=latents, strength=r.strength)
+            with ctx.timer.stage("vae_decode"):  # 5. back to pixels
+                images = decode_latents(model, latents, tiled=r.vae_tiling)
+        return TaskOutput(images, ctx.steps_done, planned, {"steps_planned": planned},
+                          [f"Ran {planned} of {r.steps} steps (steps x strength {r.strength:g})."])

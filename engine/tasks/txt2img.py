@@ -1,21 +1,37 @@
-"""txt2img: encode the prompt, denoise from noise, decode. Each stage timed on its own."""
+"""txt2img: encode the prompt once, then per batch: denoise from noise and decode. Each stage timed."""
 from __future__ import annotations
 
 from ..requests import Txt2ImgRequest
-from ..telemetry import StageTimer
-from .common import (ProgressFn, StopFlag, decode_latents, denoise, encode_request_prompt, generators)
+from .base import Task, TaskOutput
+from .common import decode_latents, denoise, encode_request_prompt, generators
+from .context import DenoiseContext
 
 
-def run_txt2img(model, runtime, request: Txt2ImgRequest, timer: StageTimer, progress: ProgressFn | None,
-                stop: StopFlag) -> tuple[list, int]:
-    """Returns (images, steps actually run). `request` is already snapped and seeded."""
-    with runtime.inference_context():
-        embeds = encode_request_prompt(model, runtime, request, timer)
-        with timer.stage("denoising"):
-            latents, done = denoise(model, model.pipe, runtime, embeds, sampler=request.sampler, steps=request.steps,
-                                    guidance=request.guidance,
-                                    gens=generators(request.seed, request.batch_size, runtime.device),
-                                    width=request.width, height=request.height, progress=progress, stop=stop)
-        with timer.stage("vae_decode"):
-            images = decode_latents(model, latents)
-    return images, done
+class Txt2Img(Task):
+    name = "txt2img"
+    request_type = Txt2ImgRequest
+
+    def normalise(self, request):
+        return request.snapped(self.model.vae_scale_factor)
+
+    def memory_need(self):
+        return self.request.width, self.request.height, self.request.batch_size
+
+    def run(self, runtime, ctx: DenoiseContext) -> TaskOutput:
+        r, model = self.request, self.model
+        total = r.steps * r.batch_count
+        images = []
+        with runtime.inference_context():
+            # 1. the prompt pair, once for every batch
+            embeds = encode_request_prompt(model, runtime, r, ctx.timer)
+            for k in range(r.batch_count):  # 2. batches one after another; image i has seed + i
+                if ctx.stopped:
+                    break
+                gens = generators(r.seed + k * r.batch_size, r.batch_size, runtime.device)
+                with ctx.timer.stage("denoising"):
+                    latents = denoise(model, model.pipe, runtime, embeds, ctx, sampler=r.sampler, steps=r.steps,
+                                      guidance=r.guidance, gens=gens, width=r.width, height=r.height, total=total)
+                with ctx.timer.stage("vae_decode"):  # 3. latents to pixels
+                    images += decode_latents(model, latents)
+        details = {"batches": r.batch_count} if r.batch_count > 1 else {}
+        return TaskOutput(images, ctx.steps_done, total, details)

@@ -1,0 +1,222 @@
+"""The job runner: one task at a time on the device, with live status, telemetry, saving, history and caches.
+
+The Engine decides what runs (model, runtime, options); the runner runs it: under the device lock,
+inside a denoise context whose extensions report progress and previews, with peak memory sampled,
+then builds the result and readout, saves the images, adds a history row, and keeps the result
+for an identical request when the result cache is on.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from . import devices
+from .caches import LRU, result_key
+from .errors import UserError
+from .metadata import format_parameters
+from .outputs import clean_partials, save_png
+from .preview import latents_to_rgb
+from .tasks.base import Task, TaskOutput
+from .tasks.context import DenoiseContext, EarlyStop, Preview, Progress, ProgressFn
+from .telemetry import Readout
+
+
+@dataclass
+class GenerationResult:
+    images: list  # PIL images
+    seeds: list[int]
+    parameters: dict[str, Any]  # the exact request that ran (snapped size, resolved seed)
+    readout: Readout
+    notices: list[str] = field(default_factory=list)
+    extra_images: dict[str, list] = field(default_factory=dict)  # e.g. hires fix's base images
+    saved_paths: list[str] = field(default_factory=list)
+
+
+@dataclass
+class LiveStatus:
+    """What the UI polls while a job runs."""
+
+    task: str = ""
+    step: int = 0
+    total: int = 0
+    started: float = 0.0
+    running: bool = False
+    preview: Any = None  # PIL image
+    preview_step: int = 0
+
+    @property
+    def elapsed_s(self) -> float:
+        return time.perf_counter() - self.started if self.started else 0.0
+
+    @property
+    def it_per_s(self) -> float:
+        return self.step / self.elapsed_s if self.step and self.elapsed_s > 0 else 0.0
+
+    @property
+    def eta_s(self) -> float | None:
+        rate = self.it_per_s
+        return (self.total - self.step) / rate if rate > 0 and self.total else None
+
+
+class JobRunner:
+    def __init__(self, outputs_dir: Path | None = None, preview_every: int = 2, history_size: int = 20):
+        self.lock = threading.RLock()  # one job (or load) on the device; re-entrant for a runtime switch
+        self.outputs_dir = Path(outputs_dir) if outputs_dir else None  # None: do not save
+        if self.outputs_dir is not None and self.outputs_dir.is_dir():
+            clean_partials(self.outputs_dir)
+        self.preview_every = preview_every  # steps between live previews; 0 = none
+        self.live = LiveStatus()
+        self.history: deque[dict[str, Any]] = deque(maxlen=history_size)
+        self.result_cache = LRU(32)
+        self._context: DenoiseContext | None = None
+
+    def stop(self) -> None:
+        """Ask the running job to end after its current step."""
+        if self._context is not None:
+            self._context.stop.requested = True
+
+    def run(self, task: Task, runtime, not_applied: dict[str, str], progress: ProgressFn | None) -> GenerationResult:
+        """Run `task` on `runtime`; the caller holds `lock` and has checked the model is still the loaded one."""
+        model, options = task.model, task.model.options
+        key = self._cache_key(task, runtime) if options.result_cache else None
+        hit = self.result_cache.get(key) if key else None
+        if hit is not None:
+            return self._cached(hit, task.notices)
+        ctx = self._context = self._context_for(task, progress)
+        self.live = LiveStatus(task=task.name, started=time.perf_counter(), running=True)
+        mark, prompt_counts = runtime.compile_mark(), (model.prompt_cache.hits, model.prompt_cache.misses)
+        runtime.begin_job()
+        try:
+            with devices.PeakMemory(runtime.device) as memory:
+                output = task.run(runtime, ctx)
+        except Exception as e:
+            if not devices.is_out_of_memory(e):
+                raise
+            devices.release(runtime.device)
+            size = f"{getattr(task.request, 'width', None) or '?'}x{getattr(task.request, 'height', None) or '?'}"
+            raise UserError(f"Out of memory during {task.name} at {size}: try a smaller size or batch, or the "
+                            f"low-memory preset. What the job held has been freed.") from e
+        finally:
+            self.live.running = False
+        details = {**output.details, **runtime.job_details(), **self._details(ctx, model, prompt_counts)}
+        notices = task.notices + output.notices + self._job_notices(ctx, output, options, not_applied)
+        readout = Readout.of_job(ctx.timer, output, memory, runtime, model.name, runtime.shape_state(mark),
+                                 details, notices)
+        result = self._result(task, runtime, output, readout)
+        self._remember(task.name, readout)
+        if key is not None and result.images and not (ctx.stopped and output.steps_run < output.steps_planned):
+            self.result_cache.put(key, {"result": result, "images": [im.copy() for im in result.images],
+                                        "time": time.strftime("%H:%M:%S")})
+        return result
+
+    # -- pieces of a run
+
+    def _context_for(self, task: Task, progress: ProgressFn | None) -> DenoiseContext:
+        def report(step: int, total: int) -> None:
+            self.live.step, self.live.total = step, total
+            if progress is not None:
+                progress(step, total)
+
+        extensions = [Progress(report)]
+        if self.preview_every:
+            extensions.append(Preview(self.preview_every, lambda step, total, latents: self._preview(
+                task.model, step, latents)))
+        if task.model.options.early_stop_threshold > 0:
+            extensions.append(EarlyStop(task.model.options.early_stop_threshold))
+        return DenoiseContext(extensions=extensions)
+
+    def _preview(self, model, step: int, latents) -> None:
+        if model.options.tiny_vae and model.taesd is not None:
+            import torch
+
+            from .tasks.common import tiny_decode
+
+            with torch.no_grad():  # the tiny autoencoder makes a real preview for a few ms
+                self.live.preview = model.pipe.image_processor.postprocess(
+                    tiny_decode(model.taesd, latents[:1]), output_type="pil")[0]
+        else:
+            self.live.preview = latents_to_rgb(latents, model.is_sdxl, scale=model.vae_scale_factor)
+        self.live.preview_step = step
+
+    @staticmethod
+    def _cache_key(task: Task, runtime) -> str:
+        model = task.model
+        output_options = model.options.model_dump(exclude={"prompt_cache", "result_cache"})
+        return result_key(model.identity or model.name, task.name, runtime.name, runtime.precision,
+                          {**task.request.model_dump(), "inputs": task.inputs_key}, output_options)
+
+    @staticmethod
+    def _details(ctx: DenoiseContext, model, prompt_counts: tuple[int, int]) -> dict:
+        details, options, early = {}, model.options, ctx.find(EarlyStop)
+        if early is not None and early.stopped is not None:
+            details["early_stop_step"] = early.stopped["step"]
+        if options.prompt_cache:
+            hits, misses = model.prompt_cache.hits - prompt_counts[0], model.prompt_cache.misses - prompt_counts[1]
+            details["prompt_cache"] = ("hit" if hits and not misses else "miss" if misses and not hits
+                                       else f"{hits} hits, {misses} misses")
+        if options.tiny_vae and model.taesd is not None:
+            details["decoder"] = "tiny autoencoder (TAESD)"
+        return details
+
+    @staticmethod
+    def _job_notices(ctx: DenoiseContext, output: TaskOutput, options, not_applied: dict[str, str]) -> list[str]:
+        notices = []
+        if ctx.stopped and output.steps_run < output.steps_planned:
+            notices.append(f"Stopped after {output.steps_run} of {output.steps_planned} steps.")
+        early = ctx.find(EarlyStop)
+        if early is not None and early.stopped is not None:
+            notices.append(f"Early stop at step {early.stopped['step']} of {early.stopped['of']}: the latents changed "
+                           f"by {early.stopped['change']:.2%} in that step (threshold {options.early_stop_threshold:.2%}).")
+        return notices + [f"Not applied here: {label} ({why})." for label, why in not_applied.items()]
+
+    def _result(self, task: Task, runtime, output: TaskOutput, readout: Readout) -> GenerationResult:
+        model, request = task.model, task.request
+        parameters = {"task": task.name, "model": model.name, "runtime": runtime.name, **request.model_dump()}
+        seeds = [request.seed + i for i in range(len(output.images))]
+        result = GenerationResult(images=output.images, seeds=seeds, parameters=parameters, readout=readout,
+                                  notices=readout.notices, extra_images=output.extra_images)
+        if self.outputs_dir is not None:
+            start = time.perf_counter()
+            for image, seed in zip(output.images, seeds):
+                text = format_parameters({**parameters, "seed": seed, "width": image.width, "height": image.height})
+                result.saved_paths.append(str(save_png(image, text, self.outputs_dir, seed)))
+            readout.stages_s["save"] = time.perf_counter() - start
+        return result
+
+    def _remember(self, task_name: str, readout: Readout) -> None:
+        self.history.appendleft({
+            "time": time.strftime("%H:%M:%S"), "task": task_name, "size": f"{readout.width}x{readout.height}",
+            "images": readout.batch_size, "steps": readout.steps, "runtime": readout.runtime,
+            "precision": readout.precision, "total_s": round(readout.total_s, 3), "it_per_s": round(readout.it_per_s, 2),
+            "peak_ram_gib": round(readout.peak_rss_bytes / 2**30, 2), "shape": readout.shape_cache,
+        })
+
+    def _cached(self, hit: dict, notices: list[str]) -> GenerationResult:
+        """An identical earlier request: its saved images (or the kept copies), no UNet run."""
+        from PIL import Image
+
+        start = time.perf_counter()
+        old: GenerationResult = hit["result"]
+        images = []
+        for i, kept in enumerate(hit["images"]):
+            path = old.saved_paths[i] if i < len(old.saved_paths) else None
+            if path and Path(path).is_file():
+                with Image.open(path) as im:
+                    images.append(im.convert("RGB"))
+            else:
+                images.append(kept.copy())
+        seconds = time.perf_counter() - start
+        readout = replace(
+            old.readout, total_s=seconds, stages_s={"result_cache": seconds}, steps=0, it_per_s=0.0, peak_rss_bytes=0,
+            peak_vram_allocated_bytes=None, peak_vram_reserved_bytes=None, shape_cache="result cache hit (no UNet run)",
+            details={**old.readout.details, "cached_from": hit["time"]},
+            notices=notices + [f"Cached result: the same request (model, parameters, seed) ran at {hit['time']}; "
+                               f"returned without running the model."])
+        self._remember(old.parameters.get("task", ""), readout)
+        return GenerationResult(images=images, seeds=list(old.seeds), parameters=dict(old.parameters),
+                                readout=readout, notices=readout.notices, extra_images=old.extra_images,
+                                saved_paths=list(old.saved_paths))

@@ -1,0 +1,71 @@
+"""What every task is: a validated request in, a typed output back, its own loop in between."""
+from __future__ import annotations
+
+import hashlib
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from ..requests import GenerationRequest, load_image, parse_request
+from .context import DenoiseContext
+
+
+@dataclass
+class TaskOutput:
+    images: list  # PIL images
+    steps_run: int
+    steps_planned: int
+    details: dict[str, Any] = field(default_factory=dict)  # for the readout: tiles, pass sizes...
+    notices: list[str] = field(default_factory=list)
+    extra_images: dict[str, list] = field(default_factory=dict)  # e.g. hires fix's base images
+
+
+class Task(ABC):
+    """One generation task. The constructor validates and normalises the request (snapped sizes, a concrete
+    seed, the input image read) so a bad request fails before the device is touched; `run` does the work."""
+
+    name: ClassVar[str]
+    request_type: ClassVar[type[GenerationRequest]]
+    takes_image: ClassVar[bool] = False
+
+    def __init__(self, model, request: GenerationRequest | dict, image: Any = None):
+        self.model = model
+        if isinstance(request, dict):
+            request = parse_request(self.request_type, request)
+        self.image = load_image(image) if self.takes_image else None
+        request, self.notices = self.normalise(request)
+        self.request = request.with_seed()
+        self.notices += prompt_notices(model, self.request)
+
+    @abstractmethod
+    def normalise(self, request) -> tuple[GenerationRequest, list[str]]:
+        """The request as it will run (sizes snapped to the model's multiple), and what changed."""
+
+    def memory_need(self) -> tuple[int, int, int] | None:
+        """(width, height, batch) of the largest UNet pass, for the memory check; None: no check."""
+        return None
+
+    @property
+    def inputs_key(self) -> str:
+        """The input image's identity, for the result cache."""
+        if self.image is None:
+            return ""
+        return f"{self.image.size}:{hashlib.sha256(self.image.tobytes()).hexdigest()}"
+
+    @abstractmethod
+    def run(self, runtime, ctx: DenoiseContext) -> TaskOutput:
+        """Do the work: numbered steps, progress through `ctx`, stage times on `ctx.timer`."""
+
+
+def prompt_notices(model, request) -> list[str]:
+    """The text encoder reads 77 tokens; say so when a prompt is cut, rather than cut silently."""
+    tokenizer = model.pipe.tokenizer
+    notices = []
+    for label, text in (("Prompt", request.prompt), ("Negative prompt", request.negative_prompt)):
+        ids = tokenizer(text, truncation=False).input_ids if text else []
+        limit = tokenizer.model_max_length
+        if len(ids) > limit:
+            kept = tokenizer.decode(ids[1:limit - 1])
+            notices.append(f"{label} is {len(ids) - 2} tokens; the text encoder reads {limit - 2}, so only "
+                           f"\"{kept}\" was used.")
+    return notices
