@@ -117,7 +117,7 @@ class Engine:
             except UserError:
                 raise
             except Exception as e:
-                if self.runtime.name == "pytorch" and not self.runtime.compiles:
+                if self.runtime.fallible is None:
                     raise  # eager PyTorch is the fallback: nothing to fall back to
                 runtime, choice, opts = self._fallback(e, f"could not prepare {source}")
                 model = self._prepared(runtime, source, allow_any_path, config_dir)
@@ -129,7 +129,7 @@ class Engine:
         """Eager PyTorch, for a runtime (or torch.compile) that failed; the Engine tab says why."""
         from .runtimes.pytorch import PyTorchRuntime
 
-        failed = "torch.compile" if self.runtime.name == "pytorch" else self.runtime.name
+        failed = self.runtime.fallible
         reason = f"{failed} {what} ({type(error).__name__}: {str(error)[:200]}); using eager PyTorch"
         log.warning("%s", reason, exc_info=error)
         opts = self.optimizations.model_copy(update={"torch_compile": False})
@@ -192,7 +192,8 @@ class Engine:
             try:
                 result = self.jobs.run(task, self.runtime, self.not_applied, progress)
             except Exception as e:
-                if isinstance(e, UserError) or self.runtime.proven or not self.runtime.compiles:
+                if isinstance(e, UserError) or self.runtime.proven or not (self.runtime.compiles
+                                                                           and self.runtime.fallible):
                     raise
                 self.runtime, self.choice, self.optimizations = self._fallback(e, "failed at its first run")
                 self._install(self._prepared(self.runtime, model.source.text, True, self._config_dir),

@@ -88,6 +88,12 @@ class Runtime(ABC):
         """Whether this runtime compiles graphs lazily, at a shape's first run (which can fail there)."""
         return False
 
+    @property
+    def fallible(self) -> str | None:
+        """What of this runtime may fail where eager PyTorch would not (the name the Engine gives a fallback),
+        or None where this runtime is already the fallback."""
+        return self.name
+
     @classmethod
     def option_reasons(cls, hardware: HardwareReport) -> dict[str, str]:
         """Optimizations this runtime cannot apply here -> one line saying why (the UI greys them out)."""

@@ -63,5 +63,9 @@ class OneDiffRuntime(PyTorchRuntime):
     def compiles(self) -> bool:
         return True
 
+    @property
+    def fallible(self) -> str | None:
+        return self.name
+
     def describe(self) -> str:
         return f"onediff ({self.backend}) on {self.device} ({self.precision})"

@@ -79,6 +79,10 @@ class PyTorchRuntime(Runtime):
         return self.optimizations.torch_compile
 
     @property
+    def fallible(self) -> str | None:
+        return "torch.compile" if self.compiles else None  # eager PyTorch is the fallback itself
+
+    @property
     def precision(self) -> str:
         return self._precision
 
