@@ -132,8 +132,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
-    from ui import build_ui
-    from ui.app_ui import launch_kwargs
+    from ui import build_ui, launch_kwargs
 
     defaults.setdefault("prompt", EXAMPLE_PROMPT)
     if model.name == "builtin:shapes":
