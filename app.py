@@ -171,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
         if demo.share_url:
             print(f"Public link: {demo.share_url}", flush=True)
         else:
-            print("No public link could be made (no network to the share server); serving locally only.",
+            print("No public link could be made (the share server could not be reached); serving locally only.",
                   flush=True)
         if generated:
             print(f"Login for the public link: user {SHARE_USER}, password {generated}", flush=True)
