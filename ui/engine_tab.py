@@ -32,15 +32,15 @@ def build(engine: Engine, d: dict[str, Any], guidance: gr.Slider) -> EngineTab:
         runtime = gr.Dropdown(list(CHOICES), value=engine.runtime_wish, label="Runtime")
         use_runtime = gr.Button("Use this runtime")
     with gr.Row():
-        sizes = gr.Textbox(label="Warm up sizes (WIDTHxHEIGHT, comma separated)",
-                           value=f"{d['width']}x{d['height']}", scale=3)
-        tasks = gr.CheckboxGroup(list(WARMUP_TASKS), value=["txt2img"], label="Warm up for", scale=2,
-                                 info="with the txt2img tab's guidance")
+        sizes_box = gr.Textbox(label="Warm up sizes (WIDTHxHEIGHT, comma separated)",
+                               value=f"{d['width']}x{d['height']}", scale=3)
+        tasks_box = gr.CheckboxGroup(list(WARMUP_TASKS), value=["txt2img"], label="Warm up for", scale=2,
+                                     info="with the txt2img tab's guidance")
         warmup_button = gr.Button("Warm up")
     report = gr.Markdown("")
     with gr.Row():
-        model = gr.Textbox(label="Model (builtin:NAME, hub id owner/name, or a name under the models folder)",
-                           value=engine.model.name if engine.model else "builtin:shapes")
+        model_box = gr.Textbox(label="Model (builtin:NAME, hub id owner/name, or a name under the models folder)",
+                               value=engine.model.name if engine.model else "builtin:shapes")
         load_button = gr.Button("Load model")
     message = gr.Markdown("")
     gr.Textbox(str(engine.hardware), label="Hardware", lines=8, interactive=False)
@@ -56,7 +56,7 @@ def build(engine: Engine, d: dict[str, Any], guidance: gr.Slider) -> EngineTab:
                 results += engine.warmup([size], guidance=guidance, tasks=tuple(tasks))
         return warmup_markdown(results)
 
-    warmup_button.click(warmup, inputs=[sizes, tasks, guidance], outputs=[report], api_name="warmup")
+    warmup_button.click(warmup, inputs=[sizes_box, tasks_box, guidance], outputs=[report], api_name="warmup")
 
     def load_model(model, progress=gr.Progress()):
         progress(0, desc=f"Loading {model}")
@@ -65,7 +65,7 @@ def build(engine: Engine, d: dict[str, Any], guidance: gr.Slider) -> EngineTab:
             loaded = engine.load(model, allow_any_path=False)
         return engine_markdown(engine), f"Loaded **{loaded.name}** ({loaded.family}) in {loaded.load_seconds:.1f} s."
 
-    load_button.click(load_model, inputs=[model], outputs=[info, message], api_name="load_model")
+    load_button.click(load_model, inputs=[model_box], outputs=[info, message], api_name="load_model")
     return EngineTab(info, message, runtime, use_runtime)
 
 
