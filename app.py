@@ -47,7 +47,35 @@ def parse_auth(values: list[str] | None) -> list[tuple[str, str]] | None:
     return pairs
 
 
+def cli_specs():
+    from engine.options import OPTION_SPECS
+
+    return [spec for spec in OPTION_SPECS.values() if spec.cli]
+
+
+def add_option_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per option marked cli=True in engine/options.py; a given flag overrides the preset."""
+    runtimes = {"openvino": "OpenVINO", "pytorch": "PyTorch"}
+    for spec in cli_specs():
+        about = spec.help + (f" ({runtimes.get(spec.runtime, spec.runtime)} runtime)" if spec.runtime else "")
+        if spec.kind == "bool":
+            parser.add_argument(spec.flag, dest=spec.name, action="store_true", help=about + "; overrides the preset")
+        elif spec.kind == "choice":
+            parser.add_argument(spec.flag, dest=spec.name, default=None, choices=list(spec.choices),
+                                help=about + "; overrides the preset")
+        else:  # no numeric option is on the command line yet; say so rather than guess a parser
+            raise NotImplementedError(f"{spec.flag}: no command-line form for a {spec.kind} option")
+
+
+def option_overrides(args: argparse.Namespace) -> dict:
+    """The option flags given (an unset store_true is False: not given, so the preset's value stays)."""
+    return {spec.name: getattr(args, spec.name) for spec in cli_specs()
+            if getattr(args, spec.name) not in (None, False)}
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from engine.runtimes import CHOICES
+
     p = argparse.ArgumentParser(description="Fast Stable Diffusion web UI: picks the runtime for your hardware "
                                             "and shows time and memory beside every image.")
     p.add_argument("--model", default="builtin:shapes",
@@ -57,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-config", default=None,
                    help="diffusers folder whose configs a single-file checkpoint should use (needed offline)")
     p.add_argument("--models-dir", default="models", help="folder the UI may load models from (default: %(default)s)")
-    p.add_argument("--runtime", default="auto", choices=["auto", "pytorch", "openvino", "onediff"],
+    p.add_argument("--runtime", default="auto", choices=list(CHOICES),
                    help="runtime to use; auto picks from the hardware (default: %(default)s)")
     p.add_argument("--preset", default=None, help="preset name from presets/*.toml (e.g. balanced, quality)")
     p.add_argument("--presets-dir", default=None,
@@ -66,13 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tiny autoencoder for fast decodes and previews: a diffusers AutoencoderTiny folder, a hub id "
                         "(madebyollin/taesd), or builtin:taesd (random weights, for benchmarks)")
     p.add_argument("--warmup", default=None, help="shapes to prepare ahead, e.g. 512x512,768x512")
-    p.add_argument("--precision", default=None, choices=["auto", "fp32", "bf16", "fp16"],
-                   help="overrides the preset's precision (auto: fp16 on CUDA, bf16 on CPUs with hardware bf16)")
-    p.add_argument("--int8-weights", action="store_true", help="int8 weight compression (OpenVINO runtime)")
-    p.add_argument("--int8-convolutions", action="store_true",
-                   help="int8 weights plus int8 convolutions, calibrated once (OpenVINO runtime; least memory)")
-    p.add_argument("--compiled-blob-cache", action="store_true",
-                   help="keep OpenVINO compiled blobs on disk: ~2 s faster compiles, ~3 GiB more peak RAM (SD 1.5)")
+    add_option_flags(p)
     p.add_argument("--cache-dir", default=None,
                    help="where converted models and compiled blobs are kept (default ~/.cache/fast-sd)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
@@ -111,9 +133,7 @@ def main(argv: list[str] | None = None) -> int:
             preset = load_preset(args.preset, presets_dir)
             optimizations = preset.optimizations
             defaults = {**preset.defaults.model_dump(exclude_none=True), "preset": preset.name}
-        overrides = {k: v for k, v in (("precision", args.precision), ("int8_weights", args.int8_weights or None),
-                                       ("int8_convolutions", args.int8_convolutions or None),
-                                       ("compiled_blob_cache", args.compiled_blob_cache or None)) if v is not None}
+        overrides = option_overrides(args)
         if overrides:
             optimizations = (optimizations or Optimizations()).model_copy(update=overrides)
         engine = Engine(runtime=args.runtime, optimizations=optimizations, models_dir=Path(args.models_dir),
@@ -132,8 +152,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
-    from ui import build_ui
-    from ui.app_ui import launch_kwargs
+    from ui import build_ui, launch_kwargs
 
     defaults.setdefault("prompt", EXAMPLE_PROMPT)
     if model.name == "builtin:shapes":
@@ -152,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
         if demo.share_url:
             print(f"Public link: {demo.share_url}", flush=True)
         else:
-            print("No public link could be made (no network to the share server); serving locally only.",
+            print("No public link could be made (the share server could not be reached); serving locally only.",
                   flush=True)
         if generated:
             print(f"Login for the public link: user {SHARE_USER}, password {generated}", flush=True)

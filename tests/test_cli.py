@@ -1,9 +1,10 @@
+import argparse
 import subprocess
 import sys
 
 import pytest
 
-from app import parse_auth
+from app import build_parser, option_overrides, parse_auth
 from engine.errors import UserError
 from engine.requests import parse_sizes
 from appserver import ROOT
@@ -37,5 +38,29 @@ def test_parse_warmup_and_auth():
         with pytest.raises(UserError):
             parse_sizes(bad)
     assert parse_auth(["a:b", "c:d:e"]) == [("a", "b"), ("c", "d:e")]
-    with pytest.raises(Exception):
+    with pytest.raises(argparse.ArgumentTypeError):
         parse_auth(["nopass"])
+
+
+def test_option_flags_come_from_the_option_schema():
+    from engine.options import OPTION_SPECS
+    from engine.runtimes import CHOICES
+
+    specs = [spec for spec in OPTION_SPECS.values() if spec.cli]
+    assert {s.flag for s in specs} >= {"--precision", "--int8-weights", "--int8-convolutions", "--compiled-blob-cache"}
+    out = run_app("--help").stdout
+    for spec in specs:
+        assert spec.flag in out, spec.flag
+    actions = {a.option_strings[0]: a for a in build_parser()._actions if a.option_strings}
+    assert actions["--precision"].choices == list(OPTION_SPECS["precision"].choices)
+    assert actions["--runtime"].choices == list(CHOICES)
+    for spec in specs:
+        if spec.kind == "bool":
+            assert actions[spec.flag].help.startswith(spec.help)
+
+
+def test_option_flags_override_only_what_is_given():
+    parser = build_parser()
+    assert option_overrides(parser.parse_args([])) == {}
+    args = parser.parse_args(["--precision", "bf16", "--int8-weights"])
+    assert option_overrides(args) == {"precision": "bf16", "int8_weights": True}

@@ -1,6 +1,11 @@
 """The UI through gradio_client, against a real app process on a free localhost port."""
+import json
+import re
+import urllib.request
+
 import pytest
 from gradio_client import Client
+from gradio_client.exceptions import AppError
 from PIL import Image
 
 from appserver import running_app
@@ -36,42 +41,61 @@ def client(app):
 
 
 def txt2img(client, **kw):
-    args = {"prompt_v": "a red circle", "negative_v": "", "width_v": 256, "height_v": 256, "count_v": 1,
-            "steps_v": 10, "guidance_v": 7.0, "sampler_v": "Euler", "seed_v": 5, "batch_v": 1}
+    args = {"prompt": "a red circle", "negative_prompt": "", "width": 256, "height": 256, "batch_count": 1,
+            "steps": 10, "guidance": 7.0, "sampler": "Euler", "seed": 5, "batch_size": 1}
     args.update(kw)
-    return client.predict(*args.values(), api_name="/txt2img")
+    return client.predict(**args, api_name="/txt2img")
+
+
+def test_api_parameters_are_named_after_the_request_fields(client):
+    endpoints = client.view_api(return_format="dict", print_info=False)["named_endpoints"]
+    names = {api: [p["parameter_name"] for p in e["parameters"]] for api, e in endpoints.items()}
+    common = ["steps", "guidance", "sampler", "seed", "batch_size"]
+    assert names["/txt2img"] == ["prompt", "negative_prompt", "width", "height", "batch_count", *common]
+    assert names["/tiled_upscale"] == ["image", "prompt", "negative_prompt", "factor", "strength", "tile_size",
+                                       "tile_overlap", *common]
+    assert names["/set_runtime"] == ["runtime"] and names["/warmup"] == ["sizes", "tasks", "guidance"]
+    from engine.options import OPTION_SPECS
+
+    assert names["/set_optimizations"] == list(OPTION_SPECS)
+    assert names["/save_preset"] == ["name", "steps", "guidance", "sampler", *OPTION_SPECS]
 
 
 def test_txt2img_returns_image_of_requested_size_and_readout(client):
-    gallery, readout, params, history = txt2img(client, width_v=256, height_v=192)
+    gallery, readout, params, history = txt2img(client, width=256, height=192)
     assert len(gallery) == 1
     with Image.open(gallery[0]["image"]) as im:
         assert im.size == (256, 192)
     assert gallery[0]["caption"] == "seed 5"
     for needle in ("Total", "Text encoding", "Denoising", "Vae decode", "it/s", "Peak RAM", "GiB", "Peak VRAM",
-                   "n/a", "openvino", "Precision", "Shape"):
+                   "Precision", "Shape"):
         assert needle in readout, needle
+    runtime, device = re.search(r"\| Runtime \| (\S+) on (\S+) \|", readout).groups()
+    if device.startswith("cuda"):
+        assert re.search(r"\| Peak VRAM \| [\d.]+ GiB alloc", readout)
+    else:  # the auto runtime on a CPU is OpenVINO, and there is no VRAM to report
+        assert runtime == "openvino" and "| Peak VRAM | n/a (CPU) |" in readout
     assert params["seed"] == 5 and params["width"] == 256 and params["height"] == 192
 
 
 def test_batch_of_two_gets_two_seeds(client):
-    gallery, readout, params, history = txt2img(client, batch_v=2, count_v=2, seed_v=40, steps_v=3,
-                                               width_v=128, height_v=128)
+    gallery, readout, params, history = txt2img(client, batch_size=2, batch_count=2, seed=40, steps=3,
+                                                width=128, height=128)
     assert [g["caption"] for g in gallery] == ["seed 40", "seed 41", "seed 42", "seed 43"]
     assert history["data"][0][1] == "txt2img" and history["data"][0][3] == 4
 
 
 def test_bad_input_is_one_clear_message_and_app_keeps_working(client):
-    with pytest.raises(Exception) as e:
-        txt2img(client, sampler_v="Euler", steps_v=10, width_v=0)
+    with pytest.raises(AppError) as e:
+        txt2img(client, sampler="Euler", steps=10, width=0)
     assert "64" in str(e.value)
-    with pytest.raises(Exception) as e:
+    with pytest.raises(AppError) as e:
         client.predict("/etc/passwd", api_name="/load_model")
     assert "absolute" in str(e.value) or "models folder" in str(e.value)
-    with pytest.raises(Exception) as e:
+    with pytest.raises(AppError) as e:
         client.predict("someone/not-here", api_name="/load_model")
     assert "hub" in str(e.value)
-    gallery, *_ = txt2img(client, steps_v=3, width_v=128, height_v=128)
+    gallery, *_ = txt2img(client, steps=3, width=128, height=128)
     assert len(gallery) == 1
 
 
@@ -98,7 +122,7 @@ def test_img2img_tab(client, tmp_path):
 
 
 def test_img2img_without_image_is_a_clear_error(client):
-    with pytest.raises(Exception, match="No image"):
+    with pytest.raises(AppError, match="No image"):
         client.predict(None, "x", "", 0.5, "resize", 0, 0, False, *COMMON.values(), api_name="/img2img")
 
 
@@ -127,7 +151,7 @@ def test_tiled_upscale_tab(client, tmp_path):
 def test_png_info_reads_saved_parameters(client, outputs):
     from gradio_client import handle_file
 
-    txt2img(client, prompt_v="a blue star, small", seed_v=77, steps_v=3, width_v=128, height_v=128)
+    txt2img(client, prompt="a blue star, small", seed=77, steps=3, width=128, height=128)
     saved = sorted(outputs.rglob("*-77.png"))
     assert saved, "the image was not saved"
     text, fields = client.predict(handle_file(str(saved[-1])), api_name="/png_info")
@@ -137,19 +161,18 @@ def test_png_info_reads_saved_parameters(client, outputs):
 
 def test_live_stream_updates_before_the_final_image(client):
     job = client.submit("a red circle", "", 256, 256, 1, 30, 7.0, "Euler", 3, 1, api_name="/txt2img")
-    updates = []
-    for update in job:
-        updates.append(update)
-    final = job.outputs()[-1]
-    assert final[0] and "Total" in final[1]
-    live = [u for u in job.outputs()[:-1] if isinstance(u[1], str) and "step" in u[1]]
-    assert live, "no live readout before the final result"
+    updates = list(job)  # every (gallery, readout, parameters, history) the handler yielded, in order
+    final = updates[-1]
+    assert final == job.outputs()[-1] and final[0] and "Total" in final[1]
+    live = [i for i, u in enumerate(updates[:-1]) if isinstance(u[1], str) and re.search(r"step \d+ of 30", u[1])]
+    assert live, f"no live line before the final result: {[u[1] for u in updates]}"
+    assert "Total" not in updates[live[0]][1] and "RAM" in updates[live[0]][1]
 
 
 def test_engine_tab_reports_and_switches_runtime(client):
     info, message, *_ = client.predict("pytorch", api_name="/set_runtime")
     assert "pytorch" in info and "cpu" in info and "pytorch" in message
-    gallery, *_ = txt2img(client, steps_v=2, width_v=64, height_v=64)
+    gallery, *_ = txt2img(client, steps=2, width=64, height=64)
     assert len(gallery) == 1
 
 
@@ -176,18 +199,42 @@ def test_save_as_preset_writes_a_toml_and_refuses_bad_names(client, presets_dir)
     saved = load_preset("my-low", presets_dir)
     assert saved.optimizations == Optimizations(**dict(zip(Optimizations.model_fields, values)))
     assert saved.defaults.steps == 12 and saved.defaults.sampler == "Euler"
-    with pytest.raises(Exception, match="preset name"):
+    with pytest.raises(AppError, match="preset name"):
         client.predict("../escape", 12, 5.5, "Euler", *values, api_name="/save_preset")
     assert not (presets_dir.parent / "escape.toml").exists()
 
 
-def test_boxes_the_runtime_cannot_use_are_disabled_with_the_reason(app, client):
-    import json
-    import urllib.request
-
-    # The page as first served: the app started on the auto runtime (OpenVINO here, PyTorch without it).
+def page_components(app) -> dict:
+    """The page as first served (the app started on the auto runtime), by elem_id."""
     config = json.load(urllib.request.urlopen(app + "config"))
-    props = {c["props"].get("elem_id"): c["props"] for c in config["components"] if c.get("props", {}).get("elem_id")}
+    return {c["props"]["elem_id"]: c for c in config["components"] if c.get("props", {}).get("elem_id")}
+
+
+def test_option_controls_follow_the_option_schema(app):
+    from engine.options import OPTION_SPECS
+
+    components = page_components(app)
+    for name, spec in OPTION_SPECS.items():
+        component = components[f"opt-{name}"]
+        props = component["props"]
+        assert component["type"] == {"bool": "checkbox", "choice": "dropdown"}.get(spec.kind, "slider"), name
+        assert props["label"] == spec.label
+        assert props["info"] == spec.help or props["info"].startswith("Unavailable: "), name
+        if spec.kind == "choice":
+            assert [value for _, value in props["choices"]] == list(spec.choices)
+        if spec.kind in ("int", "float"):
+            assert (props["minimum"], props["maximum"], props["step"]) == (spec.minimum, spec.maximum, spec.step)
+
+
+def test_warmup_reports_each_size(client):
+    report = client.predict("64x64, 128x64", ["txt2img"], 1.0, api_name="/warmup")
+    assert "| 64x64 |" in report and "| 128x64 |" in report
+    with pytest.raises(AppError, match="at least one task"):
+        client.predict("64x64", [], 7.0, api_name="/warmup")
+
+
+def test_boxes_the_runtime_cannot_use_are_disabled_with_the_reason(app, client):
+    props = {elem_id: c["props"] for elem_id, c in page_components(app).items()}
     deepcache, int8 = props["opt-deepcache_interval"], props["opt-int8_weights"]
     if deepcache.get("interactive") is False:
         assert "PyTorch runtime" in deepcache["info"] and int8.get("interactive") is not False

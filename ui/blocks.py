@@ -1,0 +1,50 @@
+"""The page: one tab per module, assembled; the history table under them."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+
+from engine import Engine
+from engine.options import PRESETS_DIR
+
+from . import (engine_tab, hires_fix_tab, img2img_tab, optimizations_tab, png_info_tab, tiled_upscale_tab,
+               txt2img_tab)
+from .components import UI_DEFAULTS
+from .formatting import HISTORY_COLUMNS, history_rows
+
+CSS_PATH = Path(__file__).resolve().parent.parent / "assets" / "style.css"
+
+
+def build_ui(engine: Engine, defaults: dict[str, Any] | None = None, presets_dir: Path = PRESETS_DIR) -> gr.Blocks:
+    d = {**UI_DEFAULTS, **(defaults or {})}
+    with gr.Blocks(title="Fast SD") as demo:
+        gr.Markdown("## Fast SD — the runtime picked for your hardware, with the numbers beside every image")
+        # Every generation tab updates it; it is placed under the tabs.
+        history = gr.Dataframe(headers=HISTORY_COLUMNS, value=history_rows(engine) or None, interactive=False,
+                               wrap=True, render=False)
+        with gr.Tabs() as tabs:
+            with gr.Tab("txt2img", id="txt2img"):
+                txt2img = txt2img_tab.build(engine, d, history)
+            with gr.Tab("img2img", id="img2img"):
+                img2img_tab.build(engine, d, history)
+            with gr.Tab("hires fix", id="hires"):
+                hires_fix_tab.build(engine, d, history)
+            with gr.Tab("tiled upscale", id="upscale"):
+                tiled_upscale_tab.build(engine, d, history)
+            with gr.Tab("PNG info", id="pnginfo"):
+                png_info_tab.build(d, txt2img, tabs)
+            with gr.Tab("Engine", id="engine"):
+                engine_controls = engine_tab.build(engine, d, guidance=txt2img["guidance"])
+            with gr.Tab("Optimizations", id="optimizations"):
+                options = optimizations_tab.build(engine, d, presets_dir, txt2img, engine_controls.info)
+        engine_tab.wire_runtime(engine, engine_controls, options)
+        with gr.Accordion("History (last jobs, newest first)", open=False):
+            history.render()
+    return demo
+
+
+def launch_kwargs() -> dict[str, Any]:
+    """Arguments for demo.launch(): Gradio 6 takes the stylesheet there."""
+    return {"css": CSS_PATH.read_text(encoding="utf-8") if CSS_PATH.is_file() else None}

@@ -1,0 +1,82 @@
+"""Engine tab: which runtime and model, why; switch runtime, warm up shapes, load another model."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import gradio as gr
+
+from engine import Engine
+from engine.requests import parse_sizes
+from engine.runtimes import CHOICES
+
+from .formatting import engine_markdown, options_markdown, warmup_markdown
+from .jobs import reported
+from .optimizations_tab import OptionsTab, option_updates
+
+WARMUP_TASKS = ("txt2img", "img2img", "hires_fix", "tiled_upscale")
+
+
+@dataclass
+class EngineTab:
+    info: gr.Markdown
+    message: gr.Markdown
+    runtime: gr.Dropdown
+    use_runtime: gr.Button
+
+
+def build(engine: Engine, d: dict[str, Any], guidance: gr.Slider) -> EngineTab:
+    """`guidance` is the txt2img tab's slider: warm-up prepares the UNet for that guidance (<= 1: no CFG)."""
+    info = gr.Markdown(engine_markdown(engine))
+    with gr.Row():
+        runtime = gr.Dropdown(list(CHOICES), value=engine.runtime_wish, label="Runtime")
+        use_runtime = gr.Button("Use this runtime")
+    with gr.Row():
+        sizes_box = gr.Textbox(label="Warm up sizes (WIDTHxHEIGHT, comma separated)",
+                               value=f"{d['width']}x{d['height']}", scale=3)
+        tasks_box = gr.CheckboxGroup(list(WARMUP_TASKS), value=["txt2img"], label="Warm up for", scale=2,
+                                     info="with the txt2img tab's guidance")
+        warmup_button = gr.Button("Warm up")
+    report = gr.Markdown("")
+    with gr.Row():
+        model_box = gr.Textbox(label="Model (builtin:NAME, hub id owner/name, or a name under the models folder)",
+                               value=engine.model.name if engine.model else "builtin:shapes")
+        load_button = gr.Button("Load model")
+    message = gr.Markdown("")
+    gr.Textbox(str(engine.hardware), label="Hardware", lines=8, interactive=False)
+
+    def warmup(sizes, tasks, guidance, progress=gr.Progress()):
+        if not tasks:
+            raise gr.Error("Pick at least one task to warm up for.")
+        results = []
+        with reported("Warm-up"):
+            parsed = parse_sizes(sizes)
+            for i, size in enumerate(parsed):
+                progress((i, len(parsed)), desc=f"Warming up {size[0]}x{size[1]}")
+                results += engine.warmup([size], guidance=guidance, tasks=tuple(tasks))
+        return warmup_markdown(results)
+
+    warmup_button.click(warmup, inputs=[sizes_box, tasks_box, guidance], outputs=[report], api_name="warmup")
+
+    def load_model(model, progress=gr.Progress()):
+        progress(0, desc=f"Loading {model}")
+        with reported("Loading the model"):
+            # Remote users may only name builtins, hub ids and models under --models-dir.
+            loaded = engine.load(model, allow_any_path=False)
+        return engine_markdown(engine), f"Loaded **{loaded.name}** ({loaded.family}) in {loaded.load_seconds:.1f} s."
+
+    load_button.click(load_model, inputs=[model_box], outputs=[info, message], api_name="load_model")
+    return EngineTab(info, message, runtime, use_runtime)
+
+
+def wire_runtime(engine: Engine, tab: EngineTab, options: OptionsTab) -> None:
+    """Switching runtime changes which options can act: the Optimizations tab's boxes follow."""
+    def set_runtime(runtime, progress=gr.Progress()):
+        progress(0, desc=f"Preparing {runtime} (first use of a model converts it; later starts read the cache)")
+        with reported("Switching runtime"):
+            choice = engine.set_runtime(runtime)
+        return (engine_markdown(engine), f"Now using **{choice.name}** ({engine.runtime.precision}): {choice.reason}.",
+                options_markdown(engine), *option_updates(engine))
+
+    tab.use_runtime.click(set_runtime, inputs=[tab.runtime], outputs=[tab.info, tab.message, options.info,
+                                                                      *options.boxes], api_name="set_runtime")

@@ -1,0 +1,83 @@
+"""Text the UI shows: the readout beside an image, the live line, engine and option summaries, history rows."""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from engine.devices import live_memory
+
+if TYPE_CHECKING:
+    from engine import Engine
+    from engine.runtimes.base import WarmupResult
+    from engine.telemetry import Readout
+
+HISTORY_COLUMNS = ["time", "task", "size", "images", "steps", "runtime", "precision", "total_s", "it_per_s",
+                   "peak_ram_gib", "shape"]
+GIB = 1024**3
+
+
+def _vram(readout: Readout) -> str:
+    if readout.peak_vram_allocated_bytes is None:
+        return "n/a (CPU)"
+    return (f"{readout.peak_vram_allocated_bytes / GIB:.2f} GiB alloc / "
+            f"{(readout.peak_vram_reserved_bytes or 0) / GIB:.2f} GiB reserved")
+
+
+def _pretty(name: str) -> str:
+    return name.replace("_", " ").capitalize()
+
+
+def readout_markdown(readout: Readout, seeds: list[int], saved: list[str] | None = None) -> str:
+    rows = [
+        ("Total", f"**{readout.total_s:.2f} s**"),
+        *[(_pretty(name), f"{s:.2f} s") for name, s in readout.stages_s.items()],
+        ("Speed", f"{readout.it_per_s:.2f} it/s ({readout.steps} steps)"),
+        ("Peak RAM", f"{readout.peak_rss_bytes / GIB:.2f} GiB"),
+        ("Peak VRAM", _vram(readout)),
+        ("Runtime", f"{readout.runtime} on {readout.device}"),
+        ("Precision", readout.precision),
+        ("Shape", readout.shape_cache),
+        ("Size", f"{readout.width}x{readout.height}, {readout.batch_size} image(s)"),
+        ("Seeds", ", ".join(str(s) for s in seeds)),
+        ("Model", readout.model),
+    ]
+    rows += [(_pretty(k), f"{v:.2f}" if isinstance(v, float) else str(v)) for k, v in readout.details.items()]
+    text = "| Readout | |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in rows)
+    if readout.notices:
+        text += "\n\n" + "\n".join(f"- {n}" for n in readout.notices)
+    if saved:
+        text += "\n\nSaved: " + ", ".join(f"`{p}`" for p in saved)
+    return text
+
+
+def live_markdown(engine: Engine) -> str:
+    live = engine.live
+    if not live.running:
+        return "Waiting for the device (one job runs at a time)…"
+    eta = f"{live.eta_s:.1f} s" if live.eta_s is not None else "…"
+    return (f"**{live.task}: step {live.step} of {live.total or '…'}** · elapsed {live.elapsed_s:.1f} s · "
+            f"{live.it_per_s:.2f} it/s · about {eta} left · {live_memory(engine.runtime.device).text()}")
+
+
+def engine_markdown(engine: Engine) -> str:
+    s = engine.status()
+    lines = [f"**Runtime:** {s['runtime']} on {s['device']} ({s['precision']}) — {s['reason']}",
+             f"**Model:** {s['model'] or 'none loaded'}" + (f" ({s['family']})" if s["family"] else "")]
+    lines += [f"- {name}: not used — {why}" for name, why in s["skipped"].items()]
+    return "\n\n".join(lines)
+
+
+def options_markdown(engine: Engine) -> str:
+    s = engine.status()
+    applied = ", ".join(s["applied"]) if s["applied"] else "no runtime-side optimizations"
+    lines = [f"**In effect on {s['runtime']}:** {applied}"]
+    lines += [f"- **{label}** is ticked but not applied: {why}" for label, why in s["not_applied"].items()]
+    return "\n".join(lines)
+
+
+def history_rows(engine: Engine) -> list[list]:
+    return [[row.get(c, "") for c in HISTORY_COLUMNS] for row in engine.history]
+
+
+def warmup_markdown(results: list[WarmupResult]) -> str:
+    rows = [f"| {r.width}x{r.height} | {r.state} | {r.seconds:.2f} s |" for r in results]
+    return "| size | result | seconds |\n|---|---|---|\n" + "\n".join(rows)

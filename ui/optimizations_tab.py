@@ -1,0 +1,128 @@
+"""Optimizations tab: one control per option, built from engine.options.OPTION_SPECS; presets."""
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import gradio as gr
+
+from engine import Engine
+from engine.options import OPTION_SPECS, OptionSpec, Optimizations, Preset, load_preset, preset_names, save_preset
+
+from .components import Controls
+from .formatting import engine_markdown, options_markdown
+from .jobs import reported
+
+PER_ROW = 4
+
+
+@dataclass
+class OptionsTab:
+    info: gr.Markdown
+    boxes: list  # one control per OPTION_SPECS entry, in its order
+
+
+def option_info(spec: OptionSpec, reason: str | None) -> str:
+    return f"Unavailable: {reason}" if reason else spec.help
+
+
+def option_control(spec: OptionSpec, value: Any, reason: str | None):
+    """A control that cannot act here (runtime, hardware) is disabled and says why."""
+    common = {"label": spec.label, "info": option_info(spec, reason), "interactive": reason is None,
+              "elem_id": f"opt-{spec.name}"}
+    if spec.kind == "choice":
+        return gr.Dropdown(list(spec.choices), value=value, **common)
+    if spec.kind == "bool":
+        return gr.Checkbox(value=value, **common)
+    return gr.Slider(spec.minimum, spec.maximum, value=value, step=spec.step, **common)
+
+
+def option_updates(engine: Engine, values: Optimizations | None = None) -> list:
+    """gr.update per option control: enabled or not, and why; the value too when `values` is given."""
+    reasons = engine.option_reasons()
+    updates = []
+    for name, spec in OPTION_SPECS.items():
+        update = {"interactive": name not in reasons, "info": option_info(spec, reasons.get(name))}
+        if values is not None:
+            update["value"] = getattr(values, name)
+        updates.append(gr.update(**update))
+    return updates
+
+
+def options_from(values) -> Optimizations:
+    data = {name: int(v) if spec.kind == "int" and v is not None else v
+            for (name, spec), v in zip(OPTION_SPECS.items(), values)}  # a slider may send 3.0 for an int
+    try:
+        return Optimizations.model_validate(data)
+    except Exception as e:
+        raise gr.Error(f"Invalid options: {e}") from None
+
+
+def with_option_parameters(fn: Callable, *leading: str) -> Callable:
+    """Name a `*values` handler's parameters after the options: Gradio reads them off the signature for the API."""
+    names = [*leading, *OPTION_SPECS]
+    fn.__signature__ = inspect.Signature([inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+                                          for n in names])
+    return fn
+
+
+def _option_grid(engine: Engine) -> list:
+    reasons = engine.option_reasons()
+    specs = list(OPTION_SPECS.values())
+    boxes = []
+    for start in range(0, len(specs), PER_ROW):
+        with gr.Row():
+            boxes += [option_control(spec, getattr(engine.optimizations, spec.name), reasons.get(spec.name))
+                      for spec in specs[start:start + PER_ROW]]
+    return boxes
+
+
+def build(engine: Engine, d: dict[str, Any], presets_dir: Path, txt2img: Controls,
+          engine_info: gr.Markdown) -> OptionsTab:
+    gr.Markdown("Pick a preset or tick what you want, then **Apply**. A box that cannot act with this runtime on "
+                "this hardware is greyed out and says why. Options the runtime owns re-prepare the model when "
+                "they change.")
+    with gr.Row():
+        preset = gr.Dropdown(preset_names(presets_dir), value=d.get("preset"), label="Preset",
+                             info="sets the boxes below and the sampler, steps and guidance")
+        about = gr.Markdown("")
+    boxes = _option_grid(engine)
+    with gr.Row():
+        apply = gr.Button("Apply", variant="primary")
+        preset_name = gr.Textbox(label="Save as preset (name)", placeholder="my-preset", scale=2)
+        save = gr.Button("Save as preset")
+    info = gr.Markdown(options_markdown(engine))
+    generation = [txt2img[name] for name in ("steps", "guidance", "sampler")]  # what a preset pre-fills
+
+    def set_optimizations(*values):  # options the runtime owns re-prepare the model (seconds on a big one)
+        with reported("Applying options"):
+            engine.set_optimizations(options_from(values))
+        return options_markdown(engine), engine_markdown(engine)
+
+    apply.click(with_option_parameters(set_optimizations), inputs=boxes, outputs=[info, engine_info],
+                api_name="set_optimizations")
+
+    def pick_preset(name):
+        if not name:
+            return (gr.skip(),) * (1 + len(boxes) + len(generation))
+        with reported("Loading the preset"):
+            chosen = load_preset(name, presets_dir)
+        given = chosen.defaults
+        return (f"*{chosen.description}*", *option_updates(engine, chosen.optimizations),
+                *(gr.skip() if v is None else v for v in (given.steps, given.guidance, given.sampler)))
+
+    preset.change(pick_preset, inputs=[preset], outputs=[about, *boxes, *generation], api_name="preset")
+
+    def save_as(name, steps, guidance, sampler, *values):
+        with reported("Saving the preset"):
+            new = Preset(name=(name or "").strip(), description="Saved from the UI.",
+                         optimizations=options_from(values),
+                         defaults={"steps": int(steps), "guidance": float(guidance), "sampler": sampler})
+            path = save_preset(new, presets_dir)
+        return gr.update(choices=preset_names(presets_dir), value=new.name), f"Saved `{path.name}`."
+
+    save.click(with_option_parameters(save_as, "name", "steps", "guidance", "sampler"),
+               inputs=[preset_name, *generation, *boxes], outputs=[preset, about], api_name="save_preset")
+    return OptionsTab(info, boxes)
