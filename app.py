@@ -53,11 +53,16 @@ def cli_specs():
     return [spec for spec in OPTION_SPECS.values() if spec.cli]
 
 
+def runtime_name(name: str) -> str:
+    from engine.options import RUNTIME_NAMES
+
+    return RUNTIME_NAMES.get(name, name)
+
+
 def add_option_flags(parser: argparse.ArgumentParser) -> None:
     """One flag per option marked cli=True in engine/options.py; a given flag overrides the preset."""
-    runtimes = {"openvino": "OpenVINO", "pytorch": "PyTorch"}
     for spec in cli_specs():
-        about = spec.help + (f" ({runtimes.get(spec.runtime, spec.runtime)} runtime)" if spec.runtime else "")
+        about = spec.help + (f" ({runtime_name(spec.runtime)} runtime)" if spec.runtime else "")
         if spec.kind == "bool":
             parser.add_argument(spec.flag, dest=spec.name, action="store_true", help=about + "; overrides the preset")
         elif spec.kind == "choice":

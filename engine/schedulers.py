@@ -1,29 +1,20 @@
 """Sampler names as users know them (A1111 style) -> diffusers scheduler configs."""
 from __future__ import annotations
 
-from diffusers import (
-    DDIMScheduler,
-    DPMSolverMultistepScheduler,
-    EulerAncestralDiscreteScheduler,
-    EulerDiscreteScheduler,
-    LCMScheduler,
-    UniPCMultistepScheduler,
-)
-
 from .errors import UserError
 
-# name -> (scheduler class, config overrides)
-SAMPLERS: dict[str, tuple[type, dict]] = {
-    "Euler": (EulerDiscreteScheduler, {}),
-    "Euler a": (EulerAncestralDiscreteScheduler, {}),
-    "DPM++ 2M": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++", "solver_order": 2,
-                                               "use_karras_sigmas": False}),
-    "DPM++ 2M Karras": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++", "solver_order": 2,
-                                                      "use_karras_sigmas": True}),
-    "UniPC": (UniPCMultistepScheduler, {}),
+# name -> (diffusers scheduler class name, config overrides); diffusers imports only when one is made.
+SAMPLERS: dict[str, tuple[str, dict]] = {
+    "Euler": ("EulerDiscreteScheduler", {}),
+    "Euler a": ("EulerAncestralDiscreteScheduler", {}),
+    "DPM++ 2M": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2,
+                                                 "use_karras_sigmas": False}),
+    "DPM++ 2M Karras": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2,
+                                                        "use_karras_sigmas": True}),
+    "UniPC": ("UniPCMultistepScheduler", {}),
     # SD latents are not in [-1, 1]: DDIM's default clip_sample=True would clip them (real SD configs say False).
-    "DDIM": (DDIMScheduler, {"clip_sample": False, "set_alpha_to_one": False}),
-    "LCM": (LCMScheduler, {}),
+    "DDIM": ("DDIMScheduler", {"clip_sample": False, "set_alpha_to_one": False}),
+    "LCM": ("LCMScheduler", {}),
 }
 
 SAMPLER_NAMES: tuple[str, ...] = tuple(SAMPLERS)
@@ -41,5 +32,7 @@ def canonical_sampler(name: str) -> str:
 
 def make_scheduler(name: str, base_config):
     """A fresh scheduler of the named kind, keeping the model's own noise schedule (betas, prediction type)."""
-    cls, overrides = SAMPLERS[canonical_sampler(name)]
-    return cls.from_config(base_config, **overrides)
+    import diffusers
+
+    class_name, overrides = SAMPLERS[canonical_sampler(name)]
+    return getattr(diffusers, class_name).from_config(base_config, **overrides)
