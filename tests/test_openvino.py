@@ -38,7 +38,7 @@ def test_matches_pytorch_for_the_same_seed(tiny_engine, ov_engine):
 def test_components_are_openvino_and_torch_copies_are_gone(ov_engine):
     pipe = ov_engine.model.pipe
     for name in ("unet", "vae", "text_encoder"):
-        assert type(getattr(pipe, name)).__module__ == "engine.runtimes.openvino"
+        assert type(getattr(pipe, name)).__module__.startswith("engine.runtimes.openvino")
 
 
 def test_shape_change_compiles_once_then_hits(ov_engine):

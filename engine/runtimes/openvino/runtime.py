@@ -27,10 +27,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..errors import RuntimeUnavailable
-from ..hardware import HardwareReport
-from ..options import owned_elsewhere
-from .base import CompileEvent, Runtime, WarmupResult, WarmupShape
+from ...errors import RuntimeUnavailable
+from ...hardware import HardwareReport
+from ...options import owned_elsewhere
+from ..base import CompileEvent, Runtime, WarmupResult, WarmupShape
 
 log = logging.getLogger(__name__)
 
