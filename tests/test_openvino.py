@@ -240,3 +240,25 @@ def test_compiled_parts_do_not_keep_the_ir_resident(tmp_path):
     resident = _resident_bytes_under(tmp_path / "ir")
     assert ir_bytes > 0 and resident < ir_bytes * 0.5, (resident, ir_bytes)  # measured 17%; 91% without the drop
     assert np.array_equal(pixels(engine.txt2img(REQ)), first)
+
+
+def test_a_load_that_fails_leaves_the_previous_model_working(tmp_path, monkeypatch):
+    from engine.errors import RuntimeUnavailable
+    from engine.runtimes.openvino import loader
+
+    engine = Engine(runtime="openvino", cache_dir=tmp_path)
+    engine.load("builtin:tiny")
+    before = pixels(engine.txt2img(REQ))
+    real_convert = loader.convert_part
+
+    def fail_at_the_vae(part, component):  # after the new UNet converted
+        if part == "vae_decoder":
+            raise RuntimeUnavailable("injected: the VAE does not convert")
+        return real_convert(part, component)
+
+    monkeypatch.setattr(loader, "convert_part", fail_at_the_vae)
+    with pytest.raises(RuntimeUnavailable, match="injected"):
+        engine.load("builtin:tiny-sdxl")
+    assert engine.model.name == "builtin:tiny" and engine.runtime.name == "openvino"
+    assert np.array_equal(pixels(engine.txt2img(REQ)), before)
+    assert engine.txt2img({**REQ, "width": 96, "steps": 1}).images  # a new shape compiles from the old IR

@@ -118,23 +118,25 @@ class OpenVINORuntime(Runtime):
     # -- preparing a pipeline
 
     def prepare(self, model) -> None:
-        pipe = model.pipe
-        self._identity = model.identity
-        self._models.clear()
-        self._irs = {}
-        calibration = self.loader.calibration(pipe, self._identity)
+        """Converts every part before it touches the runtime's state: a load that fails leaves the model
+        prepared before working. Only the new pipe's components are replaced as their parts convert, so
+        each PyTorch copy goes as soon as OpenVINO holds its weights."""
+        pipe, identity = model.pipe, model.identity
+        calibration = self.loader.calibration(pipe, identity)
+        irs = {}
         for component, parts in PARTS_OF.items():
             module = getattr(pipe, component, None)
             if module is None:
                 continue
             for part in parts:
-                self._irs[part] = self.loader.ir(self._identity, part, module, calibration)
-            if component == "unet":  # said from the IR itself, so a cached one reports the same
-                self._convs_quantized = has_quantized_convolutions(self._irs["unet"])
+                irs[part] = self.loader.ir(identity, part, module, calibration)
             setattr(pipe, component, make_adapter(self, component, module.config))
-            del module  # the PyTorch copy goes; OpenVINO holds the weights now
+            del module
         del calibration  # used only while converting the UNet
         gc.collect()
+        self._models.clear()
+        self._identity, self._irs, self._last_part = identity, irs, None
+        self._convs_quantized = "unet" in irs and has_quantized_convolutions(irs["unet"])
 
     # -- running
 
