@@ -59,6 +59,26 @@ def test_warmed_resolutions_alternate_without_recompiling(ov_engine):
     assert len(ov_engine.runtime.compile_events) == compiles
 
 
+def test_warmup_compiles_what_an_img2img_job_runs(ov_engine):
+    from PIL import Image
+
+    from engine.runtimes.base import WarmupShape
+
+    # guidance 1.0: the UNet at batch 1; img2img: the VAE encoder at one 128x128 image
+    shape = WarmupShape(128, 128, batch=1, guidance=False, decode_batch=1, encode=True)
+    runtime = ov_engine.runtime
+    [result] = runtime.warmup(ov_engine.model, [shape])
+    assert result.compiled and result.state == "compiled"
+    compiled = {part for part, _ in runtime._compiled}
+    assert {"unet", "vae_decoder", "vae_encoder", "text_encoder"} <= compiled
+    compiles = len(runtime.compile_events)
+    init = Image.new("RGB", (128, 128), (200, 40, 40))
+    r = ov_engine.img2img({**REQ, "guidance": 1.0, "strength": 0.5}, init)
+    assert r.images[0].size == (128, 128)
+    assert runtime.compile_events[compiles:] == [] and r.readout.shape_cache == "warm (cache hit)"
+    assert runtime.warmup(ov_engine.model, [shape])[0].state == "already warm"
+
+
 def test_second_start_reuses_the_disk_cache(ov_engine, cache_dir):
     engine = Engine(runtime="openvino", cache_dir=cache_dir)
     model = engine.load("builtin:tiny")

@@ -75,11 +75,16 @@ def _unet_inputs(config, batch: int, latent_h: int, latent_w: int) -> dict[str, 
 
 
 def job_shapes(model, shape: WarmupShape, parts) -> dict[str, dict[str, list[int]]]:
-    """Part -> input shapes of a txt2img job of `shape`."""
+    """Part -> input shapes, as a job of `shape` feeds them: the UNet at its guidance batch, the decoder
+    at `decode_batch` latents, the encoder at one image (img2img encodes one image at a time), each text
+    encoder at one prompt."""
     pipe, f = model.pipe, model.vae_scale_factor
     lh, lw = shape.height // f, shape.width // f
+    latent_channels = pipe.vae.config.latent_channels
     shapes = {"unet": {k: s for k, (s, _) in _unet_inputs(pipe.unet.config, shape.unet_batch, lh, lw).items()},
-              "vae_decoder": {"latent": [shape.batch, pipe.unet.config.in_channels, lh, lw]}}
+              "vae_decoder": {"latent": [shape.decode_batch, latent_channels, lh, lw]}}
+    if shape.encode:
+        shapes["vae_encoder"] = {"image": [1, 3, shape.height, shape.width]}
     for part in TEXT_PARTS:
         if part in parts:
             shapes[part] = {"input_ids": [1, TEXT_LENGTH]}

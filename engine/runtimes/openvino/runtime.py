@@ -165,11 +165,11 @@ class OpenVINORuntime(Runtime):
         return [np.array(result[out]) for out in compiled.outputs]
 
     def warmup(self, model, shapes: list[WarmupShape]) -> list[WarmupResult]:
+        """Compile every part at the shapes a job of each `shape` feeds it (see job_shapes)."""
         results = []
         for shape in shapes:
             mark, start = self.compile_mark(), time.perf_counter()
-            for part, inputs in job_shapes(model, WarmupShape(shape.width, shape.height, shape.batch),
-                                           self._irs).items():
+            for part, inputs in job_shapes(model, shape, self._irs).items():
                 self.compiled(part, inputs)
             compiled = len(self.compile_events) > mark
             results.append(WarmupResult(shape.width, shape.height, shape.batch, time.perf_counter() - start,
