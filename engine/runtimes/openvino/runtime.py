@@ -29,10 +29,13 @@ class OpenVINORuntime(Runtime):
 
     @classmethod
     def available(cls, hardware: HardwareReport) -> str | None:
+        error = hardware.openvino_error
         if hardware.openvino_version is None:
+            if error:
+                return f"openvino is installed but does not import: {error}"
             return "openvino is not installed (pip install openvino)"
         if "CPU" not in hardware.openvino_devices:
-            return "OpenVINO finds no CPU device"
+            return "OpenVINO finds no CPU device" + (f" ({error})" if error else "")
         return None
 
     @classmethod
