@@ -50,7 +50,6 @@ class OpenVINORuntime(Runtime):
         wish = optimizations.precision
         if wish == "fp16":
             raise RuntimeUnavailable("fp16 is not offered on the OpenVINO CPU device; use bf16 or fp32.")
-        self._ov = ov
         self.core = ov.Core()
         self.ir_cache = IRCache(self.cache_root)
         self.blob_dir = self.cache_root / "compiled"
