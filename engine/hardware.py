@@ -4,11 +4,15 @@ Nothing else in the project looks at torch.cuda or /proc/cpuinfo to decide anyth
 """
 from __future__ import annotations
 
+import importlib.util
+import logging
 import os
 import platform
 from dataclasses import asdict, dataclass, field
 
 import psutil
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -44,6 +48,7 @@ class HardwareReport:
     mps_available: bool = False
     openvino_devices: tuple[str, ...] = ()
     openvino_version: str | None = None
+    openvino_error: str | None = None  # "ExceptionType: message" where openvino is installed but fails
     torch_version: str = ""
     notes: tuple[str, ...] = field(default_factory=tuple)
 
@@ -75,7 +80,10 @@ class HardwareReport:
             lines.append("CUDA: none")
         lines.append(f"MPS: {'yes' if self.mps_available else 'no'}")
         if self.openvino_version:
-            lines.append(f"OpenVINO {self.openvino_version}: devices {', '.join(self.openvino_devices) or 'none'}")
+            lines.append(f"OpenVINO {self.openvino_version}: devices {', '.join(self.openvino_devices) or 'none'}"
+                         + (f" ({self.openvino_error})" if self.openvino_error else ""))
+        elif self.openvino_error:
+            lines.append(f"OpenVINO: installed but does not import: {self.openvino_error}")
         else:
             lines.append("OpenVINO: not installed")
         lines.append(f"torch {self.torch_version}")
@@ -133,21 +141,34 @@ def _detect_cuda() -> tuple[CudaDevice, ...]:
     return tuple(devices)
 
 
-def _detect_openvino() -> tuple[tuple[str, ...], str | None]:
+def _openvino_installed() -> bool:
+    try:
+        return importlib.util.find_spec("openvino") is not None
+    except (ImportError, ValueError):  # a broken package can fail even to be found
+        return True
+
+
+def _detect_openvino() -> tuple[tuple[str, ...], str | None, str | None]:
+    """(devices, version, error). Not installed: version and error None. Installed but broken: the error
+    in one line for the user; the log keeps the traceback."""
+    if not _openvino_installed():
+        return (), None, None
     try:
         import openvino as ov
-    except Exception:  # not installed or broken install: report, don't fail
-        return (), None
+    except Exception as e:  # a broken install is reported, never fatal
+        log.warning("openvino is installed but does not import", exc_info=True)
+        return (), None, f"{type(e).__name__}: {e}"
     try:
-        return tuple(ov.Core().available_devices), ov.get_version()
-    except Exception:
-        return (), ov.get_version()
+        return tuple(ov.Core().available_devices), ov.get_version(), None
+    except Exception as e:
+        log.warning("OpenVINO imports but cannot list its devices", exc_info=True)
+        return (), ov.get_version(), f"{type(e).__name__}: {e}"
 
 
 def detect() -> HardwareReport:
     import torch
 
-    ov_devices, ov_version = _detect_openvino()
+    ov_devices, ov_version, ov_error = _detect_openvino()
     mps = bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())
     return HardwareReport(
         cpu=_detect_cpu(),
@@ -156,5 +177,6 @@ def detect() -> HardwareReport:
         mps_available=mps,
         openvino_devices=ov_devices,
         openvino_version=ov_version,
+        openvino_error=ov_error,
         torch_version=torch.__version__,
     )

@@ -1,4 +1,7 @@
+import builtins
+import logging
 from dataclasses import replace
+from importlib.machinery import ModuleSpec
 
 import pytest
 
@@ -31,27 +34,105 @@ def test_parse_cpuinfo_amd_avx2_only():
 def test_detect_reports_this_machine():
     report = hardware.detect()
     assert report.ram_total_bytes > 0 and report.cpu.logical_cores >= 1
-    text = str(report)
-    assert "CPU:" in text and "RAM:" in text and "CUDA" in text
+    lines = str(report).splitlines()
+    assert lines[0].startswith("CPU: ") and lines[1].startswith("RAM: ")
+    cuda = [line for line in lines if line.startswith("CUDA")]
+    if report.cuda_devices:
+        assert cuda[0].startswith(f"CUDA 0: {report.cuda_devices[0].name}") and len(cuda) == len(report.cuda_devices)
+    else:
+        assert cuda == ["CUDA: none"]
 
 
-def fake(cpu_text=ZEN3, cuda=(), ov=()):
+def fake(cpu_text=ZEN3, cuda=(), ov=(), ov_version=None):
     return hardware.HardwareReport(cpu=hardware.parse_cpuinfo(cpu_text, 2), ram_total_bytes=8 << 30,
-                                   cuda_devices=cuda, openvino_devices=ov, torch_version="x")
+                                   cuda_devices=cuda, openvino_devices=ov, openvino_version=ov_version,
+                                   torch_version="x")
 
 
 GPU = (hardware.CudaDevice(0, "NVIDIA H100", 80 << 30, (9, 0)),)
 
 
-def test_pick_cpu_falls_back_to_pytorch_and_says_why():
-    choice = runtimes.pick(fake(ov=("CPU",)), "auto")
+def test_pick_cpu_without_openvino_installed_falls_back_to_pytorch_and_says_why():
+    choice = runtimes.pick(fake(ov=("CPU",)), "auto")  # no openvino_version: not installed
     assert choice.name == "pytorch"
-    assert "openvino" in choice.skipped and choice.skipped["openvino"]
+    assert "not installed" in choice.skipped["openvino"]
 
 
-def test_pick_cuda_prefers_onediff_then_pytorch():
+def test_pick_cpu_with_openvino_chooses_openvino():
+    choice = runtimes.pick(fake(ov=("CPU",), ov_version="2025.0.0"), "auto")
+    assert choice.name == "openvino" and "OpenVINO" in choice.reason and not choice.skipped
+
+
+def test_pick_on_this_machine_chooses_openvino_where_it_has_a_cpu_device():
+    report = hardware.detect()
+    if report.has_cuda:
+        pytest.skip("this machine has a CUDA GPU, which the picker prefers")
+    try:
+        import openvino as ov
+
+        devices = ov.Core().available_devices
+    except Exception as e:
+        pytest.skip(f"OpenVINO does not run here ({type(e).__name__}: {e})")
+    if "CPU" not in devices:
+        pytest.skip(f"OpenVINO finds no CPU device here (only {devices})")
+    assert runtimes.pick(report).name == "openvino"
+
+
+@pytest.fixture
+def openvino_does_not_import(monkeypatch):
+    """openvino is found (installed here or not) and its import fails as a missing shared library would."""
+    real_import, real_find_spec = builtins.__import__, hardware.importlib.util.find_spec
+
+    def fail_openvino(name, *args, **kwargs):
+        if name == "openvino" or name.startswith("openvino."):
+            raise ImportError("libopenvino.so.2026: cannot open shared object file")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", fail_openvino)
+    monkeypatch.setattr(hardware.importlib.util, "find_spec", lambda name, *a: ModuleSpec(name, None)
+                        if name == "openvino" else real_find_spec(name, *a))
+
+
+def test_openvino_that_does_not_import_is_not_called_not_installed(openvino_does_not_import, caplog):
+    from engine.runtimes.openvino import OpenVINORuntime
+
+    with caplog.at_level(logging.WARNING, logger="engine.hardware"):
+        report = hardware.detect()
+    assert report.openvino_version is None
+    why = OpenVINORuntime.available(report)
+    assert "does not import" in why and "ImportError: libopenvino.so.2026: cannot open shared object file" in why
+    assert "not installed" not in why and "does not import" in str(report)
+    assert any(r.exc_info and "libopenvino.so.2026" in str(r.exc_info[1]) for r in caplog.records)  # the traceback
+    if not report.has_cuda:
+        assert "libopenvino.so.2026" in runtimes.pick(report).skipped["openvino"]
+
+
+def test_openvino_not_installed_says_so(monkeypatch):
+    from engine.runtimes.openvino import OpenVINORuntime
+
+    real_find_spec = hardware.importlib.util.find_spec
+    monkeypatch.setattr(hardware.importlib.util, "find_spec",
+                        lambda name, *a: None if name == "openvino" else real_find_spec(name, *a))
+    report = hardware.detect()
+    assert report.openvino_version is None and report.openvino_error is None
+    assert "not installed" in OpenVINORuntime.available(report) and "OpenVINO: not installed" in str(report)
+
+
+@pytest.mark.parametrize("present, chosen, why", [
+    ({"onediff", "onediffx", "nexfort"}, "onediff", None),
+    ({"onediff", "onediffx"}, "pytorch", "no OneDiff backend"),
+    (set(), "pytorch", "not installed"),
+])
+def test_pick_cuda_prefers_onediff_then_pytorch(monkeypatch, present, chosen, why):
+    from engine.runtimes import onediff
+
+    monkeypatch.setattr(onediff, "_imports", lambda module: module in present)
     choice = runtimes.pick(fake(cuda=GPU), "auto")
-    assert choice.name == "pytorch" and "CUDA" in choice.reason and "onediff" in choice.skipped
+    assert choice.name == chosen and "CUDA" in choice.reason
+    if why:
+        assert why in choice.skipped["onediff"]
+    else:
+        assert "OneDiff" in choice.reason and "onediff" not in choice.skipped
 
 
 def test_pick_explicit_unavailable_runtime_is_a_clear_error():
@@ -74,7 +155,9 @@ def test_pytorch_precision_per_hardware():
 def test_bf16_autocast_runs_on_cpu(tiny_engine):
     import torch
 
-    rt = PyTorchRuntime(replace(tiny_engine.hardware), Optimizations(precision="bf16"))
+    cpu_only = replace(tiny_engine.hardware, cuda_devices=(), mps_available=False)  # whatever GPU the host has
+    rt = PyTorchRuntime(cpu_only, Optimizations(precision="bf16"))
+    assert rt.device == "cpu"
     with rt.inference_context():
         x = torch.ones(4, 4) @ torch.ones(4, 4)
     assert x.dtype == torch.bfloat16

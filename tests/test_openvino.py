@@ -38,7 +38,7 @@ def test_matches_pytorch_for_the_same_seed(tiny_engine, ov_engine):
 def test_components_are_openvino_and_torch_copies_are_gone(ov_engine):
     pipe = ov_engine.model.pipe
     for name in ("unet", "vae", "text_encoder"):
-        assert type(getattr(pipe, name)).__module__ == "engine.runtimes.openvino"
+        assert type(getattr(pipe, name)).__module__.startswith("engine.runtimes.openvino")
 
 
 def test_shape_change_compiles_once_then_hits(ov_engine):
@@ -57,6 +57,26 @@ def test_warmed_resolutions_alternate_without_recompiling(ov_engine):
     for w, h in [(128, 64), (64, 128), (128, 64), (64, 128)]:
         assert ov_engine.txt2img({**REQ, "width": w, "height": h}).readout.shape_cache == "warm (cache hit)"
     assert len(ov_engine.runtime.compile_events) == compiles
+
+
+def test_warmup_compiles_what_an_img2img_job_runs(ov_engine):
+    from PIL import Image
+
+    from engine.runtimes.base import WarmupShape
+
+    # guidance 1.0: the UNet at batch 1; img2img: the VAE encoder at one 128x128 image
+    shape = WarmupShape(128, 128, batch=1, guidance=False, decode_batch=1, encode=True)
+    runtime = ov_engine.runtime
+    [result] = runtime.warmup(ov_engine.model, [shape])
+    assert result.compiled and result.state == "compiled"
+    compiled = {part for part, _ in runtime._compiled}
+    assert {"unet", "vae_decoder", "vae_encoder", "text_encoder"} <= compiled
+    compiles = len(runtime.compile_events)
+    init = Image.new("RGB", (128, 128), (200, 40, 40))
+    r = ov_engine.img2img({**REQ, "guidance": 1.0, "strength": 0.5}, init)
+    assert r.images[0].size == (128, 128)
+    assert runtime.compile_events[compiles:] == [] and r.readout.shape_cache == "warm (cache hit)"
+    assert runtime.warmup(ov_engine.model, [shape])[0].state == "already warm"
 
 
 def test_second_start_reuses_the_disk_cache(ov_engine, cache_dir):
@@ -240,3 +260,25 @@ def test_compiled_parts_do_not_keep_the_ir_resident(tmp_path):
     resident = _resident_bytes_under(tmp_path / "ir")
     assert ir_bytes > 0 and resident < ir_bytes * 0.5, (resident, ir_bytes)  # measured 17%; 91% without the drop
     assert np.array_equal(pixels(engine.txt2img(REQ)), first)
+
+
+def test_a_load_that_fails_leaves_the_previous_model_working(tmp_path, monkeypatch):
+    from engine.errors import RuntimeUnavailable
+    from engine.runtimes.openvino import loader
+
+    engine = Engine(runtime="openvino", cache_dir=tmp_path)
+    engine.load("builtin:tiny")
+    before = pixels(engine.txt2img(REQ))
+    real_convert = loader.convert_part
+
+    def fail_at_the_vae(part, component):  # after the new UNet converted
+        if part == "vae_decoder":
+            raise RuntimeUnavailable("injected: the VAE does not convert")
+        return real_convert(part, component)
+
+    monkeypatch.setattr(loader, "convert_part", fail_at_the_vae)
+    with pytest.raises(RuntimeUnavailable, match="injected"):
+        engine.load("builtin:tiny-sdxl")
+    assert engine.model.name == "builtin:tiny" and engine.runtime.name == "openvino"
+    assert np.array_equal(pixels(engine.txt2img(REQ)), before)
+    assert engine.txt2img({**REQ, "width": 96, "steps": 1}).images  # a new shape compiles from the old IR

@@ -1,0 +1,179 @@
+"""OpenVINORuntime: prepares a pipeline (every heavy part to IR, adapters in its place), runs parts
+through compiled models per input shape, and warms the shapes a job will run."""
+from __future__ import annotations
+
+import gc
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ...errors import RuntimeUnavailable
+from ...hardware import HardwareReport
+from ...options import owned_elsewhere
+from ..base import Runtime, WarmupResult, WarmupShape
+from .adapters import make_adapter
+from .compiled import CompiledModels
+from .convert import CONVERSION_VERSION, PARTS_OF, job_shapes
+from .ir_cache import IRCache
+from .loader import IRLoader
+from .quantize import has_quantized_convolutions
+
+DEFAULT_CACHE_DIR = Path(os.environ.get("FASTSD_CACHE_DIR", Path.home() / ".cache" / "fast-sd"))
+
+
+class OpenVINORuntime(Runtime):
+    name = "openvino"
+
+    @classmethod
+    def available(cls, hardware: HardwareReport) -> str | None:
+        error = hardware.openvino_error
+        if hardware.openvino_version is None:
+            if error:
+                return f"openvino is installed but does not import: {error}"
+            return "openvino is not installed (pip install openvino)"
+        if "CPU" not in hardware.openvino_devices:
+            return "OpenVINO finds no CPU device" + (f" ({error})" if error else "")
+        return None
+
+    @classmethod
+    def option_reasons(cls, hardware: HardwareReport) -> dict[str, str]:
+        why = "needs the PyTorch runtime (OpenVINO runs the UNet as one compiled graph)"
+        return {name: why for name in owned_elsewhere("openvino")}
+
+    def __init__(self, hardware, optimizations, cache_dir: Path | None = None, max_shapes: int = 4):
+        super().__init__(hardware, optimizations, cache_dir)
+        import openvino as ov
+
+        wish = optimizations.precision
+        if wish == "fp16":
+            raise RuntimeUnavailable("fp16 is not offered on the OpenVINO CPU device; use bf16 or fp32.")
+        self.core = ov.Core()
+        self.ir_cache = IRCache(self.cache_root)
+        self.blob_dir = self.cache_root / "compiled"
+        # bf16 where the CPU has it in hardware; elsewhere OpenVINO would run f32 anyway.
+        self._hint = "bf16" if wish == "bf16" or (wish == "auto" and hardware.cpu.has_fast_bf16) else "f32"
+        self._precision = "bf16" if self._hint == "bf16" and hardware.cpu.has_fast_bf16 else "fp32"
+        self._hybrid = optimizations.int8_convolutions
+        self._int8 = optimizations.int8_weights or self._hybrid
+        kind = "int8h" if self._hybrid else ("int8" if self._int8 else "f32")
+        variant = f"ov{ov.get_version().split('-')[0]}-c{CONVERSION_VERSION}-{kind}"
+        self.loader = IRLoader(self.core, self.ir_cache, variant, int8=self._int8, hybrid=self._hybrid)
+        self.conversions = self.loader.conversions  # an attribute: benchmarks read it from __dict__
+        self._models = CompiledModels(self.core, self._config, self.ir_cache.files_root, self.compile_events,
+                                      max_shapes)
+        # The prepared pipeline's state, replaced as a whole by prepare():
+        self._identity: str | None = None
+        self._irs: dict[str, Any] = {}  # part -> ov.Model
+        self._convs_quantized = False  # whether the UNet's IR really has quantized convolutions
+        self._last_part: str | None = None  # the part inferred last; its scratch is freed when another runs
+
+    # -- what it is
+
+    @property
+    def cache_root(self) -> Path:
+        return Path(self.cache_dir) if self.cache_dir else DEFAULT_CACHE_DIR
+
+    @property
+    def device(self) -> str:
+        return "cpu"
+
+    @property
+    def compiles(self) -> bool:
+        return True
+
+    @property
+    def precision(self) -> str:
+        base = self._models.precision.get("unet", self._precision)
+        if self._hybrid and self._convs_quantized:
+            return base + " + int8 weights + int8 convolutions"
+        return base + (" + int8 weights" if self._int8 else "")
+
+    @property
+    def variant(self) -> str:
+        return self.loader.variant
+
+    @property
+    def max_shapes(self) -> int:
+        return self._models.max_shapes
+
+    @max_shapes.setter
+    def max_shapes(self, value: int) -> None:
+        self._models.max_shapes = value
+
+    @property
+    def _compiled(self):
+        return self._models.entries
+
+    @property
+    def _cost(self) -> dict[str, int]:
+        return self._models.cost
+
+    def cached_components(self, identity: str) -> set[str]:
+        return self.loader.cached_components(identity)
+
+    def describe(self) -> str:
+        return f"openvino on CPU ({self.precision}), IR cache {self.cache_root}"
+
+    # -- preparing a pipeline
+
+    def prepare(self, model) -> None:
+        """Converts every part before it touches the runtime's state: a load that fails leaves the model
+        prepared before working. Only the new pipe's components are replaced as their parts convert, so
+        each PyTorch copy goes as soon as OpenVINO holds its weights."""
+        pipe, identity = model.pipe, model.identity
+        calibration = self.loader.calibration(pipe, identity)
+        irs = {}
+        for component, parts in PARTS_OF.items():
+            module = getattr(pipe, component, None)
+            if module is None:
+                continue
+            for part in parts:
+                irs[part] = self.loader.ir(identity, part, module, calibration)
+            setattr(pipe, component, make_adapter(self, component, module.config))
+            del module
+        del calibration  # used only while converting the UNet
+        gc.collect()
+        self._models.clear()
+        self._identity, self._irs, self._last_part = identity, irs, None
+        self._convs_quantized = "unet" in irs and has_quantized_convolutions(irs["unet"])
+
+    # -- running
+
+    def _config(self) -> dict:
+        config = {"INFERENCE_PRECISION_HINT": self._hint, "PERFORMANCE_HINT": "LATENCY"}
+        if not self.optimizations.compiled_blob_cache:
+            return config
+        try:
+            self.blob_dir.mkdir(parents=True, exist_ok=True)
+            if os.access(self.blob_dir, os.W_OK):
+                config["CACHE_DIR"] = str(self.blob_dir)
+        except OSError:
+            pass  # no compiled-blob cache; compile every start
+        return config
+
+    def compiled(self, part: str, shapes: dict[str, tuple[int, ...]]):
+        return self._models.get(part, self._irs[part], shapes)
+
+    def infer(self, part: str, inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
+        if part != self._last_part:  # before compiling this part, so a compile never meets the other's scratch
+            self._models.release_scratch(self._last_part)
+            self._last_part = part
+        compiled = self.compiled(part, {k: v.shape for k, v in inputs.items()})
+        result = compiled(inputs)
+        # Copy: the request's output buffers are reused by the next call.
+        return [np.array(result[out]) for out in compiled.outputs]
+
+    def warmup(self, model, shapes: list[WarmupShape]) -> list[WarmupResult]:
+        """Compile every part at the shapes a job of each `shape` feeds it (see job_shapes)."""
+        results = []
+        for shape in shapes:
+            mark, start = self.compile_mark(), time.perf_counter()
+            for part, inputs in job_shapes(model, shape, self._irs).items():
+                self.compiled(part, inputs)
+            compiled = len(self.compile_events) > mark
+            results.append(WarmupResult(shape.width, shape.height, shape.batch, time.perf_counter() - start,
+                                        compiled=compiled, state="compiled" if compiled else "already warm"))
+        return results
