@@ -282,3 +282,20 @@ def test_a_load_that_fails_leaves_the_previous_model_working(tmp_path, monkeypat
     assert engine.model.name == "builtin:tiny" and engine.runtime.name == "openvino"
     assert np.array_equal(pixels(engine.txt2img(REQ)), before)
     assert engine.txt2img({**REQ, "width": 96, "steps": 1}).images  # a new shape compiles from the old IR
+
+
+def test_warmup_for_the_fastest_preset_and_img2img_means_no_compile_at_the_first_jobs(tmp_path):
+    """Warm-up used to assume guidance (UNet batch 2) and txt2img only: an LCM job (guidance 1) or an
+    img2img job (VAE encoder) at a warmed size compiled again."""
+    from PIL import Image
+
+    engine = Engine(runtime="openvino", cache_dir=tmp_path)
+    engine.load("builtin:tiny")
+    results = engine.warmup([(96, 96)], guidance=1.0, tasks=("txt2img", "img2img"))
+    assert [r.state for r in results] == ["compiled", "compiled"]
+    compiles = len(engine.runtime.compile_events)
+    fast = {**REQ, "width": 96, "height": 96, "guidance": 1.0, "sampler": "LCM", "steps": 2}
+    assert engine.txt2img(fast).readout.shape_cache == "warm (cache hit)"
+    image = Image.new("RGB", (96, 96), (200, 30, 30))
+    assert engine.img2img({**fast, "strength": 0.5}, image).readout.shape_cache == "warm (cache hit)"
+    assert len(engine.runtime.compile_events) == compiles
