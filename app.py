@@ -99,6 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tiny autoencoder for fast decodes and previews: a diffusers AutoencoderTiny folder, a hub id "
                         "(madebyollin/taesd), or builtin:taesd (random weights, for benchmarks)")
     p.add_argument("--warmup", default=None, help="shapes to prepare ahead, e.g. 512x512,768x512")
+    p.add_argument("--warmup-tasks", default="txt2img",
+                   help="what the warmed shapes are for, comma separated: txt2img, img2img, hires_fix, tiled_upscale "
+                        "(default: %(default)s); the preset's guidance decides the UNet batch")
     add_option_flags(p)
     p.add_argument("--cache-dir", default=None,
                    help="where converted models and compiled blobs are kept (default ~/.cache/fast-sd)")
@@ -112,6 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--outputs-dir", default="outputs",
                    help="where every image is saved with its parameters (default: %(default)s)")
     p.add_argument("--no-save", action="store_true", help="do not save images to the outputs folder")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning"],
+                   help="debug also logs the cause (traceback) behind a one-line error (default: %(default)s)")
     p.add_argument("--queue-size", type=int, default=16, help="jobs that may wait for the device (default: %(default)s)")
     return p
 
@@ -128,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         auth = parse_auth((args.auth or []) + (read_auth_file(args.auth_file) if args.auth_file else []))
     except (argparse.ArgumentTypeError, UserError) as e:
         parser.error(str(e))
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=getattr(logging, args.log_level.upper()), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     defaults = {}
     optimizations = None
@@ -151,9 +156,11 @@ def main(argv: list[str] | None = None) -> int:
         model = engine.load(args.model, config_dir=args.model_config)
         print(f"Model: {model.name} ({model.family}) loaded in {model.load_seconds:.1f} s", flush=True)
         if warmup:
-            for r in engine.warmup(warmup):
+            tasks = tuple(t.strip() for t in args.warmup_tasks.split(",") if t.strip())
+            for r in engine.warmup(warmup, guidance=defaults.get("guidance", 7.0), tasks=tasks):
                 print(f"Warm-up {r.width}x{r.height}: {r.state}, {r.seconds:.1f} s", flush=True)
     except UserError as e:
+        logging.getLogger("app").debug("start-up failed", exc_info=e)  # the cause, for --log-level debug
         print(f"error: {e}", file=sys.stderr)
         return 2
 

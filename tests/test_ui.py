@@ -246,3 +246,21 @@ def test_boxes_the_runtime_cannot_use_are_disabled_with_the_reason(app, client):
         assert int8["interactive"] is False and "OpenVINO runtime" in int8["info"]
     assert props["opt-prompt_cache"].get("interactive") is not False
     assert "--taesd" in props["opt-tiny_vae"]["info"]
+
+
+def test_a_user_error_is_one_line_on_the_page_and_its_cause_stays_in_the_log(caplog):
+    from engine import ModelLoadError
+    from ui.jobs import user_facing
+
+    try:
+        try:
+            raise ConnectionError("name or service not known: huggingface.co")
+        except ConnectionError as cause:
+            raise ModelLoadError("Could not download 'a/b': no network.") from cause
+    except ModelLoadError as e:
+        error = e
+    with caplog.at_level("WARNING"):
+        shown = user_facing(error, "Loading the model")
+    assert str(shown) == "Could not download 'a/b': no network."
+    record = next(r for r in caplog.records if "Loading the model" in r.getMessage())
+    assert record.exc_info[1] is error and isinstance(record.exc_info[1].__cause__, ConnectionError)

@@ -19,6 +19,8 @@ POLL_S = 0.3
 def user_facing(error: Exception, what: str) -> gr.Error:
     """A UserError is the user's to fix and says so itself; anything else is logged and reported in one line."""
     if isinstance(error, UserError):
+        if error.__cause__ is not None:  # the page gets one line; the log keeps what caused it
+            log.warning("%s: %s", what, error, exc_info=error)
         return gr.Error(str(error))
     log.exception("%s failed", what, exc_info=error)
     return gr.Error(f"{what} failed: {type(error).__name__}: {error}. The engine is still usable.")
