@@ -261,6 +261,6 @@ def test_a_user_error_is_one_line_on_the_page_and_its_cause_stays_in_the_log(cap
         error = e
     with caplog.at_level("WARNING"):
         shown = user_facing(error, "Loading the model")
-    assert str(shown) == "Could not download 'a/b': no network."
+    assert shown.message == "Could not download 'a/b': no network."
     record = next(r for r in caplog.records if "Loading the model" in r.getMessage())
     assert record.exc_info[1] is error and isinstance(record.exc_info[1].__cause__, ConnectionError)
