@@ -101,8 +101,9 @@ class Engine:
         return model
 
     def _install(self, model: LoadedModel, config_dir) -> None:
-        model.options = self.effective_options(self.optimizations, model=model)[0]
-        usable = self.taesd is not None and "tiny_vae" not in self.option_reasons(model=model)
+        reasons = self.option_reasons(model=model)
+        model.options = effective(self.optimizations, reasons)[0]
+        usable = self.taesd is not None and "tiny_vae" not in reasons
         model.taesd = self.taesd.to(self.runtime.device) if usable else None
         old, self.model, self._config_dir = self.model, model, config_dir  # a runtime switch reloads the same way
         del old
@@ -119,22 +120,24 @@ class Engine:
             except Exception as e:
                 if self.runtime.fallible is None:
                     raise  # eager PyTorch is the fallback: nothing to fall back to
-                runtime, choice, opts = self._fallback(e, f"could not prepare {source}")
-                model = self._prepared(runtime, source, allow_any_path, config_dir)
-                self.runtime, self.choice, self.optimizations = runtime, choice, opts  # once the model is ready
+                model = self._fall_back(e, f"could not prepare {source}", source, allow_any_path, config_dir)
             self._install(model, config_dir)
             return model
 
-    def _fallback(self, error: Exception, what: str) -> tuple[Runtime, runtimes.Choice, Optimizations]:
-        """Eager PyTorch, for a runtime (or torch.compile) that failed; the Engine tab says why."""
+    def _fall_back(self, error: Exception, what: str, source: str, allow_any_path: bool, config_dir) -> LoadedModel:
+        """`source` prepared on eager PyTorch, for a runtime (or torch.compile) that failed; the Engine tab says
+        why. The engine takes the new runtime only once the model is ready on it."""
         from .runtimes.pytorch import PyTorchRuntime
 
         failed = self.runtime.fallible
         reason = f"{failed} {what} ({type(error).__name__}: {str(error)[:200]}); using eager PyTorch"
         log.warning("%s", reason, exc_info=error)
         opts = self.optimizations.model_copy(update={"torch_compile": False})
-        choice = runtimes.Choice("pytorch", reason, {**self.choice.skipped, failed: reason})
-        return self._new_runtime(PyTorchRuntime, opts), choice, opts
+        runtime = self._new_runtime(PyTorchRuntime, opts)
+        model = self._prepared(runtime, source, allow_any_path, config_dir)
+        self.runtime, self.optimizations = runtime, opts
+        self.choice = runtimes.Choice("pytorch", reason, {**self.choice.skipped, failed: reason})
+        return model
 
     def set_runtime(self, wish: str, optimizations: Optimizations | None = None) -> runtimes.Choice:
         """Switch runtime (and options); the loaded model is prepared again from its source. A failure
@@ -195,9 +198,8 @@ class Engine:
                 if isinstance(e, UserError) or self.runtime.proven or not (self.runtime.compiles
                                                                            and self.runtime.fallible):
                     raise
-                self.runtime, self.choice, self.optimizations = self._fallback(e, "failed at its first run")
-                self._install(self._prepared(self.runtime, model.source.text, True, self._config_dir),
-                              self._config_dir)
+                self._install(self._fall_back(e, "failed at its first run", model.source.text, True,
+                                              self._config_dir), self._config_dir)
                 result = self.jobs.run(task_cls(self.model, request, image), self.runtime, self.not_applied, progress)
                 result.notices.insert(0, f"{self.choice.reason}.")
             self.runtime.proven = True

@@ -126,3 +126,21 @@ def test_torch_compile_that_fails_at_its_first_job_runs_eager(monkeypatch):
     assert not engine.runtime.optimizations.torch_compile and "torch.compile" not in engine.status()["applied"]
     assert engine.txt2img(REQ).readout.shape_cache == "eager (no compile)"
 
+
+
+def test_first_job_fallback_whose_reload_fails_keeps_the_old_model_on_its_runtime(tmp_path, monkeypatch):
+    from engine import ModelLoadError
+    from engine import engine as engine_mod
+    from engine.runtimes.openvino import OpenVINORuntime
+
+    engine = Engine(runtime="openvino", cache_dir=tmp_path)
+    engine.load("builtin:tiny")
+    with monkeypatch.context() as patch:
+        patch.setattr(OpenVINORuntime, "infer", lambda self, part, inputs: (_ for _ in ()).throw(
+            RuntimeError("injected: compile of this shape failed")))
+        patch.setattr(engine_mod, "load_model", lambda *a, **k: (_ for _ in ()).throw(
+            ModelLoadError("injected: model files vanished")))
+        with pytest.raises(ModelLoadError):
+            engine.txt2img(REQ)
+    assert engine.runtime.name == "openvino" and engine.model.name == "builtin:tiny"
+    assert engine.txt2img(REQ).readout.runtime == "openvino"
