@@ -131,13 +131,9 @@ class JobRunner:
 
     def _preview(self, model, step: int, latents) -> None:
         if model.options.tiny_vae and model.taesd is not None:
-            import torch
+            from .tasks.common import decode_latents
 
-            from .tasks.common import tiny_decode
-
-            with torch.no_grad():  # the tiny autoencoder makes a real preview for a few ms
-                self.live.preview = model.pipe.image_processor.postprocess(
-                    tiny_decode(model.taesd, latents[:1]), output_type="pil")[0]
+            self.live.preview = decode_latents(model, latents[:1])[0]  # a real preview, for a few ms
         else:
             self.live.preview = latents_to_rgb(latents, model.is_sdxl, scale=model.vae_scale_factor)
         self.live.preview_step = step
@@ -192,7 +188,7 @@ class JobRunner:
             "time": time.strftime("%H:%M:%S"), "task": task_name, "size": f"{readout.width}x{readout.height}",
             "images": readout.batch_size, "steps": readout.steps, "runtime": readout.runtime,
             "precision": readout.precision, "total_s": round(readout.total_s, 3), "it_per_s": round(readout.it_per_s, 2),
-            "peak_ram_gib": round(readout.peak_rss_bytes / 2**30, 2), "shape": readout.shape_cache,
+            "peak_ram_gib": round(readout.peak_rss_bytes / devices.GIB, 2), "shape": readout.shape_cache,
         })
 
     def _cached(self, hit: dict, notices: list[str]) -> GenerationResult:

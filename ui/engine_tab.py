@@ -9,12 +9,11 @@ import gradio as gr
 from engine import Engine
 from engine.requests import parse_sizes
 from engine.runtimes import CHOICES
+from engine.warmup import TASKS as WARMUP_TASKS
 
 from .formatting import engine_markdown, options_markdown, warmup_markdown
 from .jobs import reported
 from .optimizations_tab import OptionsTab, option_updates
-
-WARMUP_TASKS = ("txt2img", "img2img", "hires_fix", "tiled_upscale")
 
 
 @dataclass

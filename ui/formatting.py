@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from engine.devices import live_memory
+from engine.devices import GIB, live_memory
 
 if TYPE_CHECKING:
     from engine import Engine
@@ -12,7 +12,6 @@ if TYPE_CHECKING:
 
 HISTORY_COLUMNS = ["time", "task", "size", "images", "steps", "runtime", "precision", "total_s", "it_per_s",
                    "peak_ram_gib", "shape"]
-GIB = 1024**3
 
 
 def _vram(readout: Readout) -> str:

@@ -10,6 +10,7 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Callable
 
+from ... import devices
 from ..base import CompileEvent
 
 log = logging.getLogger(__name__)
@@ -54,14 +55,14 @@ class CompiledModels:
 
     def _compile(self, part: str, ir, shape: tuple):
         start = time.perf_counter()
-        rss_before = _rss()
+        rss_before = devices.process_rss_bytes()
         model = ir.clone()
         model.reshape({name: list(dims) for name, dims in shape})
         compiled = self.core.compile_model(model, "CPU", self._config())
         del model
         drop_mapped_pages(self.mapped_root)  # the IR pages the compile read; the compiled model has its own
         seconds = time.perf_counter() - start
-        self.cost[part] = max(self.cost.get(part, 0), _rss() - rss_before)
+        self.cost[part] = max(self.cost.get(part, 0), devices.process_rss_bytes() - rss_before)
         self.events.append(CompileEvent(part, shape, seconds))
         log.info("compiled %s for %s in %.2f s", part, dict(shape), seconds)
         self.precision[part] = precision_name(compiled.get_property("INFERENCE_PRECISION_HINT"))
@@ -71,10 +72,8 @@ class CompiledModels:
         """Each compiled shape holds its own copy of the weights (measured: about 5 GiB for an
         INT8 SD 1.5 UNet on this plugin); drop the least recently used shapes before a compile
         that would not fit in the memory that is left."""
-        import psutil
-
         need = self.cost.get(part, 0) * 1.1 + RESERVE_BYTES
-        while self.entries and psutil.virtual_memory().available < need:
+        while self.entries and devices.free_bytes("cpu") < need:
             old, _ = self.entries.popitem(last=False)
             gc.collect()
             log.info("evicted compiled %s for %s to make room", old[0], dict(old[1]))
@@ -126,8 +125,3 @@ def drop_mapped_pages(folder: Path) -> int:
             advised += end - start
     return advised
 
-
-def _rss() -> int:
-    import psutil
-
-    return psutil.Process().memory_info().rss
