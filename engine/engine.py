@@ -7,13 +7,15 @@ from __future__ import annotations
 
 import gc
 import logging
+import time
 from pathlib import Path
 from typing import Any
 
-from . import devices, runtimes
+from . import devices, lora, runtimes
 from . import hardware as hardware_mod
 from .errors import UserError
 from .jobs import GenerationResult, JobRunner
+from .lora import LoraUse
 from .models import (LoadedModel, load_model, load_tiny_autoencoder, tiny_autoencoder_family,
                      tiny_autoencoder_mismatch)
 from .options import RUNTIME_FIELDS, Optimizations, effective
@@ -94,11 +96,15 @@ class Engine:
     def _new_runtime(self, cls, optimizations: Optimizations) -> Runtime:
         return cls(self.hardware, self.effective_options(optimizations, cls)[0], self.cache_dir)
 
-    def _prepared(self, runtime: Runtime, source: str, allow_any_path: bool, config_dir) -> LoadedModel:
+    def _prepared(self, runtime: Runtime, source: str, allow_any_path: bool, config_dir,
+                  loras: tuple[LoraUse, ...] = ()) -> LoadedModel:
         model = load_model(source, models_dir=self.models_dir, allow_any_path=allow_any_path, config_dir=config_dir,
-                           skeleton_for=runtime.cached_components)
+                           skeleton_for=runtime.cached_components, loras=loras)
         runtime.prepare(model)
         return model
+
+    def _current_loras(self) -> tuple[LoraUse, ...]:
+        return self.model.loras.uses if self.model is not None else ()
 
     def _install(self, model: LoadedModel, config_dir) -> None:
         reasons = self.option_reasons(model=model)
@@ -124,7 +130,8 @@ class Engine:
             self._install(model, config_dir)
             return model
 
-    def _fall_back(self, error: Exception, what: str, source: str, allow_any_path: bool, config_dir) -> LoadedModel:
+    def _fall_back(self, error: Exception, what: str, source: str, allow_any_path: bool, config_dir,
+                   loras: tuple[LoraUse, ...] = ()) -> LoadedModel:
         """`source` prepared on eager PyTorch, for a runtime (or torch.compile) that failed; the Engine tab says
         why. The engine takes the new runtime only once the model is ready on it."""
         from .runtimes.pytorch import PyTorchRuntime
@@ -134,7 +141,7 @@ class Engine:
         log.warning("%s", reason, exc_info=error)
         opts = self.optimizations.model_copy(update={"torch_compile": False})
         runtime = self._new_runtime(PyTorchRuntime, opts)
-        model = self._prepared(runtime, source, allow_any_path, config_dir)
+        model = self._prepared(runtime, source, allow_any_path, config_dir, loras)
         self.runtime, self.optimizations = runtime, opts
         self.choice = runtimes.Choice("pytorch", reason, {**self.choice.skipped, failed: reason})
         return model
@@ -146,11 +153,25 @@ class Engine:
         opts = optimizations or self.optimizations
         runtime = self._new_runtime(choice.cls, opts)
         with self.jobs.lock:  # no job may run between the prepare and the swap
-            model = self._prepared(runtime, self.model.source.text, True, self._config_dir) if self.model else None
+            model = (self._prepared(runtime, self.model.source.text, True, self._config_dir, self._current_loras())
+                     if self.model else None)
             self.choice, self.runtime, self.optimizations, self.runtime_wish = choice, runtime, opts, wish
             if model is not None:
                 self._install(model, self._config_dir)
         return choice
+
+    def _use_loras(self, uses: tuple[LoraUse, ...]) -> str:
+        """Fuse this LoRA set (the caller holds the lock); what it cost, for the readout. A LoRA that cannot
+        apply raises UserError and the model keeps serving with the set it had."""
+        model, start = self.model, time.perf_counter()
+        if self.runtime.fuses_in_place:
+            plans = [lora.plan(model.pipe, model.family, u, self.models_dir) for u in uses]
+            model.loras.fuse(model.pipe, plans)
+            return f"fused in {time.perf_counter() - start:.2f} s" if uses else "unfused"
+        converted = len(getattr(self.runtime, "conversions", ()))
+        self._install(self._prepared(self.runtime, model.source.text, True, self._config_dir, uses), self._config_dir)
+        how = "converted" if len(getattr(self.runtime, "conversions", ())) > converted else "from cache"
+        return f"{'fused, ' if uses else ''}{how} in {time.perf_counter() - start:.1f} s"
 
     def require_model(self) -> LoadedModel:
         if self.model is None:
@@ -192,6 +213,10 @@ class Engine:
         with self.jobs.lock:
             if model is not self.model:
                 raise UserError("The model or runtime changed while this job waited; run it again.")
+            if task.loras != model.loras.uses:
+                lora_note = self._use_loras(task.loras)
+                task = task_cls(self.model, request, image)
+                task.details["lora_change"] = lora_note
             try:
                 result = self.jobs.run(task, self.runtime, self.not_applied, progress)
             except Exception as e:
@@ -199,7 +224,7 @@ class Engine:
                                                                            and self.runtime.fallible):
                     raise
                 self._install(self._fall_back(e, "failed at its first run", model.source.text, True,
-                                              self._config_dir), self._config_dir)
+                                              self._config_dir, model.loras.uses), self._config_dir)
                 result = self.jobs.run(task_cls(self.model, request, image), self.runtime, self.not_applied, progress)
                 result.notices.insert(0, f"{self.choice.reason}.")
             self.runtime.proven = True

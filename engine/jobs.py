@@ -102,7 +102,8 @@ class JobRunner:
                             f"low-memory preset. What the job held has been freed.") from e
         finally:
             self.live.running = False
-        details = {**output.details, **runtime.job_details(), **self._details(ctx, model, prompt_counts)}
+        details = {**output.details, **runtime.job_details(), **self._details(ctx, model, prompt_counts),
+                   **task.details}
         notices = task.notices + output.notices + self._job_notices(ctx, output, options, not_applied)
         readout = Readout.of_job(ctx.timer, output, memory, runtime, model.name, runtime.shape_state(mark),
                                  details, notices)
@@ -142,7 +143,7 @@ class JobRunner:
     def _cache_key(task: Task, runtime) -> str:
         model = task.model
         output_options = model.options.model_dump(exclude={"prompt_cache", "result_cache"})
-        return result_key(model.identity or model.name, task.name, runtime.name, runtime.precision,
+        return result_key(model.weights_key, task.name, runtime.name, runtime.precision,
                           {**task.request.model_dump(), "inputs": task.inputs_key}, output_options)
 
     @staticmethod
@@ -156,6 +157,8 @@ class JobRunner:
                                        else f"{hits} hits, {misses} misses")
         if options.tiny_vae and model.taesd is not None:
             details["decoder"] = "tiny autoencoder (TAESD)"
+        if model.loras.plans:
+            details["lora"] = ", ".join(p.summary for p in model.loras.plans)
         return details
 
     @staticmethod

@@ -59,15 +59,30 @@ class LoadedModel:
     options: Any = None
     prompt_cache: Any = None
     taesd: Any = None
+    loras: Any = None  # lora.FusedLoras: what is fused into these weights
 
     def __post_init__(self):
         from .caches import PromptCache
+        from .lora import FusedLoras
         from .options import Optimizations
 
         if self.options is None:
             self.options = Optimizations()
         if self.prompt_cache is None:
             self.prompt_cache = PromptCache()
+        if self.loras is None:
+            self.loras = FusedLoras()
+
+    def component_identity(self, component: str) -> str | None:
+        """Cache identity of one component's weights as they are now (the LoRAs fused into it included)."""
+        from .lora import component_identity
+
+        return component_identity(self.identity, [(p.lora, p.weight) for p in self.loras.plans], component)
+
+    @property
+    def weights_key(self) -> str:
+        """Identity of all the weights that run, for the result cache."""
+        return f"{self.identity or self.name}|{self.loras.key()}"
 
     @property
     def vae_scale_factor(self) -> int:
@@ -480,18 +495,24 @@ def _family_kwargs(family: str) -> dict:
 
 def load_model(text: str, *, models_dir: Path | None = None, allow_any_path: bool = True,
                config_dir: str | Path | None = None,
-               skeleton_for: Callable[[str], frozenset[str]] | None = None) -> LoadedModel:
-    """Load a model source as a pipeline on CPU in fp32; runtimes move and convert it.
+               skeleton_for: Callable[[Callable[[str], str | None]], frozenset[str]] | None = None,
+               loras: tuple = ()) -> LoadedModel:
+    """Load a model source as a pipeline on CPU in fp32, with `loras` (lora.LoraUse) fused; runtimes move and
+    convert it.
 
-    `skeleton_for(identity)` names the components a runtime already has in its cache: those
-    are built without weights (builtins and folders), so no PyTorch copy is ever made.
+    `skeleton_for(identity_of)` names the components a runtime already has in its cache (identity_of(component)
+    is the component's cache identity, LoRAs included): those are built without weights (builtins and
+    folders), so no PyTorch copy is ever made.
     """
+    from . import lora
+
     source = resolve_source(text, models_dir=models_dir, allow_any_path=allow_any_path)
     start = time.perf_counter()
     identity = model_identity(source, config_dir)
+    files = [(lora.read(u.name, lora.resolve(u.name, models_dir)), u.weight) for u in loras]
     skeleton = frozenset()
     if skeleton_for is not None and identity is not None and source.kind in ("builtin", "folder"):
-        skeleton = frozenset(skeleton_for(identity))
+        skeleton = frozenset(skeleton_for(lambda component: lora.component_identity(identity, files, component)))
     if source.kind == "builtin":
         family, pipe = build_builtin(source.value, skeleton)
     elif source.kind == "folder":
@@ -506,9 +527,12 @@ def load_model(text: str, *, models_dir: Path | None = None, allow_any_path: boo
     else:
         pipe, family = _load_hub(source)
     pipe.set_progress_bar_config(disable=True)
-    return LoadedModel(pipe=pipe, family=family, name=source.text, source=source,
-                       load_seconds=time.perf_counter() - start,
-                       scheduler_config=dict(pipe.scheduler.config), identity=identity, skeleton=skeleton)
+    model = LoadedModel(pipe=pipe, family=family, name=source.text, source=source, load_seconds=0.0,
+                        scheduler_config=dict(pipe.scheduler.config), identity=identity, skeleton=skeleton)
+    if loras:
+        model.loras.fuse(pipe, [lora.plan(pipe, family, u, models_dir) for u in loras])
+    model.load_seconds = time.perf_counter() - start
+    return model
 
 
 def _load_single_file(source: ModelSource, family: str, config_dir) -> Any:

@@ -6,46 +6,14 @@ import pytest
 
 from engine import Engine
 from engine.models import ASSETS_MODELS
-from tools.train_shapes import COLOURS
+from tools.shapes_score import PROMPTS, SEEDS, analyse
 
 needs_model = pytest.mark.skipif(not (ASSETS_MODELS / "shapes" / "model_index.json").is_file(),
                                 reason="assets/models/shapes is not in this checkout")
 
-NAMES = list(COLOURS)
-PALETTE = np.array([COLOURS[n] for n in NAMES], dtype=np.float32)
-PROMPTS = [  # (shape colour, shape, background)
-    ("red", "circle", "blue"), ("yellow", "square", "black"), ("green", "triangle", "white"),
-    ("blue", "star", "yellow"), ("white", "circle", "purple"), ("orange", "square", "green"),
-]
-SEEDS = 8
-BORDER = 6  # px of the image edge read as "border"
 SAMPLER = "DPM++ 2M Karras"  # measured on the shipped weights, guidance 7: DPM++ 2M Karras 83%, Euler 83%, Euler a 75%
 TXT2IMG_FLOOR = 0.8  # the issue's target
 IMG2IMG_FLOOR = 0.8  # the issue's target
-
-
-def nearest_colours(image) -> np.ndarray:
-    """Index into NAMES of the nearest named colour, per pixel."""
-    px = np.asarray(image.convert("RGB"), dtype=np.float32)
-    d = ((px[:, :, None, :] - PALETTE[None, None]) ** 2).sum(-1)
-    return d.argmin(-1)
-
-
-def dominant(labels: np.ndarray) -> str | None:
-    if labels.size == 0:
-        return None
-    return NAMES[int(np.bincount(labels.ravel(), minlength=len(NAMES)).argmax())]
-
-
-def analyse(image) -> tuple[str | None, str | None]:
-    """(colour dominating the border, colour dominating the foreground = pixels not of the border colour)."""
-    labels = nearest_colours(image)
-    ring = np.ones(labels.shape, bool)
-    ring[BORDER:-BORDER, BORDER:-BORDER] = False
-    background = dominant(labels[ring])
-    inside = labels[~ring]
-    foreground = inside[inside != NAMES.index(background)] if background else inside
-    return background, dominant(foreground)
 
 
 @pytest.fixture(scope="module")

@@ -6,6 +6,7 @@ import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from ..hardware import HardwareReport
 from ..options import Optimizations, owned_elsewhere
@@ -99,8 +100,13 @@ class Runtime(ABC):
         """Optimizations this runtime cannot apply here -> one line saying why (the UI greys them out)."""
         return owned_elsewhere(cls.name)
 
-    def cached_components(self, identity: str) -> set[str]:
-        """Pipeline components this runtime can supply from its own cache (their weights need not load)."""
+    # Whether a LoRA change may be fused into the live model's weights (the runtime reads them at each call);
+    # otherwise the model is prepared again with the LoRAs fused before conversion.
+    fuses_in_place: bool = True
+
+    def cached_components(self, identity_of: Callable[[str], str | None]) -> set[str]:
+        """Pipeline components this runtime can supply from its own cache (their weights need not load);
+        identity_of(component) is that component's cache identity."""
         return set()
 
     def inference_context(self):

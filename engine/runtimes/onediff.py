@@ -21,6 +21,7 @@ def onediff_backend() -> str | None:
 
 
 class OneDiffRuntime(PyTorchRuntime):
+    fuses_in_place = False  # the compiled graph may hold its own copy of the weights: a LoRA change reloads
     name = "onediff"
 
     @classmethod

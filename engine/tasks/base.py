@@ -6,6 +6,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+from ..lora import parse_prompt, strip_tags
 from ..requests import GenerationRequest, load_image, parse_request
 from .context import DenoiseContext
 
@@ -35,6 +36,8 @@ class Task(ABC):
         self.image = load_image(image) if self.takes_image else None
         request, self.notices = self.normalise(request)
         self.request = request.with_seed()
+        self.loras = parse_prompt(self.request.prompt)[1]  # <lora:name:weight> tags; the Engine fuses them
+        self.details: dict[str, Any] = {}  # what the Engine did for this job (a LoRA change), for the readout
         self.notices += prompt_notices(model, self.request)
 
     @abstractmethod
@@ -61,7 +64,7 @@ def prompt_notices(model, request) -> list[str]:
     """The text encoder reads 77 tokens; say so when a prompt is cut, rather than cut silently."""
     tokenizer = model.pipe.tokenizer
     notices = []
-    for label, text in (("Prompt", request.prompt), ("Negative prompt", request.negative_prompt)):
+    for label, text in (("Prompt", strip_tags(request.prompt)), ("Negative prompt", request.negative_prompt)):
         ids = tokenizer(text, truncation=False).input_ids if text else []
         limit = tokenizer.model_max_length
         if len(ids) > limit:

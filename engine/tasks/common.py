@@ -8,6 +8,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..lora import strip_tags
 from ..schedulers import make_scheduler
 from ..tiling import Blender, Tile, grid
 from .context import DenoiseContext
@@ -44,18 +45,20 @@ def encode_prompt(model, prompt: str, negative_prompt: str, batch_size: int, gui
 
 
 def encode_request_prompt(model, runtime, request, timer, batch_size: int | None = None) -> PromptEmbeddings:
-    """The request's prompt pair, encoded under the "text_encoding" stage (through the prompt cache when on)."""
+    """The request's prompt pair (without <lora:...> tags), encoded under the "text_encoding" stage (through the
+    prompt cache when on)."""
     batch = batch_size or request.batch_size
+    prompt = strip_tags(request.prompt)
     with timer.stage("text_encoding"):
         cache = model.prompt_cache if model.options.prompt_cache else None
         if cache is None:
-            return encode_prompt(model, request.prompt, request.negative_prompt, batch, request.guidance,
-                                 runtime.device)
-        key = cache.key(model.identity or model.name, request.prompt, request.negative_prompt, None,
-                        request.guidance > 1.0)
+            return encode_prompt(model, prompt, request.negative_prompt, batch, request.guidance, runtime.device)
+        encoders = f"{model.component_identity('text_encoder')}|{model.component_identity('text_encoder_2')}"
+        key = cache.key(encoders if model.identity else model.name + model.loras.key(), prompt,
+                        request.negative_prompt, None, request.guidance > 1.0)
         kwargs = cache.get(key)
         if kwargs is None:
-            kwargs = encode_prompt(model, request.prompt, request.negative_prompt, 1, request.guidance,
+            kwargs = encode_prompt(model, prompt, request.negative_prompt, 1, request.guidance,
                                    runtime.device).kwargs
             cache.put(key, kwargs)
         return PromptEmbeddings(cache.expand(kwargs, batch))

@@ -23,10 +23,11 @@ class IRLoader:
         self.int8, self.hybrid = int8 or hybrid, hybrid
         self.conversions: list[tuple[str, float]] = []  # (part, seconds) converted in this process
 
-    def cached_components(self, identity: str) -> set[str]:
-        """Pipeline components whose every IR part is valid in the disk cache."""
+    def cached_components(self, identity_of) -> set[str]:
+        """Pipeline components whose every IR part is valid in the disk cache (identity_of(component): its key)."""
         return {component for component, parts in PARTS_OF.items()
-                if all(self.ir_cache.valid(identity, self.variant, p) for p in parts)}
+                if (identity := identity_of(component)) and all(self.ir_cache.valid(identity, self.variant, p)
+                                                                for p in parts)}
 
     def ir(self, identity: str | None, part: str, component, calibration: list[dict[str, np.ndarray]]) -> Any:
         """The part's ov.Model from the disk cache, or converted (and cached) from `component`."""
@@ -49,14 +50,15 @@ class IRLoader:
             model = self.ir_cache.load(self.core, identity, self.variant, part)
         return model
 
-    def calibration(self, pipe, identity: str | None) -> list[dict[str, np.ndarray]]:
+    def calibration(self, pipe, identity_of) -> list[dict[str, np.ndarray]]:
         """UNet inputs for INT8-convolution calibration, made before the UNet is converted; none where
         int8 convolutions are off or the quantized UNet comes from the cache."""
         if not (self.hybrid and can_calibrate(pipe)):
             return []
-        if identity and self.ir_cache.valid(identity, self.variant, "unet"):
+        unet_id, text_id = identity_of("unet"), identity_of("text_encoder")
+        if unet_id and self.ir_cache.valid(unet_id, self.variant, "unet"):
             return []
-        return calibration_inputs(pipe, lambda ids: self._text_states(pipe.text_encoder, identity, ids))
+        return calibration_inputs(pipe, lambda ids: self._text_states(pipe.text_encoder, text_id, ids))
 
     def _text_states(self, encoder, identity: str | None, ids: torch.Tensor) -> np.ndarray:
         if is_meta(encoder):  # its IR is cached and its weights were never built: run the IR

@@ -111,8 +111,10 @@ class OpenVINORuntime(Runtime):
     def _cost(self) -> dict[str, int]:
         return self._models.cost
 
-    def cached_components(self, identity: str) -> set[str]:
-        return self.loader.cached_components(identity)
+    fuses_in_place = False  # the weights are in the IR: a LoRA change converts (or loads) the fused parts
+
+    def cached_components(self, identity_of) -> set[str]:
+        return self.loader.cached_components(identity_of)
 
     def describe(self) -> str:
         return f"openvino on CPU ({self.precision}), IR cache {self.cache_root}"
@@ -124,14 +126,14 @@ class OpenVINORuntime(Runtime):
         prepared before working. Only the new pipe's components are replaced as their parts convert, so
         each PyTorch copy goes as soon as OpenVINO holds its weights."""
         pipe, identity = model.pipe, model.identity
-        calibration = self.loader.calibration(pipe, identity)
+        calibration = self.loader.calibration(pipe, model.component_identity)
         irs = {}
         for component, parts in PARTS_OF.items():
             module = getattr(pipe, component, None)
             if module is None:
                 continue
             for part in parts:
-                irs[part] = self.loader.ir(identity, part, module, calibration)
+                irs[part] = self.loader.ir(model.component_identity(component), part, module, calibration)
             setattr(pipe, component, make_adapter(self, component, module.config))
             del module
         del calibration  # used only while converting the UNet

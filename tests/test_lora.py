@@ -1,0 +1,184 @@
+"""LoRA: both file formats fuse to W + weight * (alpha/rank) * up @ down, on PyTorch and OpenVINO alike;
+bad LoRAs are one clear message and the model keeps serving."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from engine import Engine
+from engine.errors import UserError
+from engine.lora import LoraUse, parse_prompt, with_tag
+from engine.metadata import format_parameters, parse_parameters
+
+RANK, ALPHA = 4, 2.0
+# (component, module): a Linear, a 3x3 Conv2d, a 1x1 Conv2d given a Linear-shaped LoRA, a text-encoder Linear
+LAYERS = [("unet", "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k"),
+          ("unet", "down_blocks.0.resnets.0.conv1"),
+          ("unet", "up_blocks.1.attentions.0.proj_in"),
+          ("text_encoder", "encoder.layers.0.self_attn.q_proj")]  # transformers 5 names (no text_model.)
+REQUEST = {"prompt": "a red circle", "width": 64, "height": 64, "steps": 3, "guidance": 5.0, "sampler": "Euler",
+           "seed": 3}
+
+
+def known_matrices(pipe, seed=0):
+    """(component, module) -> (down, up), the LoRA's matrices, made from a fixed seed."""
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for component, name in LAYERS:
+        w = getattr(pipe, component).get_submodule(name).weight
+        down = torch.randn((RANK, w[0].numel()), generator=g) * 0.5
+        if w.dim() == 4 and w.shape[-1] == 3:
+            down = down.reshape(RANK, w.shape[1], 3, 3)
+        up = torch.randn((w.shape[0], RANK), generator=g) * 0.5
+        out[(component, name)] = (down, up)
+    return out
+
+
+def file_name(component, name):
+    """What LoRA files call a layer: CLIP's layers under text_model. (as before transformers 5)."""
+    return ("text_model." if component.startswith("text_encoder") else "") + name
+
+
+def save_kohya(path, matrices):
+    prefix = {"unet": "lora_unet_", "text_encoder": "lora_te_"}
+    state = {}
+    for (component, name), (down, up) in matrices.items():
+        key = prefix[component] + file_name(component, name).replace(".", "_")
+        state[f"{key}.lora_down.weight"] = down.contiguous()
+        state[f"{key}.lora_up.weight"] = (up[:, :, None, None] if down.dim() == 4 else up).contiguous()
+        state[f"{key}.alpha"] = torch.tensor(ALPHA)
+    save_file(state, str(path))
+
+
+def save_peft(path, matrices):
+    """diffusers' own layout: unet.<module>.lora_A/lora_B, alpha in the lora_adapter_metadata JSON."""
+    state = {}
+    for (component, name), (down, up) in matrices.items():
+        state[f"{component}.{file_name(component, name)}.lora_A.weight"] = down.contiguous()
+        state[f"{component}.{file_name(component, name)}.lora_B.weight"] = (up[:, :, None, None] if down.dim() == 4 else up).contiguous()
+    meta = {"unet.lora_alpha": ALPHA, "unet.r": RANK, "text_encoder.lora_alpha": ALPHA, "text_encoder.r": RANK}
+    save_file(state, str(path), metadata={"lora_adapter_metadata": json.dumps(meta)})
+
+
+@pytest.fixture(scope="module")
+def models_dir(tmp_path_factory):
+    from engine.models import load_model
+
+    root = tmp_path_factory.mktemp("models")
+    (root / "lora" / "sub").mkdir(parents=True)
+    pipe = load_model("builtin:tiny").pipe
+    matrices = known_matrices(pipe)
+    save_kohya(root / "lora" / "known-kohya.safetensors", matrices)
+    save_peft(root / "lora" / "sub" / "known-peft.safetensors", matrices)
+    save_kohya(root / "lora" / "other.safetensors", known_matrices(pipe, seed=1))
+    return root
+
+
+@pytest.fixture(scope="module")
+def engine(models_dir):
+    engine = Engine(runtime="pytorch", models_dir=models_dir)
+    engine.load("builtin:tiny")
+    engine.jobs.preview_every = 0
+    return engine
+
+
+def weights(engine):
+    return {key: getattr(engine.model.pipe, key[0]).get_submodule(key[1]).weight.detach().clone() for key in LAYERS}
+
+
+@pytest.mark.parametrize("name", ["known-kohya", "sub/known-peft"])
+def test_fused_weights_are_w_plus_scaled_up_down_and_restore_exactly(engine, models_dir, name):
+    before = weights(engine)
+    matrices = known_matrices(engine.model.pipe)
+    result = engine.txt2img({**REQUEST, "prompt": f"a red circle <lora:{name}:0.7>"})
+    assert result.readout.details["lora"] == f"{name} x0.7 (4 of 4 layers)"
+    assert result.readout.details["lora_change"].startswith("fused in")
+    fused = weights(engine)
+    for key, (down, up) in matrices.items():
+        expected = before[key] + 0.7 * (ALPHA / RANK) * (up @ down.reshape(RANK, -1)).reshape(before[key].shape)
+        torch.testing.assert_close(fused[key], expected, rtol=1e-5, atol=1e-5)
+    engine.txt2img(REQUEST)  # no tag: the LoRA comes off
+    for key, w in weights(engine).items():
+        assert torch.equal(w, before[key]), key
+
+
+def test_lora_changes_the_picture_and_parameters_keep_the_tag(engine):
+    plain = np.asarray(engine.txt2img(REQUEST).images[0], dtype=np.float32)
+    result = engine.txt2img({**REQUEST, "prompt": "a red circle <lora:known-kohya:1>"})
+    assert np.abs(np.asarray(result.images[0], dtype=np.float32) - plain).mean() > 1.0
+    text = format_parameters({**result.parameters})
+    assert parse_parameters(text)["prompt"] == "a red circle <lora:known-kohya:1>"  # PNG info -> txt2img brings it back
+
+
+def test_two_loras_add_up(engine):
+    engine.txt2img(REQUEST)
+    before = weights(engine)
+    a, b = known_matrices(engine.model.pipe), known_matrices(engine.model.pipe, seed=1)
+    engine.txt2img({**REQUEST, "prompt": "x <lora:known-kohya:0.5> <lora:other:-1>"})
+    key = LAYERS[0]
+    expected = before[key] + (ALPHA / RANK) * (0.5 * a[key][1] @ a[key][0] - b[key][1] @ b[key][0])
+    torch.testing.assert_close(weights(engine)[key], expected, rtol=1e-5, atol=1e-5)
+    engine.txt2img(REQUEST)
+
+
+@pytest.mark.parametrize("prompt, message", [
+    ("x <lora:missing>", "not found"),
+    ("x <lora:../escape>", "not a path"),
+    ("x <lora:/etc/passwd>", "not a path"),
+    ("x <lora:known-kohya:abc>", "must be a number"),
+    ("x <lora:known-kohya:9>", "between"),
+    ("x <lora:damaged>", "cannot be read"),
+    ("x <lora:nomatch>", "0 matched"),
+    ("x <lora:xl>", "for SDXL models"),
+    ("x <lora:wrongshape>", "made for another model"),
+])
+def test_bad_loras_are_one_message_and_the_model_keeps_serving(engine, models_dir, prompt, message):
+    lora_dir = models_dir / "lora"
+    (lora_dir / "damaged.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
+    save_file({"lora_unet_nothing_here.lora_down.weight": torch.zeros(4, 8),
+               "lora_unet_nothing_here.lora_up.weight": torch.zeros(8, 4)}, str(lora_dir / "nomatch.safetensors"))
+    save_file({"lora_te2_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight": torch.zeros(4, 1280),
+               "lora_te2_text_model_encoder_layers_0_self_attn_q_proj.lora_up.weight": torch.zeros(1280, 4)},
+              str(lora_dir / "xl.safetensors"))
+    save_file({"lora_unet_down_blocks_0_resnets_0_conv1.lora_down.weight": torch.zeros(4, 7, 3, 3),
+               "lora_unet_down_blocks_0_resnets_0_conv1.lora_up.weight": torch.zeros(32, 4, 1, 1)},
+              str(lora_dir / "wrongshape.safetensors"))
+    before = weights(engine)
+    with pytest.raises(UserError, match=message):
+        engine.txt2img({**REQUEST, "prompt": prompt})
+    assert all(torch.equal(w, before[k]) for k, w in weights(engine).items())
+    assert engine.txt2img(REQUEST).images  # still serving
+
+
+def test_prompt_syntax():
+    assert parse_prompt("a cat, <lora:x:0.8> on a mat <LORA:y>") == (
+        "a cat, on a mat", (LoraUse("x", 0.8), LoraUse("y", 1.0)))
+    assert parse_prompt("<lora:x:0>")[1] == ()
+    assert parse_prompt("<lora:x:0.2> <lora:x:0.5>")[1] == (LoraUse("x", 0.5),)
+    assert with_tag("a cat", "x", 0.8) == "a cat <lora:x:0.8>"
+    assert with_tag("a cat <lora:x:0.8>", "x", 1.2) == "a cat <lora:x:1.2>"
+
+
+def test_openvino_runs_the_lora_like_pytorch_and_caches_the_fused_parts(engine, models_dir, tmp_path):
+    ov = Engine(runtime="openvino", models_dir=models_dir, cache_dir=tmp_path)
+    ov.load("builtin:tiny")
+    ov.jobs.preview_every = 0
+    lora_request = {**REQUEST, "prompt": "a red circle <lora:known-kohya:1>"}
+    plain = np.asarray(ov.txt2img(REQUEST).images[0], dtype=np.float32)
+    first = ov.txt2img(lora_request)
+    assert first.readout.details["lora_change"].startswith("fused, converted in")
+    got = np.asarray(first.images[0], dtype=np.float32)
+    want = np.asarray(engine.txt2img(lora_request).images[0], dtype=np.float32)
+    assert np.abs(got - want).mean() < 2.0, "OpenVINO and PyTorch disagree with the LoRA fused"
+    assert np.abs(got - plain).mean() > 1.0, "the LoRA changed nothing on OpenVINO"
+    assert ov.txt2img(REQUEST).readout.details["lora_change"].startswith("from cache")  # back to the plain IR
+    again = ov.txt2img(lora_request)
+    assert again.readout.details["lora_change"].startswith("fused, from cache")
+    assert np.abs(np.asarray(again.images[0], dtype=np.float32) - got).max() == 0
+    with pytest.raises(UserError, match="not found"):
+        ov.txt2img({**REQUEST, "prompt": "x <lora:missing>"})
+    assert ov.txt2img(REQUEST).images
