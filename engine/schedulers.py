@@ -15,7 +15,15 @@ SAMPLERS: dict[str, tuple[str, dict]] = {
     # SD latents are not in [-1, 1]: DDIM's default clip_sample=True would clip them (real SD configs say False).
     "DDIM": ("DDIMScheduler", {"clip_sample": False, "set_alpha_to_one": False}),
     "LCM": ("LCMScheduler", {}),
+    # Few-step samplers for distilled models and LoRAs (LCM, TCD, SD-Turbo, Lightning, Hyper-SD). "Trailing"
+    # spacing starts at t=999, the pure-noise end these models are distilled from (leading starts lower).
+    "TCD": ("TCDScheduler", {}),
+    "Euler trailing": ("EulerDiscreteScheduler", {"timestep_spacing": "trailing"}),
+    "Euler a trailing": ("EulerAncestralDiscreteScheduler", {"timestep_spacing": "trailing"}),
+    "DPM++ 2M trailing": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2,
+                                                          "use_karras_sigmas": False, "timestep_spacing": "trailing"}),
 }
+FEW_STEP_SAMPLERS = ("LCM", "TCD", "Euler trailing", "Euler a trailing", "DPM++ 2M trailing")
 
 SAMPLER_NAMES: tuple[str, ...] = tuple(SAMPLERS)
 DEFAULT_SAMPLER = "DPM++ 2M Karras"

@@ -4,7 +4,8 @@ from engine.errors import UserError
 from engine.models import SD_SCHEDULER_CONFIG
 from engine.schedulers import SAMPLER_NAMES, canonical_sampler, make_scheduler
 
-EXPECTED = {"Euler", "Euler a", "DPM++ 2M", "DPM++ 2M Karras", "UniPC", "DDIM", "LCM"}
+EXPECTED = {"Euler", "Euler a", "DPM++ 2M", "DPM++ 2M Karras", "UniPC", "DDIM", "LCM", "TCD", "Euler trailing",
+            "DPM++ 2M trailing"}
 
 
 def test_all_issue_samplers_exist():
@@ -34,3 +35,21 @@ def test_ddim_does_not_clip_sd_latents():
     from engine.schedulers import make_scheduler
 
     assert make_scheduler("DDIM", SD_SCHEDULER_CONFIG).config.clip_sample is False
+
+
+@pytest.mark.parametrize("name", ["TCD", "Euler trailing", "Euler a trailing", "DPM++ 2M trailing", "LCM"])
+def test_few_step_samplers_start_from_pure_noise(name):
+    """Distilled models expect their first step at t=999; SD's own "leading" spacing starts at 751 for 4 steps."""
+    s = make_scheduler(name, SD_SCHEDULER_CONFIG)
+    s.set_timesteps(4)
+    assert int(s.timesteps[0]) == 999
+    leading = make_scheduler("Euler", SD_SCHEDULER_CONFIG)
+    leading.set_timesteps(4)
+    assert int(leading.timesteps[0]) < 999
+
+
+@pytest.mark.parametrize("name", ["TCD", "Euler trailing", "DPM++ 2M trailing"])
+def test_few_step_samplers_run_a_job(tiny_engine, name):
+    result = tiny_engine.txt2img({"prompt": "x", "width": 64, "height": 64, "steps": 2, "guidance": 1.0,
+                                  "sampler": name, "seed": 1})
+    assert result.readout.steps == 2 and result.parameters["sampler"] == name
