@@ -173,6 +173,10 @@ class Engine:
         how = "converted" if len(getattr(self.runtime, "conversions", ())) > converted else "from cache"
         return f"{'fused, ' if uses else ''}{how} in {time.perf_counter() - start:.1f} s"
 
+    def lora_names(self) -> list[str]:
+        """LoRAs a prompt may name (<models-dir>/lora, then the built-in ones)."""
+        return lora.available(self.models_dir)
+
     def require_model(self) -> LoadedModel:
         if self.model is None:
             raise UserError("No model is loaded yet; load one on the Engine tab or start with --model.")

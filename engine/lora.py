@@ -236,7 +236,8 @@ def _diffusers_layers(state: dict[str, torch.Tensor], alpha_of: Any) -> list[Lor
         # attention processors' names: attn1.processor.to_q_lora -> attn1.to_q, to_out_lora -> to_out.0
         module = re.sub(r"\.processor\.(to_[qkv])$", r".\1", module)
         module = re.sub(r"\.processor\.to_out$", ".to_out.0", module)
-        module = re.sub(r"\.(q|k|v)_proj$", r".\1_proj", module)
+        if component.startswith("text_encoder"):  # the same processor names on CLIP's attention
+            module = re.sub(r"\.to_([qkv])$", r".\1_proj", module).replace(".to_out.0", ".out_proj")
         alpha = state.get(f"{stem}.alpha")
         alpha = float(alpha) if alpha is not None else alpha_of(component, int(state[key].shape[0]))
         layers.append(LoraLayer(component, module, state[key], state[key.replace(pair[0], pair[1])], alpha))

@@ -154,6 +154,25 @@ class GenerationDefaults(BaseModel):
     guidance: float | None = None
 
 
+class PresetLora(BaseModel):
+    """What a few-step preset needs to draw the right picture, and the LoRA it adds on models it knows."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    needs: str = ""  # shown where the loaded model has no LoRA listed below
+    by_model: dict[str, str] = {}  # model name (as loaded) -> LoRA name, added to the prompt at weight 1
+
+    def advice(self, model_name: str | None) -> tuple[str | None, str]:
+        """(LoRA to add for this model or None, a line for the user)."""
+        name = self.by_model.get(model_name or "")
+        if name:
+            return name, f"Adds `<lora:{name}:1>` to the txt2img prompt: the distilled LoRA made for {model_name}."
+        if not self.needs:
+            return None, ""
+        return None, (f"**Needs {self.needs}.** {model_name or 'This model'} has none listed: without one the "
+                      f"picture will be wrong. Add it with the LoRA picker (or `<lora:NAME:1>` in the prompt).")
+
+
 class Preset(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -161,6 +180,7 @@ class Preset(BaseModel):
     description: str = ""
     optimizations: Optimizations = Optimizations()
     defaults: GenerationDefaults = GenerationDefaults()
+    lora: PresetLora = PresetLora()
 
 
 def preset_names(directory: Path = PRESETS_DIR) -> list[str]:
@@ -202,6 +222,11 @@ def preset_toml(preset: Preset) -> str:
     defaults = preset.defaults.model_dump(exclude_none=True)
     if defaults:
         lines += ["", "[defaults]"] + [f"{k} = {_toml_value(v)}" for k, v in defaults.items()]
+    if preset.lora.needs:
+        lines += ["", "[lora]", f"needs = {_toml_value(preset.lora.needs)}"]
+    if preset.lora.by_model:
+        lines += ["", "[lora.by_model]"] + [f"{_toml_value(k)} = {_toml_value(v)}"
+                                            for k, v in preset.lora.by_model.items()]
     return "\n".join(lines) + "\n"
 
 

@@ -35,6 +35,17 @@ def test_generate_in_a_real_browser(tmp_path):
                 assert " s" in text and "GiB" in text and "Total" in text
                 assert page.locator("img").count() >= 1
                 page.screenshot(path=str(ARTIFACTS / "browser-txt2img.png"), full_page=True)
+                # The LoRA picker: choose the shipped LCM-LoRA, add it to the prompt, generate with it.
+                page.get_by_label("LoRA", exact=True).first.click()
+                page.get_by_role("option", name="lcm-shapes").first.click()
+                page.get_by_role("button", name="Add to prompt").first.click()
+                page.wait_for_function("() => document.querySelector('textarea').value.includes('<lora:lcm-shapes:1>')",
+                                       timeout=30_000)
+                page.get_by_role("button", name="Generate").first.click()
+                page.wait_for_function(
+                    "() => [...document.querySelectorAll('#readout')].some(e => e.innerText.includes('lcm-shapes x1'))",
+                    timeout=120_000)
+                page.screenshot(path=str(ARTIFACTS / "browser-lora.png"), full_page=True)
                 page.get_by_role("tab", name="Optimizations").click()
                 page.wait_for_selector("#opt-deepcache_interval", timeout=30_000)
                 assert "Unavailable:" in page.inner_text("body")  # greyed boxes say why

@@ -182,3 +182,35 @@ def test_openvino_runs_the_lora_like_pytorch_and_caches_the_fused_parts(engine, 
     with pytest.raises(UserError, match="not found"):
         ov.txt2img({**REQUEST, "prompt": "x <lora:missing>"})
     assert ov.txt2img(REQUEST).images
+
+
+def test_kohya_sdxl_files_name_the_sgm_blocks_and_are_mapped(tmp_path):
+    """kohya trains SDXL on the sgm UNet: input_blocks_3_1 is down_blocks.1.attentions.0 on this layout
+    (one layer per block, two blocks); the expected names are worked out by hand from that layout."""
+    from engine import lora
+    from engine.models import load_model
+
+    model = load_model("builtin:tiny-sdxl")
+    expected = {
+        "lora_unet_input_blocks_1_0_in_layers_2": "down_blocks.0.resnets.0.conv1",
+        "lora_unet_input_blocks_1_0_emb_layers_1": "down_blocks.0.resnets.0.time_emb_proj",
+        "lora_unet_input_blocks_2_0_op": "down_blocks.0.downsamplers.0.conv",
+        "lora_unet_input_blocks_3_1_transformer_blocks_1_attn2_to_k": "down_blocks.1.attentions.0.transformer_blocks.1.attn2.to_k",
+        "lora_unet_middle_block_1_proj_in": "mid_block.attentions.0.proj_in",
+        "lora_unet_output_blocks_1_2_conv": "up_blocks.0.upsamplers.0.conv",
+        "lora_unet_output_blocks_3_0_skip_connection": "up_blocks.1.resnets.1.conv_shortcut",
+        "lora_te2_text_model_encoder_layers_0_self_attn_k_proj": "text_model.encoder.layers.0.self_attn.k_proj",
+    }
+    state = {}
+    for key, name in expected.items():
+        component = model.pipe.text_encoder_2 if key.startswith("lora_te2") else model.pipe.unet
+        w = component.get_submodule(name).weight
+        state[f"{key}.lora_down.weight"] = torch.zeros((2, *w.shape[1:]))
+        state[f"{key}.lora_up.weight"] = torch.zeros((w.shape[0], 2, 1, 1)[: w.dim()])
+    (tmp_path / "lora").mkdir()
+    save_file(state, str(tmp_path / "lora" / "xl.safetensors"))
+    result = lora.plan(model.pipe, "sdxl", LoraUse("xl"), tmp_path)
+    assert result.unmatched == 0
+    assert {name for _, name, _ in result.pairs} == set(expected.values())
+    with pytest.raises(UserError, match="for SDXL models; the loaded model is SD 1.x"):
+        lora.plan(model.pipe, "sd1", LoraUse("xl"), tmp_path)

@@ -239,6 +239,17 @@ def test_four_presets_ship_and_load():
     assert load_preset("low-memory").optimizations.attention_slicing
 
 
+def test_fastest_preset_adds_the_shipped_lcm_lora_on_shapes_and_says_what_others_need():
+    from engine.lora import available
+
+    fastest = load_preset("fastest")
+    name, line = fastest.lora.advice("builtin:shapes")
+    assert name == "lcm-shapes" and name in available(None) and "<lora:lcm-shapes:1>" in line
+    name, line = fastest.lora.advice("runwayml/stable-diffusion-v1-5")
+    assert name is None and "Needs an LCM-distilled model" in line
+    assert load_preset("quality").lora.advice("builtin:tiny") == (None, "")
+
+
 def test_preset_round_trips_through_save(tmp_path):
     for name in preset_names():
         preset = load_preset(name)

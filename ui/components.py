@@ -9,6 +9,7 @@ import gradio as gr
 from pydantic import BaseModel
 
 from engine import Engine
+from engine.lora import with_tag
 from engine.requests import GenerationRequest, Txt2ImgRequest
 from engine.schedulers import DEFAULT_SAMPLER, SAMPLER_NAMES
 
@@ -30,10 +31,27 @@ def field_slider(model: type[BaseModel], name: str, label: str, step: float, val
                      step=step, label=label, **kwargs)
 
 
-def prompt_boxes(d: dict[str, Any], lines: int = 2) -> Controls:
-    return {"prompt": gr.Textbox(label="Prompt", value=d["prompt"], lines=lines),
-            "negative_prompt": gr.Textbox(label="Negative prompt", value=d["negative_prompt"],
-                                          lines=max(1, lines - 1))}
+def prompt_boxes(engine: Engine, d: dict[str, Any], lines: int = 2) -> Controls:
+    prompt = gr.Textbox(label="Prompt", value=d["prompt"], lines=lines,
+                        placeholder="a red circle on a blue background  (LoRAs: <lora:name:0.8>)")
+    negative = gr.Textbox(label="Negative prompt", value=d["negative_prompt"], lines=max(1, lines - 1))
+    lora_picker(engine, prompt)
+    return {"prompt": prompt, "negative_prompt": negative}
+
+
+def lora_picker(engine: Engine, prompt: gr.Textbox) -> None:
+    """A LoRA from the folder and a weight, added to the prompt as <lora:name:weight> (as AUTOMATIC1111 writes
+    it), so the prompt alone says what ran and PNG info brings it back."""
+    with gr.Row(elem_classes="lora-picker"):
+        name = gr.Dropdown(engine.lora_names(), value=None, label="LoRA", scale=3,
+                           info="files in <models-dir>/lora and the built-in ones")
+        weight = gr.Slider(-2.0, 2.0, value=1.0, step=0.05, label="LoRA weight", scale=2)
+        with gr.Column(scale=1, min_width=110):
+            add = gr.Button("Add to prompt", size="sm")
+            refresh = gr.Button("Refresh list", size="sm")
+    add.click(lambda text, n, w: with_tag(text or "", n, w) if n else gr.skip(), [prompt, name, weight], prompt,
+              api_name=False, queue=False)
+    refresh.click(lambda: gr.update(choices=engine.lora_names()), None, name, api_name=False, queue=False)
 
 
 def size_sliders(d: dict[str, Any], prefix: str = "") -> Controls:

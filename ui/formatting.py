@@ -22,7 +22,7 @@ def _vram(readout: Readout) -> str:
 
 
 def _pretty(name: str) -> str:
-    return name.replace("_", " ").capitalize()
+    return name.replace("_", " ").capitalize().replace("Lora", "LoRA")
 
 
 def readout_markdown(readout: Readout, seeds: list[int], saved: list[str] | None = None) -> str:

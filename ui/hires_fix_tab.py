@@ -15,7 +15,7 @@ from .jobs import stream_job
 
 def build(engine: Engine, d: dict[str, Any], history: gr.Dataframe) -> Controls:
     def controls() -> Controls:
-        prompts = prompt_boxes(d)
+        prompts = prompt_boxes(engine, d)
         size = size_sliders(d, prefix="Base ")
         with gr.Row():
             factor = field_slider(HiresFixRequest, "factor", "Upscale by", 0.05)

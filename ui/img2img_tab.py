@@ -16,7 +16,7 @@ from .jobs import stream_job
 def build(engine: Engine, d: dict[str, Any], history: gr.Dataframe) -> Controls:
     def controls() -> Controls:
         image = gr.Image(label="Init image", type="pil", image_mode="RGB", height=300)
-        prompts = prompt_boxes(d)
+        prompts = prompt_boxes(engine, d)
         with gr.Row():
             strength = field_slider(Img2ImgRequest, "strength", "Denoising strength", 0.05, value=0.6)
             resize_mode = gr.Radio(list(get_args(ResizeMode)), value=field_default(Img2ImgRequest, "resize_mode"),

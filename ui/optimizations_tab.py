@@ -9,6 +9,7 @@ from typing import Any, Callable
 import gradio as gr
 
 from engine import Engine
+from engine.lora import with_tag
 from engine.options import OPTION_SPECS, OptionSpec, Optimizations, Preset, load_preset, preset_names, save_preset
 
 from .components import Controls
@@ -95,6 +96,7 @@ def build(engine: Engine, d: dict[str, Any], presets_dir: Path, txt2img: Control
         save = gr.Button("Save as preset")
     info = gr.Markdown(options_markdown(engine))
     generation = [txt2img[name] for name in ("steps", "guidance", "sampler")]  # what a preset pre-fills
+    prompt = txt2img["prompt"]  # where a preset's LoRA goes
 
     def set_optimizations(*values):  # options the runtime owns re-prepare the model (seconds on a big one)
         with reported("Applying options"):
@@ -104,16 +106,20 @@ def build(engine: Engine, d: dict[str, Any], presets_dir: Path, txt2img: Control
     apply.click(with_option_parameters(set_optimizations), inputs=boxes, outputs=[info, engine_info],
                 api_name="set_optimizations")
 
-    def pick_preset(name):
+    def pick_preset(name, text):
         if not name:
-            return (gr.skip(),) * (1 + len(boxes) + len(generation))
+            return (gr.skip(),) * (2 + len(boxes) + len(generation))
         with reported("Loading the preset"):
             chosen = load_preset(name, presets_dir)
         given = chosen.defaults
-        return (f"*{chosen.description}*", *option_updates(engine, chosen.optimizations),
-                *(gr.skip() if v is None else v for v in (given.steps, given.guidance, given.sampler)))
+        lora_name, advice = chosen.lora.advice(engine.model.name if engine.model else None)
+        return (f"*{chosen.description}*" + (f"\n\n{advice}" if advice else ""),
+                *option_updates(engine, chosen.optimizations),
+                *(gr.skip() if v is None else v for v in (given.steps, given.guidance, given.sampler)),
+                with_tag(text or "", lora_name, 1.0) if lora_name else gr.skip())
 
-    preset.change(pick_preset, inputs=[preset], outputs=[about, *boxes, *generation], api_name="preset")
+    preset.change(pick_preset, inputs=[preset, prompt], outputs=[about, *boxes, *generation, prompt],
+                  api_name="preset")
 
     def save_as(name, steps, guidance, sampler, *values):
         with reported("Saving the preset"):

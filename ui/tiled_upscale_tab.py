@@ -15,7 +15,7 @@ from .jobs import stream_job
 def build(engine: Engine, d: dict[str, Any], history: gr.Dataframe) -> Controls:
     def controls() -> Controls:
         image = gr.Image(label="Image to upscale", type="pil", image_mode="RGB", height=300)
-        prompts = prompt_boxes(d)
+        prompts = prompt_boxes(engine, d)
         with gr.Row():
             factor = field_slider(TiledUpscaleRequest, "factor", "Upscale by", 0.25)
             strength = field_slider(TiledUpscaleRequest, "strength", "Denoising strength", 0.05)

@@ -15,7 +15,7 @@ from .jobs import stream_job
 
 def build(engine: Engine, d: dict[str, Any], history: gr.Dataframe) -> Controls:
     def controls() -> Controls:
-        prompts = prompt_boxes(d, lines=3)
+        prompts = prompt_boxes(engine, d, lines=3)
         size = size_sliders(d)
         common = common_controls(d)
         batch_count = field_slider(Txt2ImgRequest, "batch_count", "Batch count", 1)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import re
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -38,7 +39,7 @@ class Task(ABC):
         self.request = request.with_seed()
         self.loras = parse_prompt(self.request.prompt)[1]  # <lora:name:weight> tags; the Engine fuses them
         self.details: dict[str, Any] = {}  # what the Engine did for this job (a LoRA change), for the readout
-        self.notices += prompt_notices(model, self.request)
+        self.notices += prompt_notices(model, self.request) + few_step_notices(model, self.request, self.loras)
 
     @abstractmethod
     def normalise(self, request) -> tuple[GenerationRequest, list[str]]:
@@ -72,3 +73,16 @@ def prompt_notices(model, request) -> list[str]:
             notices.append(f"{label} is {len(ids) - 2} tokens; the text encoder reads {limit - 2}, so only "
                            f"\"{kept}\" was used.")
     return notices
+
+
+DISTILLED = re.compile(r"lcm|turbo|lightning|hyper|tcd|dmd", re.IGNORECASE)
+
+
+def few_step_notices(model, request, loras) -> list[str]:
+    """LCM and TCD draw the right picture only with a model or LoRA distilled for them; say so where neither
+    the model's name nor a LoRA's suggests one, instead of returning a wrong picture silently."""
+    if request.sampler not in ("LCM", "TCD") or DISTILLED.search(model.name) \
+            or any(DISTILLED.search(u.name) for u in loras):
+        return []
+    return [f"The {request.sampler} sampler needs an LCM/TCD-distilled model or LoRA; {model.name} does not look "
+            f"like one and no such LoRA is in the prompt, so expect a wrong picture. Add one with <lora:NAME:1>."]
