@@ -99,7 +99,8 @@ class Engine:
     def _prepared(self, runtime: Runtime, source: str, allow_any_path: bool, config_dir,
                   loras: tuple[LoraUse, ...] = ()) -> LoadedModel:
         model = load_model(source, models_dir=self.models_dir, allow_any_path=allow_any_path, config_dir=config_dir,
-                           skeleton_for=runtime.cached_components, loras=loras)
+                           skeleton_for=runtime.cached_components, loras=loras,
+                           keep_lora_originals=runtime.fuses_in_place)
         runtime.prepare(model)
         return model
 
@@ -215,12 +216,14 @@ class Engine:
             unet = getattr(model.pipe.unet, "config", None)
             devices.check_job_fits(self.runtime.device, unet.block_out_channels[0] if unet else 320, *need)
         with self.jobs.lock:
-            if model is not self.model:
-                raise UserError("The model or runtime changed while this job waited; run it again.")
-            if task.loras != model.loras.uses:
-                lora_note = self._use_loras(task.loras)
+            if model is not self.model:  # the same model prepared again (a LoRA change on OpenVINO) is fine
+                if self.model is None or self.model.source.text != model.source.text:
+                    raise UserError("The model changed while this job waited; run it again.")
+                model, task = self.model, task_cls(self.model, request, image)
+            if task.loras != model.loras.uses or model.loras.stale(self.models_dir):
+                change = self._use_loras(task.loras)
                 task = task_cls(self.model, request, image)
-                task.details["lora_change"] = lora_note
+                task.details["lora_change"] = change
             try:
                 result = self.jobs.run(task, self.runtime, self.not_applied, progress)
             except Exception as e:
@@ -228,8 +231,10 @@ class Engine:
                                                                            and self.runtime.fallible):
                     raise
                 self._install(self._fall_back(e, "failed at its first run", model.source.text, True,
-                                              self._config_dir, model.loras.uses), self._config_dir)
-                result = self.jobs.run(task_cls(self.model, request, image), self.runtime, self.not_applied, progress)
+                                              self._config_dir, task.loras), self._config_dir)
+                details, task = task.details, task_cls(self.model, request, image)
+                task.details.update(details)
+                result = self.jobs.run(task, self.runtime, self.not_applied, progress)
                 result.notices.insert(0, f"{self.choice.reason}.")
             self.runtime.proven = True
             return result

@@ -30,7 +30,8 @@ MAX_WEIGHT = 4.0
 TAG = re.compile(r"<lora:([^:>]*)(?::([^>]*))?>", re.IGNORECASE)
 COMPONENTS = {"lora_unet_": "unet", "lora_te_": "text_encoder", "lora_te1_": "text_encoder",
               "lora_te2_": "text_encoder_2"}
-UNSUPPORTED = ("hada_", "lokr_", "lora_mid", "dora_scale", ".diff")
+UNSUPPORTED = ("hada_", "lokr_", "lora_mid", "dora_scale", "lora_magnitude_vector", ".diff")
+BAD_NAME = re.compile(r"[:<>\\]|^[~\s]|\s$")  # what a <lora:name:w> tag cannot carry
 
 
 # ---------------------------------------------------------------- names and prompt syntax
@@ -83,6 +84,12 @@ def with_tag(prompt: str, name: str, weight: float) -> str:
     return f"{(prompt or '').rstrip()} {use.tag}".strip()
 
 
+def without_tags(prompt: str, names: set[str]) -> str:
+    """The prompt with the tags of these LoRAs taken out (spacing tidied as the encoder would see it)."""
+    out = TAG.sub(lambda m: "" if m.group(1).strip() in names else m.group(0), prompt or "")
+    return re.sub(r"[ \t]{2,}", " ", out).strip()
+
+
 def folders(models_dir: Path | None) -> list[Path]:
     """Where LoRAs are looked up, in order: the user's <models-dir>/lora, then the built-in ones."""
     return ([Path(models_dir) / "lora"] if models_dir else []) + [BUILTIN_DIR]
@@ -95,7 +102,7 @@ def available(models_dir: Path | None) -> list[str]:
         if folder.is_dir():
             for path in sorted(folder.rglob(f"*{SUFFIX}")):
                 name = path.relative_to(folder).with_suffix("").as_posix()
-                if name not in names and _inside(path, folder):
+                if name not in names and not BAD_NAME.search(name) and _inside(path, folder):
                     names.append(name)
     return names
 
@@ -149,7 +156,7 @@ class LoraLayer:
 class LoraFile:
     name: str
     path: Path
-    digest: str  # name, size and mtime: a changed file is a new LoRA
+    digest: str  # sha256 of the file's bytes: a changed file is a new LoRA, a copy is the same one
     layers: list[LoraLayer]
     kind: str  # kohya | diffusers
 
@@ -171,20 +178,27 @@ class LoraFile:
 _cache: dict[str, LoraFile] = {}
 
 
-def read(name: str, path: Path) -> LoraFile:
-    """Parse a LoRA file (cached by name, size and mtime); a damaged or foreign file is one clear error."""
+def _stat_key(name: str, path: Path) -> str:
     st = path.stat()
-    digest = hashlib.sha256(f"{name}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:16]
-    if digest in _cache:
-        return _cache[digest]
-    from safetensors import SafetensorError, safe_open
+    return f"{name}:{path}:{st.st_size}:{st.st_mtime_ns}"
+
+
+def read(name: str, path: Path) -> LoraFile:
+    """Parse a LoRA file (kept while its size and mtime stay); a damaged or foreign file is one clear error."""
+    key = _stat_key(name, path)
+    if key in _cache:
+        return _cache[key]
+    from safetensors import SafetensorError
+    from safetensors.torch import load as load_bytes
 
     try:
-        with safe_open(str(path), framework="pt") as f:
-            metadata = f.metadata() or {}
-            state = {k: f.get_tensor(k) for k in f.keys()}
+        data = path.read_bytes()
+        state = load_bytes(data)
+        metadata = _safetensors_metadata(data)
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         raise UserError(f"LoRA {name!r}: the file cannot be read as safetensors ({str(e)[:120]}).") from e
+    digest = hashlib.sha256(data).hexdigest()[:16]
+    del data
     odd = sorted({u for u in UNSUPPORTED for k in state if u in k})
     if odd:
         raise UserError(f"LoRA {name!r} is a LyCORIS/DoRA variant ({', '.join(odd)} keys); only plain LoRA "
@@ -197,9 +211,25 @@ def read(name: str, path: Path) -> LoraFile:
         raise UserError(f"LoRA {name!r}: none of its {len(state)} tensors is a LoRA layer (expected kohya "
                         f"lora_unet_*/lora_te_* or diffusers unet.*/text_encoder.* down/up pairs).")
     lora = LoraFile(name, path, digest, layers, kind)
-    _cache.clear()  # one file at a time in memory is plenty; the fused weights are what runs
-    _cache[digest] = lora
+    if len(_cache) >= MAX_LORAS:  # a prompt's worth of files in memory; the fused weights are what runs
+        _cache.pop(next(iter(_cache)))
+    _cache[key] = lora
     return lora
+
+
+def _safetensors_metadata(data: bytes) -> dict[str, str]:
+    """The header's __metadata__ (safetensors: 8-byte little-endian length, then a JSON header)."""
+    size = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + size])
+    return header.get("__metadata__") or {}
+
+
+def is_stale(lora: LoraFile, models_dir: Path | None) -> bool:
+    """Whether the file behind a fused LoRA has changed (or gone) since it was read."""
+    try:
+        return read(lora.name, resolve(lora.name, models_dir)).digest != lora.digest
+    except UserError:
+        return True
 
 
 def _kohya_layers(state: dict[str, torch.Tensor]) -> list[LoraLayer]:
@@ -234,10 +264,11 @@ def _diffusers_layers(state: dict[str, torch.Tensor], alpha_of: Any) -> list[Lor
         if component not in ("unet", "text_encoder", "text_encoder_2"):
             component, module = "unet", stem.removeprefix("base_model.model.")
         # attention processors' names: attn1.processor.to_q_lora -> attn1.to_q, to_out_lora -> to_out.0
-        module = re.sub(r"\.processor\.(to_[qkv])$", r".\1", module)
-        module = re.sub(r"\.processor\.to_out$", ".to_out.0", module)
+        module = re.sub(r"\.(?:processor\.)?(to_[qkv])$", r".\1", module)
+        module = re.sub(r"\.(?:processor\.)?to_out$", ".to_out.0", module)
         if component.startswith("text_encoder"):  # the same processor names on CLIP's attention
-            module = re.sub(r"\.to_([qkv])$", r".\1_proj", module).replace(".to_out.0", ".out_proj")
+            module = re.sub(r"\.to_([qkv])$", r".\1_proj", module)
+            module = re.sub(r"\.to_out(\.0)?$", ".out_proj", module)
         alpha = state.get(f"{stem}.alpha")
         alpha = float(alpha) if alpha is not None else alpha_of(component, int(state[key].shape[0]))
         layers.append(LoraLayer(component, module, state[key], state[key.replace(pair[0], pair[1])], alpha))
@@ -256,9 +287,13 @@ def _peft_alpha(metadata: dict[str, str]):
         if not isinstance(config, dict):
             return None
         nested = config.get(component)
-        alpha = config.get(f"{component}.lora_alpha",  # diffusers writes "unet.lora_alpha"
-                           nested.get("lora_alpha") if isinstance(nested, dict) else config.get("lora_alpha"))
-        return float(alpha) if isinstance(alpha, (int, float)) else None
+        entry = nested if isinstance(nested, dict) else {k.partition(".")[2]: v for k, v in config.items()
+                                                          if k.startswith(component + ".")} or config
+        alpha = entry.get("lora_alpha")  # diffusers writes {"unet.lora_alpha": ..., "unet.r": ...}
+        if not isinstance(alpha, (int, float)):
+            return None
+        # rsLoRA scales by alpha / sqrt(rank): the alpha that gives that scale as alpha / rank
+        return float(alpha) * rank ** 0.5 if entry.get("use_rslora") else float(alpha)
     return alpha_of
 
 
@@ -384,7 +419,7 @@ def component_identity(identity: str | None, loras: list[tuple[LoraFile, float]]
     touching = [(f, w) for f, w in loras if component in f.components]
     if identity is None or not touching:
         return identity
-    text = ";".join(f"{f.digest}:{w:g}" for f, w in touching)
+    text = ";".join(f"{f.digest}:{w!r}" for f, w in touching)
     return f"{identity}-lora-{hashlib.sha256(text.encode()).hexdigest()[:12]}"
 
 
@@ -405,7 +440,7 @@ class FusedLoras:
     def key(self, component: str | None = None) -> str:
         """What the fused set is, for caches: all of it, or only what touches `component`."""
         plans = [p for p in self.plans if component is None or component in p.components]
-        return ";".join(f"{p.lora.name}@{p.lora.digest}:{p.weight:g}" for p in plans)
+        return ";".join(f"{p.lora.name}@{p.lora.digest}:{p.weight!r}" for p in plans)
 
     def restore(self, pipe) -> None:
         with torch.no_grad():
@@ -415,21 +450,31 @@ class FusedLoras:
         self._saved.clear()
         self.plans = []
 
-    def fuse(self, pipe, plans: list[LoraPlan]) -> float:
+    def fuse(self, pipe, plans: list[LoraPlan], keep_originals: bool = True) -> float:
         """Replace what is fused with `plans`; seconds taken. Weights on the meta device (a runtime holds
-        them compiled) are skipped: the runtime's cache entry for this set is used instead."""
+        them compiled) are skipped: the runtime's cache entry for this set is used instead. Without
+        `keep_originals` (a runtime that converts the weights and reloads on change) nothing is kept, and
+        restore() cannot undo it. A failure part-way puts the original weights back."""
         start = time.perf_counter()
         self.restore(pipe)
-        with torch.no_grad():
-            for p in plans:
-                for component, name, layer in p.pairs:
-                    weight = getattr(pipe, component).get_submodule(name).weight
-                    if weight.is_meta:
-                        continue
-                    self._saved.setdefault((component, name), weight.detach().to("cpu", copy=True))
-                    weight.add_(delta(layer, p.weight, weight.shape).to(weight.device, weight.dtype))
+        try:
+            with torch.no_grad():
+                for p in plans:
+                    for component, name, layer in p.pairs:
+                        weight = getattr(pipe, component).get_submodule(name).weight
+                        if weight.is_meta:
+                            continue
+                        if keep_originals:
+                            self._saved.setdefault((component, name), weight.detach().to("cpu", copy=True))
+                        weight.add_(delta(layer, p.weight, weight.shape).to(weight.device, weight.dtype))
+        except BaseException:
+            self.restore(pipe)
+            raise
         self.plans = list(plans)
         return time.perf_counter() - start
+
+    def stale(self, models_dir: Path | None) -> bool:
+        return any(is_stale(p.lora, models_dir) for p in self.plans)
 
 
 def delta(layer: LoraLayer, weight: float, shape: torch.Size) -> torch.Tensor:

@@ -496,11 +496,12 @@ def _family_kwargs(family: str) -> dict:
 def load_model(text: str, *, models_dir: Path | None = None, allow_any_path: bool = True,
                config_dir: str | Path | None = None,
                skeleton_for: Callable[[Callable[[str], str | None]], frozenset[str]] | None = None,
-               loras: tuple = ()) -> LoadedModel:
+               loras: tuple = (), keep_lora_originals: bool = True) -> LoadedModel:
     """Load a model source as a pipeline on CPU in fp32, with `loras` (lora.LoraUse) fused; runtimes move and
     convert it.
 
-    `skeleton_for(identity_of)` names the components a runtime already has in its cache (identity_of(component)
+    Without `keep_lora_originals` the weights the LoRAs replace are not kept (a runtime that converts
+    them reloads on a LoRA change). `skeleton_for(identity_of)` names the components a runtime already has in its cache (identity_of(component)
     is the component's cache identity, LoRAs included): those are built without weights (builtins and
     folders), so no PyTorch copy is ever made.
     """
@@ -530,7 +531,7 @@ def load_model(text: str, *, models_dir: Path | None = None, allow_any_path: boo
     model = LoadedModel(pipe=pipe, family=family, name=source.text, source=source, load_seconds=0.0,
                         scheduler_config=dict(pipe.scheduler.config), identity=identity, skeleton=skeleton)
     if loras:
-        model.loras.fuse(pipe, [lora.plan(pipe, family, u, models_dir) for u in loras])
+        model.loras.fuse(pipe, [lora.plan(pipe, family, u, models_dir) for u in loras], keep_lora_originals)
     model.load_seconds = time.perf_counter() - start
     return model
 

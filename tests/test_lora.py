@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 
 from engine import Engine
 from engine.errors import UserError
-from engine.lora import LoraUse, parse_prompt, with_tag
+from engine.lora import LoraUse, parse_prompt, with_tag, without_tags
 from engine.metadata import format_parameters, parse_parameters
 
 RANK, ALPHA = 4, 2.0
@@ -161,6 +161,7 @@ def test_prompt_syntax():
     assert parse_prompt("<lora:x:0.2> <lora:x:0.5>")[1] == (LoraUse("x", 0.5),)
     assert with_tag("a cat", "x", 0.8) == "a cat <lora:x:0.8>"
     assert with_tag("a cat <lora:x:0.8>", "x", 1.2) == "a cat <lora:x:1.2>"
+    assert without_tags("a cat <lora:x:0.8> <lora:y:1> on a mat", {"x"}) == "a cat <lora:y:1> on a mat"
 
 
 def test_openvino_runs_the_lora_like_pytorch_and_caches_the_fused_parts(engine, models_dir, tmp_path):
@@ -214,3 +215,45 @@ def test_kohya_sdxl_files_name_the_sgm_blocks_and_are_mapped(tmp_path):
     assert {name for _, name, _ in result.pairs} == set(expected.values())
     with pytest.raises(UserError, match="for SDXL models; the loaded model is SD 1.x"):
         lora.plan(model.pipe, "sd1", LoraUse("xl"), tmp_path)
+
+
+def test_older_diffusers_names_and_rslora_scale(tmp_path):
+    """attn processors' to_out_lora / to_q_lora (old diffusers files), CLIP's processor names, and rsLoRA's
+    alpha/sqrt(rank) scale from the PEFT metadata."""
+    from engine import lora
+    from engine.models import load_model
+
+    pipe = load_model("builtin:tiny").pipe
+    attn = "down_blocks.0.attentions.0.transformer_blocks.0.attn1"
+    clip = "text_model.encoder.layers.0.self_attn"
+    state = {}
+    for key, width in ((f"unet.{attn}.processor.to_out_lora", 32), (f"unet.{attn}.processor.to_q_lora", 32),
+                       (f"text_encoder.{clip}.to_out_lora", pipe.text_encoder.config.hidden_size)):
+        state[f"{key}.down.weight"] = torch.ones(4, width)
+        state[f"{key}.up.weight"] = torch.ones(width, 4)
+    (tmp_path / "lora").mkdir()
+    save_file(state, str(tmp_path / "lora" / "old.safetensors"),
+              metadata={"lora_adapter_metadata": json.dumps({"unet.lora_alpha": 8, "unet.r": 4,
+                                                             "unet.use_rslora": True})})
+    result = lora.plan(pipe, "sd1", LoraUse("old"), tmp_path)
+    assert result.unmatched == 0
+    assert {n for _, n, _ in result.pairs} == {f"{attn}.to_out.0", f"{attn}.to_q", "encoder.layers.0.self_attn.out_proj"}
+    unet_layer = next(layer for c, _, layer in result.pairs if c == "unet")
+    assert unet_layer.scale == pytest.approx(8 / 4 ** 0.5)
+
+
+def test_a_lora_file_replaced_on_disk_is_fused_again(engine, models_dir):
+    path = models_dir / "lora" / "changing.safetensors"
+    save_kohya(path, known_matrices(engine.model.pipe, seed=5))
+    engine.txt2img(REQUEST)
+    before = weights(engine)
+    engine.txt2img({**REQUEST, "prompt": "x <lora:changing:1>"})
+    import os
+    save_kohya(path, known_matrices(engine.model.pipe, seed=6))
+    os.utime(path, ns=(1, 1))  # a new mtime even on a coarse clock
+    result = engine.txt2img({**REQUEST, "prompt": "x <lora:changing:1>"})
+    assert result.readout.details["lora_change"].startswith("fused")
+    down, up = known_matrices(engine.model.pipe, seed=6)[LAYERS[0]]
+    torch.testing.assert_close(weights(engine)[LAYERS[0]], before[LAYERS[0]] + (ALPHA / RANK) * up @ down,
+                               rtol=1e-5, atol=1e-5)
+    engine.txt2img(REQUEST)

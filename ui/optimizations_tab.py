@@ -9,7 +9,7 @@ from typing import Any, Callable
 import gradio as gr
 
 from engine import Engine
-from engine.lora import with_tag
+from engine.lora import with_tag, without_tags
 from engine.options import OPTION_SPECS, OptionSpec, Optimizations, Preset, load_preset, preset_names, save_preset
 
 from .components import Controls
@@ -80,6 +80,17 @@ def _option_grid(engine: Engine) -> list:
     return boxes
 
 
+def preset_loras(presets_dir: Path, model_name: str | None) -> set[str]:
+    """LoRAs the presets add on this model."""
+    names = set()
+    for name in preset_names(presets_dir):
+        try:
+            names.add(load_preset(name, presets_dir).lora.by_model.get(model_name or ""))
+        except Exception:  # a broken preset file says so when it is picked
+            pass
+    return names - {None}
+
+
 def build(engine: Engine, d: dict[str, Any], presets_dir: Path, txt2img: Controls,
           engine_info: gr.Markdown) -> OptionsTab:
     gr.Markdown("Pick a preset or tick what you want, then **Apply**. A box that cannot act with this runtime on "
@@ -111,12 +122,14 @@ def build(engine: Engine, d: dict[str, Any], presets_dir: Path, txt2img: Control
             return (gr.skip(),) * (2 + len(boxes) + len(generation))
         with reported("Loading the preset"):
             chosen = load_preset(name, presets_dir)
-        given = chosen.defaults
-        lora_name, advice = chosen.lora.advice(engine.model.name if engine.model else None)
+        given, model_name = chosen.defaults, engine.model.name if engine.model else None
+        lora_name, advice = chosen.lora.advice(model_name)
+        # A LoRA another preset added (an LCM-LoRA) goes when this preset does not use it.
+        text = without_tags(text or "", preset_loras(presets_dir, model_name) - {lora_name})
         return (f"*{chosen.description}*" + (f"\n\n{advice}" if advice else ""),
                 *option_updates(engine, chosen.optimizations),
                 *(gr.skip() if v is None else v for v in (given.steps, given.guidance, given.sampler)),
-                with_tag(text or "", lora_name, 1.0) if lora_name else gr.skip())
+                with_tag(text, lora_name, 1.0) if lora_name else text)
 
     preset.change(pick_preset, inputs=[preset, prompt], outputs=[about, *boxes, *generation, prompt],
                   api_name="preset")
