@@ -189,6 +189,7 @@ class Engine:
             "runtime": self.runtime.name, "device": self.runtime.device, "precision": self.runtime.precision,
             "reason": self.choice.reason, "skipped": dict(self.choice.skipped), "applied": list(self.runtime.applied),
             "not_applied": self.not_applied,
+            "loras": [p.summary for p in self.model.loras.plans] if self.model else [],
         }
 
     def warmup(self, sizes: list[tuple[int, int]], batch_size: int = 1, guidance: float = 7.0,

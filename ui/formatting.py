@@ -60,7 +60,8 @@ def live_markdown(engine: Engine) -> str:
 def engine_markdown(engine: Engine) -> str:
     s = engine.status()
     lines = [f"**Runtime:** {s['runtime']} on {s['device']} ({s['precision']}) — {s['reason']}",
-             f"**Model:** {s['model'] or 'none loaded'}" + (f" ({s['family']})" if s["family"] else "")]
+             f"**Model:** {s['model'] or 'none loaded'}" + (f" ({s['family']})" if s["family"] else "")
+             + (f"; LoRAs fused: {', '.join(s['loras'])}" if s.get("loras") else "")]
     lines += [f"- {name}: not used — {why}" for name, why in s["skipped"].items()]
     return "\n\n".join(lines)
 
