@@ -80,3 +80,27 @@ def test_the_analysis_can_fail():
     from PIL import Image
 
     assert analyse(Image.fromarray(noise)) != ("blue", "red")
+
+
+@needs_model
+def test_shipped_lcm_lora_draws_the_teacher_picture_in_few_steps(engine, capsys):
+    """The distilled LoRA (assets/lora/lcm-shapes) at guidance 1, LCM sampler: the issue's targets, measured
+    against the teacher (DDIM, 30 steps, CFG 7) picture of the same prompt and seed."""
+    from tools.shapes_score import colours_right, prompt_text, psnr
+
+    def pictures(suffix, **request):
+        return {p: engine.txt2img({"prompt": prompt_text(*p) + suffix, "width": 128, "height": 128, "seed": 100,
+                                   "batch_size": SEEDS, **request}).images for p in PROMPTS}
+
+    teacher = pictures("", sampler="DDIM", steps=30, guidance=7.0)
+    scores = {}
+    for steps in (1, 4):
+        got = pictures(" <lora:lcm-shapes:1>", sampler="LCM", steps=steps, guidance=1.0)
+        good = sum(colours_right(im, p[0], p[2]) for p in PROMPTS for im in got[p]) / (len(PROMPTS) * SEEDS)
+        db = float(np.mean([psnr(a, b) for p in PROMPTS for a, b in zip(got[p], teacher[p])]))
+        scores[steps] = (good, db)
+    with capsys.disabled():
+        print(f"\nlcm-shapes LoRA: 1 step {scores[1][0]:.0%} colours, {scores[1][1]:.2f} dB to the teacher; "
+              f"4 steps {scores[4][0]:.0%}, {scores[4][1]:.2f} dB")
+    assert scores[1][0] >= 0.8 and scores[1][1] >= 18.0
+    assert scores[4][1] >= 17.5
