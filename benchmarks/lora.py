@@ -72,7 +72,8 @@ def presets(out: dict) -> None:
     rows = {}
     for name in ("quality", "fastest"):
         preset = load_preset(name)
-        engine = shapes_engine("auto", preset.optimizations)
+        # The timed pass repeats the warm pass's requests: no result cache, or it would time cache hits.
+        engine = shapes_engine("auto", preset.optimizations.model_copy(update={"result_cache": False}))
         lora_name, _ = preset.lora.advice("builtin:shapes")
         suffix = f" <lora:{lora_name}:1>" if lora_name else ""
         d = preset.defaults
