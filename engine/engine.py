@@ -104,9 +104,6 @@ class Engine:
         runtime.prepare(model)
         return model
 
-    def _current_loras(self) -> tuple[LoraUse, ...]:
-        return self.model.loras.uses if self.model is not None else ()
-
     def _install(self, model: LoadedModel, config_dir) -> None:
         reasons = self.option_reasons(model=model)
         model.options = effective(self.optimizations, reasons)[0]
@@ -154,7 +151,7 @@ class Engine:
         opts = optimizations or self.optimizations
         runtime = self._new_runtime(choice.cls, opts)
         with self.jobs.lock:  # no job may run between the prepare and the swap
-            model = (self._prepared(runtime, self.model.source.text, True, self._config_dir, self._current_loras())
+            model = (self._prepared(runtime, self.model.source.text, True, self._config_dir, self.model.loras.uses)
                      if self.model else None)
             self.choice, self.runtime, self.optimizations, self.runtime_wish = choice, runtime, opts, wish
             if model is not None:
@@ -171,7 +168,8 @@ class Engine:
             return f"fused in {time.perf_counter() - start:.2f} s" if uses else "unfused"
         converted = len(getattr(self.runtime, "conversions", ()))
         self._install(self._prepared(self.runtime, model.source.text, True, self._config_dir, uses), self._config_dir)
-        how = "converted" if len(getattr(self.runtime, "conversions", ())) > converted else "from cache"
+        how = ("converted" if len(getattr(self.runtime, "conversions", ())) > converted
+               else "from cache" if hasattr(self.runtime, "conversions") else "reloaded")
         return f"{'fused, ' if uses else ''}{how} in {time.perf_counter() - start:.1f} s"
 
     def lora_names(self) -> list[str]:
@@ -217,13 +215,15 @@ class Engine:
             unet = getattr(model.pipe.unet, "config", None)
             devices.check_job_fits(self.runtime.device, unet.block_out_channels[0] if unet else 320, *need)
         with self.jobs.lock:
-            if model is not self.model:  # the same model prepared again (a LoRA change on OpenVINO) is fine
-                if self.model is None or self.model.source.text != model.source.text:
-                    raise UserError("The model changed while this job waited; run it again.")
-                model, task = self.model, task_cls(self.model, request, image)
-            if task.loras != model.loras.uses or model.loras.stale(self.models_dir):
+            # The same model prepared again (a LoRA change on OpenVINO) may run the job; another may not.
+            if self.model is None or self.model.source.text != model.source.text:
+                raise UserError("The model changed while this job waited; run it again.")
+            change = None
+            if task.loras != self.model.loras.uses or self.model.loras.stale(self.models_dir):
                 change = self._use_loras(task.loras)
+            if task.model is not self.model:
                 task = task_cls(self.model, request, image)
+            if change is not None:
                 task.details["lora_change"] = change
             try:
                 result = self.jobs.run(task, self.runtime, self.not_applied, progress)
@@ -231,7 +231,7 @@ class Engine:
                 if isinstance(e, UserError) or self.runtime.proven or not (self.runtime.compiles
                                                                            and self.runtime.fallible):
                     raise
-                self._install(self._fall_back(e, "failed at its first run", model.source.text, True,
+                self._install(self._fall_back(e, "failed at its first run", task.model.source.text, True,
                                               self._config_dir, task.loras), self._config_dir)
                 details, task = task.details, task_cls(self.model, request, image)
                 task.details.update(details)

@@ -501,9 +501,9 @@ def load_model(text: str, *, models_dir: Path | None = None, allow_any_path: boo
     convert it.
 
     Without `keep_lora_originals` the weights the LoRAs replace are not kept (a runtime that converts
-    them reloads on a LoRA change). `skeleton_for(identity_of)` names the components a runtime already has in its cache (identity_of(component)
-    is the component's cache identity, LoRAs included): those are built without weights (builtins and
-    folders), so no PyTorch copy is ever made.
+    them reloads on a LoRA change). `skeleton_for(identity_of)` names the components a runtime already
+    has in its cache (identity_of(component) is the component's cache identity, LoRAs included): those
+    are built without weights (builtins and folders), so no PyTorch copy is ever made.
     """
     from . import lora
 

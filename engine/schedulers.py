@@ -23,7 +23,6 @@ SAMPLERS: dict[str, tuple[str, dict]] = {
     "DPM++ 2M trailing": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2,
                                                           "use_karras_sigmas": False, "timestep_spacing": "trailing"}),
 }
-FEW_STEP_SAMPLERS = ("LCM", "TCD", "Euler trailing", "Euler a trailing", "DPM++ 2M trailing")
 
 SAMPLER_NAMES: tuple[str, ...] = tuple(SAMPLERS)
 DEFAULT_SAMPLER = "DPM++ 2M Karras"

@@ -53,9 +53,8 @@ def encode_request_prompt(model, runtime, request, timer, batch_size: int | None
         cache = model.prompt_cache if model.options.prompt_cache else None
         if cache is None:
             return encode_prompt(model, prompt, request.negative_prompt, batch, request.guidance, runtime.device)
-        encoders = f"{model.component_identity('text_encoder')}|{model.component_identity('text_encoder_2')}"
-        key = cache.key(encoders if model.identity else model.name + model.loras.key(), prompt,
-                        request.negative_prompt, None, request.guidance > 1.0)
+        loras = f"{model.loras.key('text_encoder')}|{model.loras.key('text_encoder_2')}"  # LoRAs in the encoders
+        key = cache.key(f"{model.identity or model.name}|{loras}", prompt, request.negative_prompt, None, request.guidance > 1.0)
         kwargs = cache.get(key)
         if kwargs is None:
             kwargs = encode_prompt(model, prompt, request.negative_prompt, 1, request.guidance,
