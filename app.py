@@ -107,6 +107,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where converted models and compiled blobs are kept (default ~/.cache/fast-sd)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
     p.add_argument("--port", type=int, default=7860, help="port (default: %(default)s)")
+    p.add_argument("--allowed-host", action="append", default=[], metavar="NAME",
+                   help="another name this server answers to (a reverse proxy's, a LAN name); '.example.com' allows "
+                        "its subdomains, '*' turns the Host check off. Repeatable. Loopback names, the --host address "
+                        "and the share link are always allowed")
+    p.add_argument("--no-api", action="store_true",
+                   help="do not serve the AUTOMATIC1111-compatible API under /sdapi/v1 (served by default)")
     p.add_argument("--share", action="store_true", help="ask Gradio for a public link")
     p.add_argument("--auth", action="append", metavar="USER:PASS", help="require a login; repeatable")
     p.add_argument("--auth-file", default=None, help="file with user:password lines")
@@ -164,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
-    from ui import build_ui, launch_kwargs
+    from ui import build_ui, launch_kwargs, server_kwargs
 
     defaults.setdefault("prompt", EXAMPLE_PROMPT)
     if model.name == "builtin:shapes":
@@ -173,14 +179,19 @@ def main(argv: list[str] | None = None) -> int:
     defaults.setdefault("height", model.native_size)
     demo = build_ui(engine, defaults, presets_dir=presets_dir)
     demo.queue(default_concurrency_limit=1, max_size=args.queue_size)
+    app_kwargs, hosts = server_kwargs(engine, args.host, args.allowed_host, api=not args.no_api,
+                                      queue_size=args.queue_size)
     auth, generated = share_auth(auth, args.share, args.share_no_auth)
     if args.share and args.share_no_auth and not auth:
         print("WARNING: --share-no-auth: anyone with the public link can use this machine.", flush=True)
     demo.launch(server_name=args.host, server_port=args.port, share=args.share, auth=auth,
                 show_error=True, prevent_thread_lock=True, allowed_paths=[] if engine.outputs_dir is None
-                else [str(engine.outputs_dir)], **launch_kwargs())
+                else [str(engine.outputs_dir)], app_kwargs=app_kwargs, **launch_kwargs())
+    print(f"Answers to: {hosts}" + ("" if args.no_api else f"; A1111 API at {demo.local_url.rstrip('/')}/sdapi/v1"),
+          flush=True)
     if args.share:
         if demo.share_url:
+            hosts.add_origin(demo.share_url)
             print(f"Public link: {demo.share_url}", flush=True)
         else:
             print("No public link could be made (the share server could not be reached); serving locally only.",

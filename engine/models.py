@@ -335,6 +335,29 @@ def resolve_source(text: str, *, models_dir: Path | None = None, allow_any_path:
                          f"a .safetensors/.ckpt file, a hub id like owner/name, or builtin:tiny).")
 
 
+def available_models(models_dir: Path | None) -> list[tuple[str, str]]:
+    """(name, what it is) for every model a remote user may load by name: the built-ins, then the diffusers
+    folders and single-file checkpoints under `models_dir` (named by their path inside it; nothing that
+    resolves outside it)."""
+    found = [(f"builtin:{n}", SHIPPED[n]) for n in SHIPPED if (ASSETS_MODELS / n / "model_index.json").is_file()]
+    found += [(f"builtin:{n}", about) for n, (_, _, about) in BUILTINS.items()]
+    if models_dir is None or not Path(models_dir).is_dir():
+        return found
+    root = Path(models_dir).resolve()
+    local = []
+    for path in sorted(root.rglob("*")):
+        rel = path.relative_to(root)
+        if any(part.startswith(".") for part in rel.parts) or rel.parts[0] in ("lora", "taesd", "vae"):
+            continue
+        if (path.is_dir() and (path / "model_index.json").is_file()) or (
+                path.is_file() and path.suffix.lower() in SINGLE_FILE_SUFFIXES
+                and not any((parent / "model_index.json").is_file() for parent in path.parents if root in parent.parents)):
+            real = path.resolve()
+            if real == root or root in real.parents:
+                local.append((rel.as_posix(), "diffusers folder" if path.is_dir() else "single-file checkpoint"))
+    return found + local
+
+
 def _inside_models_dir(text: str, models_dir: Path | None) -> Path | None:
     if models_dir is None:
         return None

@@ -1,5 +1,7 @@
-"""Gradio front end: one module per tab, assembled in blocks.py. Holds a reference to an Engine; all
+"""The web front end: the Gradio page (one module per tab, assembled in blocks.py) and, beside it on the same
+server, the A1111-compatible API and the Host/Origin guard (server.py). Holds a reference to an Engine; all
 generation happens in engine/, which knows nothing of this package."""
 from .blocks import build_ui, launch_kwargs
+from .server import server_kwargs
 
-__all__ = ["build_ui", "launch_kwargs"]
+__all__ = ["build_ui", "launch_kwargs", "server_kwargs"]

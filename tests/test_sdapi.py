@@ -1,0 +1,306 @@
+"""The AUTOMATIC1111-compatible API, driven by a real A1111 client from PyPI (webuiapi) against a real app
+process, and the Host/Origin guard in front of the UI and the API."""
+import base64
+import io
+import json
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+import webuiapi
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from PIL import Image
+from pydantic import BaseModel
+
+from appserver import running_app
+from engine.schedulers import SAMPLER_NAMES
+
+USER, PASSWORD = "ann", "s3cret-pass"
+PROMPT = "a red circle on a blue background"
+
+
+# A1111's documented response models (modules/api/models.py of AUTOMATIC1111/stable-diffusion-webui), as they
+# declare them: a response that does not validate here would break A1111 clients.
+class TextToImageResponse(BaseModel):
+    images: list[str] | None = None
+    parameters: dict
+    info: str
+
+
+class ProgressResponse(BaseModel):
+    progress: float
+    eta_relative: float
+    state: dict
+    current_image: str | None = None
+    textinfo: str | None = None
+
+
+class SDModelItem(BaseModel):
+    title: str
+    model_name: str
+    hash: str | None
+    sha256: str | None
+    filename: str
+    config: str | None
+
+
+class SamplerItem(BaseModel):
+    name: str
+    aliases: list[str]
+    options: dict
+
+
+A1111_STATE_KEYS = {"skipped", "interrupted", "job", "job_count", "job_timestamp", "job_no", "sampling_step",
+                    "sampling_steps"}
+A1111_INFO_KEYS = {"prompt", "all_prompts", "negative_prompt", "seed", "all_seeds", "subseed", "width", "height",
+                   "sampler_name", "cfg_scale", "steps", "batch_size", "sd_model_name", "denoising_strength",
+                   "infotexts", "styles", "job_timestamp", "index_of_first_image", "version"}
+
+
+@pytest.fixture(scope="module")
+def app(tmp_path_factory):
+    outputs = tmp_path_factory.mktemp("api-outputs")
+    with running_app("--runtime", "pytorch", "--auth", f"{USER}:{PASSWORD}", "--outputs-dir", str(outputs),
+                     "--allowed-host", "sd.lan") as (url, _proc):
+        yield url, outputs
+
+
+@pytest.fixture(scope="module")
+def api(app):
+    url, _ = app
+    return webuiapi.WebUIApi(baseurl=url + "sdapi/v1", username=USER, password=PASSWORD, sampler="Euler a", steps=8)
+
+
+def request(url, path, *, method="GET", body=None, headers=None, auth=True):
+    headers = dict(headers or {})
+    if auth:
+        headers["Authorization"] = "Basic " + base64.b64encode(f"{USER}:{PASSWORD}".encode()).decode()
+    data = None if body is None else (body if isinstance(body, bytes) else json.dumps(body).encode())
+    req = urllib.request.Request(url + path, data=data, method=method, headers=headers)
+    try:
+        with urllib.request.urlopen(req, timeout=120) as r:
+            return r.status, dict(r.headers), r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, dict(e.headers), e.read()
+
+
+def test_txt2img_through_the_real_client(api):
+    result = api.txt2img(prompt=PROMPT, seed=11, width=128, height=128, cfg_scale=7.0, batch_size=2)
+    TextToImageResponse.model_validate(result.json)
+    assert len(result.images) == 2 and result.images[0].size == (128, 128)
+    info = result.info
+    assert A1111_INFO_KEYS <= set(info), A1111_INFO_KEYS - set(info)
+    assert info["all_seeds"] == [11, 12] and info["sampler_name"] == "Euler a" and info["steps"] == 8
+    assert info["sd_model_name"] == "builtin:shapes"
+    # Our numbers, for a client that knows us: stage times, peak memory, runtime.
+    readout = info["fast_sd"]["readout"]
+    assert readout["total_s"] > 0 and readout["peak_rss_bytes"] > 0 and readout["runtime"] == "pytorch"
+    assert len(info["fast_sd"]["saved_paths"]) == 2
+    # Each PNG carries its A1111 parameters text, as A1111's API images do.
+    assert "Seed: 11" in result.images[0].info["parameters"] and info["infotexts"][1].count("Seed: 12") == 1
+    assert result.parameters["prompt"] == PROMPT and result.parameters["width"] == 128
+    # The same seed alone draws the same picture (batched maths differs only in the last bits).
+    import numpy as np
+
+    again = api.txt2img(prompt=PROMPT, seed=11, width=128, height=128, cfg_scale=7.0, steps=8)
+    diff = np.abs(np.asarray(again.images[0], float) - np.asarray(result.images[0], float))
+    assert diff.mean() < 1.0
+
+
+def test_hires_and_img2img_through_the_real_client(api):
+    hires = api.txt2img(prompt=PROMPT, seed=3, width=128, height=128, enable_hr=True, hr_scale=1.5,
+                        hr_second_pass_steps=4, denoising_strength=0.5, hr_upscaler=webuiapi.HiResUpscaler.Latent)
+    assert hires.images[0].size == (192, 192)
+    assert hires.info["extra_generation_params"]["task"] == "hires_fix"
+    assert hires.info["denoising_strength"] == 0.5
+    out = api.img2img(images=[hires.images[0]], prompt="a green square on a yellow background", seed=4, width=128,
+                      height=128, denoising_strength=0.6, resize_mode=1)
+    assert out.images[0].size == (128, 128)
+    assert out.info["extra_generation_params"]["task"] == "img2img"
+    assert out.parameters["init_images"] is None  # not echoed unless include_init_images, as in A1111
+    assert out.info["denoising_strength"] == 0.6
+
+
+def test_progress_during_a_job_and_interrupt(api):
+    ProgressResponse.model_validate(api.get_progress())
+    assert api.get_progress()["state"]["job_count"] == 0
+    box = {}
+    job = threading.Thread(target=lambda: box.setdefault("r", api.txt2img(prompt=PROMPT, seed=9, width=128,
+                                                                            height=128, steps=150)))
+    job.start()
+    seen = None
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and job.is_alive():
+        p = api.get_progress()
+        if p["state"]["sampling_step"] >= 2 and p["current_image"]:
+            seen = p
+            break
+        time.sleep(0.1)
+    assert seen is not None, "no progress seen while the job ran"
+    ProgressResponse.model_validate(seen)
+    assert A1111_STATE_KEYS <= set(seen["state"]) and seen["state"]["sampling_steps"] == 150
+    assert 0 < seen["progress"] < 1 and seen["state"]["job_count"] == 1
+    Image.open(io.BytesIO(base64.b64decode(seen["current_image"])))  # the live preview, a real PNG
+    assert api.interrupt() == {}
+    job.join(120)
+    result = box["r"]
+    assert result.images, "an interrupted job still returns the picture so far, as A1111 does"
+    assert result.info["fast_sd"]["readout"]["steps"] < 150
+    assert any("Stopped after" in n for n in result.info["fast_sd"]["notices"])
+
+
+def test_models_samplers_loras_and_a_model_switch_through_options(api):
+    models = api.get_sd_models()
+    for m in models:
+        SDModelItem.model_validate(m)
+    titles = [m["title"] for m in models]
+    assert "builtin:shapes" in titles and "builtin:tiny" in titles
+    for s in api.get_samplers():
+        SamplerItem.model_validate(s)
+    assert "Euler a" in api.util_get_sampler_names() and "LCM" in api.util_get_sampler_names()
+    assert "lcm-shapes" in [lora["name"] for lora in api.get_loras()]
+    assert api.util_get_current_model() == "builtin:shapes"
+    try:
+        api.util_set_model("builtin:tiny")  # the client picks the title from sd-models, then POSTs options
+        assert api.util_get_current_model() == "builtin:tiny"
+        r = api.txt2img(prompt=PROMPT, seed=1, width=64, height=64, steps=2)
+        assert r.info["sd_model_name"] == "builtin:tiny"
+        # override_settings: one job on another model, then back (A1111's default restore)
+        r = api.txt2img(prompt=PROMPT, seed=1, width=128, height=128, steps=2,
+                        override_settings={"sd_model_checkpoint": "builtin:shapes"})
+        assert r.info["sd_model_name"] == "builtin:shapes"
+        assert api.util_get_current_model() == "builtin:tiny"
+    finally:
+        api.set_options({"sd_model_checkpoint": "builtin:shapes"})
+    assert api.util_get_current_model() == "builtin:shapes"
+
+
+def test_without_credentials_the_api_is_refused(app):
+    url, _ = app
+    anonymous = webuiapi.WebUIApi(baseurl=url + "sdapi/v1")
+    with pytest.raises(RuntimeError) as e:
+        anonymous.txt2img(prompt=PROMPT, width=64, height=64, steps=1)
+    assert e.value.args[0] == 401
+    wrong = webuiapi.WebUIApi(baseurl=url + "sdapi/v1", username=USER, password="nope")
+    with pytest.raises(RuntimeError):
+        wrong.txt2img(prompt=PROMPT, width=64, height=64, steps=1)
+    for path in ("sdapi/v1/options", "sdapi/v1/progress", "sdapi/v1/sd-models"):
+        assert request(url, path, auth=False)[0] == 401
+
+
+def test_foreign_host_is_refused_on_the_ui_and_the_api(app):
+    url, _ = app
+    port = url.rstrip("/").rsplit(":", 1)[1]
+    for path in ("", "config", "sdapi/v1/options", "sdapi/v1/txt2img"):
+        for host in ("evil.example", f"evil.example:{port}", "127.0.0.1.evil.example"):
+            method = "POST" if path.endswith("txt2img") else "GET"
+            status, headers, body = request(url, path, method=method, body={} if method == "POST" else None,
+                                            headers={"Host": host})
+            assert status == 403, (path, host, status)
+            assert b"--allowed-host" in body
+    # the names it serves: loopback, and one added with --allowed-host
+    for host in (f"localhost:{port}", f"127.0.0.1:{port}", f"sd.lan:{port}"):
+        assert request(url, "sdapi/v1/options", headers={"Host": host})[0] == 200, host
+
+
+def test_security_headers_on_the_ui_and_the_api(app):
+    url, _ = app
+    for path in ("", "sdapi/v1/samplers"):
+        status, headers, _ = request(url, path)
+        headers = {k.lower(): v for k, v in headers.items()}
+        assert status == 200
+        assert headers["x-frame-options"] == "SAMEORIGIN" and "frame-ancestors 'self'" in headers[
+            "content-security-policy"]
+        assert headers["x-content-type-options"] == "nosniff" and headers["referrer-policy"] == "same-origin"
+
+
+def test_cross_origin_writes_are_refused(app):
+    url, _ = app
+    own = url.rstrip("/")
+    body = {"prompt": PROMPT, "width": 64, "height": 64, "steps": 1}
+    for headers in ({"Origin": "http://evil.example"}, {"Origin": "null"},
+                    {"Origin": own.replace("127.0.0.1", "localhost")},  # another origin, same machine
+                    {"Sec-Fetch-Site": "cross-site"}):
+        assert request(url, "sdapi/v1/txt2img", method="POST", body=body, headers=headers)[0] == 403, headers
+        assert request(url, "sdapi/v1/interrupt", method="POST", body={}, headers=headers)[0] == 403, headers
+    # the page's own origin may write; a cross-site page may still read (GET)
+    assert request(url, "sdapi/v1/interrupt", method="POST", body={}, headers={"Origin": own})[0] == 200
+    assert request(url, "sdapi/v1/samplers", headers={"Origin": "http://evil.example"})[0] == 200
+
+
+# Each request has exactly one bad field, so none may run a job; each must be a 422 with a message.
+NOT_A_NUMBER = st.text(alphabet="abcxyz ,;", min_size=1, max_size=6)
+BAD_FIELDS = st.one_of(
+    st.tuples(st.sampled_from(["width", "height", "steps", "batch_size", "n_iter", "seed"]),
+              st.one_of(st.integers(max_value=-2), st.integers(min_value=2**33), NOT_A_NUMBER,
+                        st.floats(min_value=-1e6, max_value=1e6).filter(lambda f: f != int(f)))),
+    st.tuples(st.just("width"), st.integers(min_value=2049, max_value=10**9)),
+    st.tuples(st.just("cfg_scale"), st.one_of(st.floats(min_value=30.5, max_value=1e12), NOT_A_NUMBER)),
+    st.tuples(st.just("sampler_name"), st.text(min_size=1, max_size=12).filter(
+        lambda s: " ".join(s.split()).lower() not in {n.lower() for n in SAMPLER_NAMES})),
+    st.tuples(st.just("prompt"), st.one_of(st.integers(), st.lists(st.integers(), max_size=2))),
+    st.tuples(st.just("hr_scale"), st.floats(min_value=4.5, max_value=1e9)),
+    st.tuples(st.just("init_images"), st.lists(st.text(alphabet="!@#$%^&*()", min_size=1, max_size=20),
+                                               min_size=1, max_size=1)),
+)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(bad=BAD_FIELDS, endpoint=st.sampled_from(["txt2img", "img2img"]))
+def test_bad_inputs_get_a_422_with_a_message_and_the_server_keeps_serving(app, bad, endpoint):
+    url, _ = app
+    field, value = bad
+    body = {"prompt": PROMPT, "width": 64, "height": 64, "steps": 1, field: value}
+    if field == "hr_scale":
+        body["enable_hr"] = True
+    if endpoint == "img2img" and field != "init_images":
+        body["init_images"] = ["not base64 !"] if field in ("hr_scale",) else [_png_b64()]
+    if endpoint == "txt2img" and field == "init_images":
+        body["width"] = 4096  # txt2img ignores init_images: give it one bad field of its own
+    status, _, raw = request(url, f"sdapi/v1/{endpoint}", method="POST", body=body)
+    assert status == 422, (body, status, raw[:300])
+    detail = json.loads(raw)["detail"]
+    assert isinstance(detail, str) and detail and "Traceback" not in detail
+
+
+def test_malformed_bodies_get_a_422(app):
+    url, _ = app
+    for raw in (b"{not json", b"[1, 2]", b"\xff\xfe", b'"text"'):
+        status, _, body = request(url, "sdapi/v1/txt2img", method="POST", body=raw)
+        assert status == 422 and json.loads(body)["detail"]
+    status, _, body = request(url, "sdapi/v1/options", method="POST", body={"sd_model_checkpoint": "../../etc"})
+    assert status == 422 and "models folder" in json.loads(body)["detail"]
+    # a bad value is named by the A1111 field the client sent, not by ours
+    status, _, body = request(url, "sdapi/v1/txt2img", method="POST", body={"cfg_scale": 99})
+    assert status == 422 and json.loads(body)["detail"].startswith("Invalid request: cfg_scale:")
+    assert request(url, "sdapi/v1/samplers")[0] == 200  # still serving
+
+
+_PNG = None
+
+
+def _png_b64():
+    global _PNG
+    if _PNG is None:
+        buffer = io.BytesIO()
+        Image.new("RGB", (64, 64), (200, 30, 30)).save(buffer, format="PNG")
+        _PNG = base64.b64encode(buffer.getvalue()).decode()
+    return _PNG
+
+
+def test_allowed_hosts():
+    from ui.http_guard import AllowedHosts, host_name
+
+    assert host_name("[::1]:7860") == "::1" and host_name("Example.COM.:80") == "example.com"
+    hosts = AllowedHosts(["localhost", ".example.com"])
+    assert hosts.allows("localhost:7860") and hosts.allows("a.example.com") and hosts.allows("example.com")
+    assert not hosts.allows("example.com.evil.net") and not hosts.allows("") and not hosts.allows("evilexample.com")
+    hosts.add_origin("https://abc123.gradio.live")
+    assert hosts.allows("abc123.gradio.live") and "https://abc123.gradio.live" in hosts.origins
+    assert AllowedHosts(["*"]).allows("anything")
+    everywhere = AllowedHosts.for_server("0.0.0.0")
+    assert everywhere.allows("127.0.0.1") and len(everywhere.names) > 3
+    assert AllowedHosts.for_server("10.1.2.3").allows("10.1.2.3:7860")

@@ -1,0 +1,499 @@
+"""AUTOMATIC1111's HTTP API (/sdapi/v1/...) on the UI's own server, port and login, driving the same Engine
+(so the same device lock: an API job waits while a UI job runs, and the other way round).
+
+Requests use A1111's field names; unknown fields are ignored as A1111 does. A field we cannot honour
+(styles, face restoration, inpainting masks, ...) is refused with a 422 that says so rather than ignored,
+since ignoring it would silently draw another picture. Responses are A1111's (`images` as plain base64 PNGs
+carrying their parameters text, `parameters`, `info` as a JSON string); `info["fast_sd"]` adds our readout.
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import json
+import logging
+import re
+import threading
+import time
+from typing import Any, Callable
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.concurrency import run_in_threadpool
+
+from engine import Engine, UserError
+from engine.lora import available as available_loras, resolve as resolve_lora
+from engine.metadata import format_parameters, parse_parameters
+from engine.models import available_models
+from engine.requests import (MAX_BATCH_COUNT, HiresFixRequest, Img2ImgRequest, Txt2ImgRequest,
+                             describe_validation_error, load_image, parse_request)
+from engine.schedulers import SAMPLER_NAMES, canonical_sampler
+
+log = logging.getLogger(__name__)
+PREFIX = "/sdapi/v1"
+VERSION = "fast-sd"
+MAX_BODY_BYTES = 64 * 1024 * 1024  # a few init images; a bigger body is refused before it is parsed
+
+# A1111 hires upscaler names -> ours. "None", "Nearest" and "Lanczos" resize the decoded image.
+HR_UPSCALERS = {
+    "latent": "latent (bicubic)", "latent (antialiased)": "latent (bicubic)", "latent (bicubic)": "latent (bicubic)",
+    "latent (bicubic antialiased)": "latent (bicubic)", "latent (nearest)": "latent (nearest-exact)",
+    "latent (nearest-exact)": "latent (nearest-exact)", "none": "Lanczos", "lanczos": "Lanczos", "nearest": "Lanczos",
+}
+RESIZE_MODES = {0: "resize", 1: "crop and resize", 2: "resize and fill", 3: "resize"}  # 3: A1111's latent upscale
+SCHEDULERS = {"automatic": "", "karras": " Karras"}  # A1111's separate scheduler field -> our sampler suffix
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, detail: str):
+        super().__init__(detail)
+        self.status, self.detail = status, detail
+
+
+# ---------------------------------------------------------------- request models (A1111's names and defaults)
+
+
+class _Generation(BaseModel):
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+
+    prompt: str = ""
+    negative_prompt: str = ""
+    styles: list[str] | None = None
+    seed: int = -1
+    sampler_name: str | None = None
+    sampler_index: str | None = None  # the older name of sampler_name
+    scheduler: str | None = None
+    batch_size: int = 1
+    n_iter: int = Field(1, ge=1, le=MAX_BATCH_COUNT)
+    steps: int = 50
+    cfg_scale: float = 7.0
+    width: int = 512
+    height: int = 512
+    restore_faces: bool | None = None
+    tiling: bool | None = None
+    denoising_strength: float | None = None
+    override_settings: dict[str, Any] | None = None
+    override_settings_restore_afterwards: bool = True
+    send_images: bool = True
+    save_images: bool = False
+
+
+class Txt2ImgApi(_Generation):
+    enable_hr: bool = False
+    hr_scale: float = 2.0
+    hr_upscaler: str | None = None
+    hr_second_pass_steps: int = 0
+    hr_resize_x: int = 0
+    hr_resize_y: int = 0
+
+
+class Img2ImgApi(_Generation):
+    init_images: list[str] | None = None
+    resize_mode: int = 0
+    denoising_strength: float | None = 0.75
+    mask: str | None = None
+    include_init_images: bool = False
+
+
+def _validated(cls: type[BaseModel], data: Any) -> BaseModel:
+    if not isinstance(data, dict):
+        raise ApiError(422, f"Invalid request: the body must be a JSON object, got {type(data).__name__}.")
+    try:
+        return cls.model_validate(data)
+    except ValidationError as e:
+        raise ApiError(422, describe_validation_error(e, data)) from None
+
+
+def _refuse_unsupported(req: _Generation) -> None:
+    if req.styles:
+        raise ApiError(422, f"styles {req.styles!r}: prompt styles are not supported yet; put the text in the prompt.")
+    if req.restore_faces:
+        raise ApiError(422, "restore_faces: face restoration is not available on this server.")
+    if req.tiling:
+        raise ApiError(422, "tiling: seamless tiling is not available on this server.")
+
+
+def _sampler(req: _Generation) -> str:
+    name = req.sampler_name or req.sampler_index or "Euler"
+    scheduler = (req.scheduler or "automatic").strip().lower()
+    if scheduler not in SCHEDULERS:
+        raise ApiError(422, f"scheduler {req.scheduler!r}: choose one of {', '.join(SCHEDULERS)}.")
+    candidates = [name + SCHEDULERS[scheduler]] if SCHEDULERS[scheduler] and "karras" not in name.lower() else [name]
+    try:
+        return canonical_sampler(candidates[0])
+    except UserError as e:
+        raise ApiError(422, f"sampler_name: {e}") from None
+
+
+def _common(req: _Generation) -> dict[str, Any]:
+    return {"prompt": req.prompt, "negative_prompt": req.negative_prompt, "steps": req.steps,
+            "guidance": req.cfg_scale, "sampler": _sampler(req), "seed": req.seed, "batch_size": req.batch_size}
+
+
+# our request field -> the A1111 field the client sent, so a 422 names what the client can change
+A1111_NAMES = {"guidance": "cfg_scale", "factor": "hr_scale", "hires_steps": "hr_second_pass_steps",
+               "hires_strength": "denoising_strength", "strength": "denoising_strength", "batch_count": "n_iter",
+               "sampler": "sampler_name"}
+_FIELD_AT = re.compile(r"(^Invalid request: |; )(" + "|".join(A1111_NAMES) + r"):")
+
+
+def _checked(cls, fields: dict[str, Any]) -> None:
+    try:
+        parse_request(cls, fields)
+    except UserError as e:
+        raise ApiError(422, _FIELD_AT.sub(lambda m: m.group(1) + A1111_NAMES[m.group(2)] + ":", str(e))) from None
+
+
+def txt2img_request(req: Txt2ImgApi) -> tuple[str, dict[str, Any]]:
+    """('txt2img' | 'hires_fix', our request fields), validated here so a bad field never reaches the device."""
+    _refuse_unsupported(req)
+    fields = {**_common(req), "width": req.width, "height": req.height, "batch_count": req.n_iter}
+    if not req.enable_hr:
+        _checked(Txt2ImgRequest, fields)
+        return "txt2img", fields
+    upscaler = HR_UPSCALERS.get((req.hr_upscaler or "Latent").strip().lower())
+    if upscaler is None:
+        raise ApiError(422, f"hr_upscaler {req.hr_upscaler!r}: this server has "
+                            f"{', '.join(sorted({k.title() for k in HR_UPSCALERS}))}.")
+    factor = req.hr_scale
+    if req.hr_resize_x > 0 or req.hr_resize_y > 0:  # A1111: a target size instead of a scale
+        factor = max(req.hr_resize_x / req.width if req.hr_resize_x > 0 else 0,
+                     req.hr_resize_y / req.height if req.hr_resize_y > 0 else 0)
+    fields.update(factor=factor, upscaler=upscaler, hires_steps=req.hr_second_pass_steps,
+                  hires_strength=0.7 if req.denoising_strength is None else req.denoising_strength)
+    _checked(HiresFixRequest, fields)
+    return "hires_fix", fields
+
+
+def decode_base64(text: Any, field: str) -> bytes:
+    """A1111 sends base64, with or without a data: URL prefix."""
+    if not isinstance(text, str) or not text.strip():
+        raise ApiError(422, f"{field}: expected a base64-encoded image.")
+    data = text.split(",", 1)[1] if text.lstrip().startswith("data:") else text
+    try:
+        return base64.b64decode(data.strip(), validate=True)
+    except (binascii.Error, ValueError):
+        raise ApiError(422, f"{field}: not valid base64.") from None
+
+
+def decode_image(text: Any, field: str):
+    raw = decode_base64(text, field)
+    try:
+        return load_image(raw)
+    except UserError as e:
+        raise ApiError(422, f"{field}: {e}") from None
+
+
+def img2img_request(req: Img2ImgApi) -> tuple[dict[str, Any], Any]:
+    _refuse_unsupported(req)
+    if req.mask:
+        raise ApiError(422, "mask: inpainting is not supported yet; send img2img without a mask.")
+    if not req.init_images:
+        raise ApiError(422, "init_images: img2img needs one image (base64).")
+    if req.n_iter != 1:
+        raise ApiError(422, f"n_iter {req.n_iter}: img2img runs one batch here; use batch_size for more images.")
+    if len(req.init_images) > 1:
+        raise ApiError(422, f"init_images: one image per request, got {len(req.init_images)}.")
+    if req.resize_mode not in RESIZE_MODES:
+        raise ApiError(422, f"resize_mode {req.resize_mode}: choose 0 (resize), 1 (crop and resize), "
+                            f"2 (resize and fill) or 3 (latent upscale, done as resize).")
+    image = decode_image(req.init_images[0], "init_images[0]")
+    fields = {**_common(req), "width": req.width, "height": req.height, "resize_mode": RESIZE_MODES[req.resize_mode],
+              "strength": 0.75 if req.denoising_strength is None else req.denoising_strength}
+    _checked(Img2ImgRequest, fields)
+    return fields, image
+
+
+# ---------------------------------------------------------------- responses
+
+
+def png_base64(image, parameters_text: str) -> str:
+    from PIL import PngImagePlugin
+
+    info = PngImagePlugin.PngInfo()
+    info.add_text("parameters", parameters_text)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", pnginfo=info)
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def generation_response(result, req: _Generation, sent: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    params = result.parameters
+    texts = [format_parameters({**params, "seed": seed, "width": im.width, "height": im.height})
+             for im, seed in zip(result.images, result.seeds)]
+    n = len(result.images)
+    info = {
+        "prompt": params.get("prompt", ""), "all_prompts": [params.get("prompt", "")] * n,
+        "negative_prompt": params.get("negative_prompt", ""),
+        "all_negative_prompts": [params.get("negative_prompt", "")] * n,
+        "seed": result.seeds[0] if result.seeds else params.get("seed"), "all_seeds": list(result.seeds),
+        "subseed": -1, "all_subseeds": [-1] * n, "subseed_strength": 0,
+        "width": params.get("width"), "height": params.get("height"), "sampler_name": params.get("sampler"),
+        "cfg_scale": params.get("guidance"), "steps": params.get("steps"), "batch_size": params.get("batch_size"),
+        "restore_faces": False, "face_restoration_model": None, "sd_model_name": params.get("model"),
+        "sd_model_hash": None, "sd_vae_name": None, "sd_vae_hash": None, "seed_resize_from_w": -1,
+        "seed_resize_from_h": -1,
+        "denoising_strength": params.get("strength", params.get("hires_strength")),
+        "extra_generation_params": {k: params[k] for k in ("task", "runtime", "factor", "upscaler", "hires_steps",
+                                                           "resize_mode") if k in params},
+        "index_of_first_image": 0, "infotexts": texts, "styles": [], "job_timestamp": extra.pop("job_timestamp"),
+        "clip_skip": 1, "is_using_inpainting_conditioning": False, "version": VERSION,
+        "fast_sd": {"readout": result.readout.to_dict(), "notices": list(result.notices),
+                    "saved_paths": list(result.saved_paths), **extra},
+    }
+    images = [png_base64(im, text) for im, text in zip(result.images, texts)] if req.send_images else []
+    return {"images": images, "parameters": sent, "info": json.dumps(info, default=str)}
+
+
+# ---------------------------------------------------------------- the router
+
+
+class SdApi:
+    """The routes and what they share: the engine, a bound on waiting jobs, the login check."""
+
+    def __init__(self, engine: Engine, max_waiting: int = 16):
+        self.engine = engine
+        self.waiting = threading.BoundedSemaphore(max_waiting + 1)  # the running job and those waiting
+        self.max_waiting = max_waiting
+        self.jobs_started = 0
+        self.job_timestamp = ""
+
+    # -- plumbing
+
+    def authorized(self, request: Request) -> bool:
+        """No login set: open. Otherwise HTTP Basic (what A1111 clients send) or the UI's login cookie."""
+        app = request.app
+        accounts = getattr(app, "auth", None)
+        if not accounts:
+            return True
+        header = request.headers.get("authorization", "")
+        if header.lower().startswith("basic "):
+            try:
+                user, _, password = base64.b64decode(header[6:].strip()).decode("utf-8").partition(":")
+            except (binascii.Error, UnicodeDecodeError, ValueError):
+                return False
+            from gradio.route_utils import compare_passwords_securely
+
+            if callable(accounts):
+                return bool(accounts(user, password))
+            return user in accounts and compare_passwords_securely(password, accounts[user])
+        cookie_id = getattr(app, "cookie_id", "")
+        token = request.cookies.get(f"access-token-{cookie_id}") or request.cookies.get(
+            f"access-token-unsecure-{cookie_id}")
+        return token is not None and token in getattr(app, "tokens", {})
+
+    def endpoint(self, fn: Callable, *, body: bool = False, job: bool = False):
+        """Wrap a handler: login, body parsing, errors as A1111-style JSON (422 for bad input, never a traceback)."""
+
+        async def handle(request: Request):
+            if not self.authorized(request):
+                return JSONResponse({"detail": "Not authenticated"}, status_code=401,
+                                    headers={"WWW-Authenticate": 'Basic realm="fast-sd"'})
+            try:
+                args = []
+                if body:
+                    raw = await request.body()
+                    if len(raw) > MAX_BODY_BYTES:
+                        raise ApiError(413, f"The request body is {len(raw)} bytes; the limit is {MAX_BODY_BYTES}.")
+                    try:
+                        args.append(json.loads(raw or b"{}"))
+                    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                        raise ApiError(422, f"The body is not valid JSON: {e}.") from None
+                else:
+                    args.append(dict(request.query_params))
+                if job:
+                    return JSONResponse(await self._queued(fn, *args))
+                return JSONResponse(await run_in_threadpool(fn, *args))
+            except ApiError as e:
+                return JSONResponse({"error": "ApiError", "detail": e.detail}, status_code=e.status)
+            except UserError as e:
+                log.debug("API %s: %s", request.url.path, e, exc_info=e)  # the client's to fix; --log-level debug
+                return JSONResponse({"error": "UserError", "detail": str(e)}, status_code=422)
+            except Exception as e:  # a fault of ours: one line to the client, the traceback to the log
+                log.exception("API %s failed", request.url.path)
+                return JSONResponse({"error": type(e).__name__,
+                                     "detail": f"{request.url.path} failed: {type(e).__name__}: {e}. "
+                                               f"The server is still usable."}, status_code=500)
+
+        return handle
+
+    async def _queued(self, fn: Callable, *args):
+        if not self.waiting.acquire(blocking=False):
+            raise ApiError(503, f"The queue is full ({self.max_waiting} jobs waiting); try again later.")
+        try:
+            return await run_in_threadpool(fn, *args)
+        finally:
+            self.waiting.release()
+
+    def router(self) -> APIRouter:
+        router = APIRouter(prefix=PREFIX)
+        add = router.add_api_route
+        add("/txt2img", self.endpoint(self.txt2img, body=True, job=True), methods=["POST"])
+        add("/img2img", self.endpoint(self.img2img, body=True, job=True), methods=["POST"])
+        add("/progress", self.endpoint(self.progress), methods=["GET"])
+        add("/interrupt", self.endpoint(self.interrupt, body=True), methods=["POST"])
+        add("/skip", self.endpoint(self.interrupt, body=True), methods=["POST"])
+        add("/options", self.endpoint(self.get_options), methods=["GET"])
+        add("/options", self.endpoint(self.set_options, body=True, job=True), methods=["POST"])
+        add("/sd-models", self.endpoint(self.sd_models), methods=["GET"])
+        add("/refresh-checkpoints", self.endpoint(lambda _: None, body=True), methods=["POST"])
+        add("/samplers", self.endpoint(self.samplers), methods=["GET"])
+        add("/schedulers", self.endpoint(self.schedulers), methods=["GET"])
+        add("/upscalers", self.endpoint(self.upscalers), methods=["GET"])
+        add("/latent-upscale-modes", self.endpoint(self.latent_modes), methods=["GET"])
+        add("/loras", self.endpoint(self.loras), methods=["GET"])
+        add("/refresh-loras", self.endpoint(lambda _: None, body=True), methods=["POST"])
+        add("/sd-vae", self.endpoint(lambda _: []), methods=["GET"])
+        add("/prompt-styles", self.endpoint(lambda _: []), methods=["GET"])
+        add("/embeddings", self.endpoint(lambda _: {"loaded": {}, "skipped": {}}), methods=["GET"])
+        add("/scripts", self.endpoint(lambda _: {"txt2img": [], "img2img": []}), methods=["GET"])
+        add("/png-info", self.endpoint(self.png_info, body=True), methods=["POST"])
+        add("/memory", self.endpoint(self.memory), methods=["GET"])
+        return router
+
+    # -- generation
+
+    def _run(self, req: _Generation, run: Callable[[], Any]) -> tuple[Any, dict[str, Any]]:
+        """Run under the settings the request overrides (the model), restoring them after when asked."""
+        wanted = (req.override_settings or {}).get("sd_model_checkpoint")
+        before = self.engine.model.source.text if self.engine.model else None
+        extra: dict[str, Any] = {"job_timestamp": time.strftime("%Y%m%d%H%M%S")}
+        if wanted and model_name(wanted) != before:
+            self._load(wanted)
+            extra["model_override"] = model_name(wanted)
+        self.job_timestamp = extra["job_timestamp"]
+        try:
+            return run(), extra
+        finally:
+            if wanted and before and req.override_settings_restore_afterwards and self.engine.model \
+                    and self.engine.model.source.text != before:
+                self._load(before)
+
+    def txt2img(self, data: dict) -> dict:
+        req = _validated(Txt2ImgApi, data)
+        task, fields = txt2img_request(req)
+        call = self.engine.hires_fix if task == "hires_fix" else self.engine.txt2img
+        result, extra = self._run(req, lambda: call(fields))
+        return generation_response(result, req, req.model_dump(), extra)
+
+    def img2img(self, data: dict) -> dict:
+        req = _validated(Img2ImgApi, data)
+        fields, image = img2img_request(req)
+        result, extra = self._run(req, lambda: self.engine.img2img(fields, image))
+        sent = req.model_dump()
+        if not req.include_init_images:  # as A1111: the echo does not send the images back
+            sent["init_images"], sent["mask"] = None, None
+        return generation_response(result, req, sent, extra)
+
+    # -- progress and control
+
+    def progress(self, query: dict) -> dict:
+        live = self.engine.live
+        skip_image = str(query.get("skip_current_image", "false")).lower() in ("1", "true", "yes")
+        state = {"skipped": False, "interrupted": False, "stopping_generation": False, "job": "",
+                 "job_count": 0, "job_timestamp": self.job_timestamp or "0", "job_no": 0,
+                 "sampling_step": 0, "sampling_steps": 0}
+        if not live.running:
+            return {"progress": 0.0, "eta_relative": 0.0, "state": state, "current_image": None, "textinfo": None}
+        fraction = live.step / live.total if live.total else 0.0
+        state.update(job=live.task, job_count=1, sampling_step=live.step, sampling_steps=live.total)
+        image = None
+        if not skip_image and live.preview is not None:
+            buffer = io.BytesIO()
+            live.preview.save(buffer, format="PNG")
+            image = base64.b64encode(buffer.getvalue()).decode("ascii")
+        return {"progress": round(fraction, 4), "eta_relative": round(live.eta_s or 0.0, 2), "state": state,
+                "current_image": image,
+                "textinfo": f"{live.task}: step {live.step}/{live.total}, {live.it_per_s:.2f} it/s"}
+
+    def interrupt(self, _data: Any) -> dict:
+        self.engine.stop()
+        return {}
+
+    # -- settings and lists
+
+    def _load(self, name: str) -> None:
+        self.engine.load(model_name(name), allow_any_path=False)
+
+    def get_options(self, _query: dict) -> dict:
+        engine = self.engine
+        return {"sd_model_checkpoint": engine.model.source.text if engine.model else None,
+                "sd_checkpoint_hash": None, "sd_vae": "Automatic", "CLIP_stop_at_last_layers": 1,
+                "samples_save": engine.outputs_dir is not None,
+                "outdir_samples": str(engine.outputs_dir) if engine.outputs_dir else "",
+                "samples_format": "png", "fast_sd_runtime": engine.runtime.name,
+                "fast_sd_precision": engine.runtime.precision}
+
+    def set_options(self, data: dict) -> None:
+        if not isinstance(data, dict):
+            raise ApiError(422, "Invalid request: the body must be a JSON object of settings.")
+        wanted = data.get("sd_model_checkpoint")
+        if wanted is not None:
+            if not isinstance(wanted, str) or not wanted.strip():
+                raise ApiError(422, "sd_model_checkpoint: expected a model title from /sdapi/v1/sd-models.")
+            if self.engine.model is None or model_name(wanted) != self.engine.model.source.text:
+                self._load(wanted)
+        runtime = data.get("fast_sd_runtime")
+        if runtime is not None and runtime != self.engine.runtime.name:
+            if not isinstance(runtime, str):
+                raise ApiError(422, "fast_sd_runtime: expected a runtime name.")
+            self.engine.set_runtime(runtime)
+        return None  # other settings are A1111's own; ignored, as A1111 ignores settings it does not know
+
+    def sd_models(self, _query: dict) -> list[dict]:
+        models_dir = self.engine.models_dir
+        return [{"title": name, "model_name": name.removeprefix("builtin:").rsplit("/", 1)[-1].rsplit(".", 1)[0],
+                 "hash": None, "sha256": None,
+                 "filename": name if name.startswith("builtin:") else str((models_dir / name)),
+                 "config": None, "description": about} for name, about in available_models(models_dir)]
+
+    def samplers(self, _query: dict) -> list[dict]:
+        return [{"name": name, "aliases": [name.lower()], "options": {}} for name in SAMPLER_NAMES]
+
+    def schedulers(self, _query: dict) -> list[dict]:
+        return [{"name": name, "label": name.title(), "aliases": None, "default_rho": None, "need_inner_model": None}
+                for name in SCHEDULERS]
+
+    def upscalers(self, _query: dict) -> list[dict]:
+        return [{"name": "None", "model_name": None, "model_path": None, "model_url": None, "scale": 1},
+                {"name": "Lanczos", "model_name": None, "model_path": None, "model_url": None, "scale": 4}]
+
+    def latent_modes(self, _query: dict) -> list[dict]:
+        return [{"name": name} for name in ("Latent", "Latent (bicubic)", "Latent (nearest-exact)")]
+
+    def loras(self, _query: dict) -> list[dict]:
+        models_dir = self.engine.models_dir
+        return [{"name": name, "alias": name, "path": str(resolve_lora(name, models_dir)), "metadata": {}}
+                for name in available_loras(models_dir)]
+
+    def png_info(self, data: dict) -> dict:
+        if not isinstance(data, dict):
+            raise ApiError(422, "Invalid request: expected {\"image\": base64}.")
+        from PIL import Image, UnidentifiedImageError
+
+        try:
+            image = Image.open(io.BytesIO(decode_base64(data.get("image"), "image")))
+        except (UnidentifiedImageError, OSError) as e:
+            raise ApiError(422, f"image: not an image that can be read ({type(e).__name__}).") from None
+        text = image.info.get("parameters") or ""
+        return {"info": text, "items": {k: v for k, v in image.info.items() if isinstance(v, str)},
+                "parameters": parse_parameters(text) if text else {}}
+
+    def memory(self, _query: dict) -> dict:
+        from engine import devices
+
+        import psutil
+
+        vm = psutil.virtual_memory()
+        return {"ram": {"free": vm.available, "used": vm.total - vm.available, "total": vm.total},
+                "cuda": {"error": "no CUDA device"} if not devices.is_cuda(self.engine.runtime.device) else {}}
+
+
+TITLE_HASH = re.compile(r"\s*\[[0-9a-fA-F]{6,64}\]$")
+
+
+def model_name(title: str) -> str:
+    """A1111 titles are 'name [shorthash]'; we load by name."""
+    return TITLE_HASH.sub("", str(title).strip())

@@ -1,0 +1,22 @@
+"""The HTTP server around the page: the Host/Origin guard on every response, and the A1111 API beside the UI."""
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+from starlette.middleware import Middleware
+
+from engine import Engine
+
+from .http_guard import AllowedHosts, HostGuard
+from .sdapi import SdApi
+
+
+def server_kwargs(engine: Engine, host: str, allowed: Iterable[str] = (), *, api: bool = True,
+                  queue_size: int = 16) -> tuple[dict[str, Any], AllowedHosts]:
+    """`app_kwargs` for demo.launch() (Gradio passes them to its FastAPI app: our routes come before its own),
+    and the allowed hosts, which the launcher extends with the share link once it exists."""
+    hosts = AllowedHosts.for_server(host, allowed)
+    kwargs: dict[str, Any] = {"middleware": [Middleware(HostGuard, hosts=hosts)]}
+    if api:
+        kwargs["routes"] = list(SdApi(engine, max_waiting=queue_size).router().routes)
+    return kwargs, hosts
