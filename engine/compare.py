@@ -3,9 +3,10 @@ step count or the sampler); a grid PNG with each column's time, peak memory and 
 
 Every column shares the prompt, size and seed (seed -1 is resolved once) at batch size 1. The engine's runtime
 and options are put back afterwards: a comparison must not change the user's setup. The device lock is held
-throughout, so no other job runs with a column's settings. Where the runtime compiles per shape, each column is
-warmed up first (reported as its setup time) so the timed run is what a user gets from then on; the result
-cache is off, so every column runs the model.
+throughout, so no other job runs with a column's settings. Each column first runs one untimed, unsaved step
+(its setup time, with the option or runtime switch): that compiles its shapes, fuses its LoRAs and encodes its
+prompt, so the timed run is what a user gets from then on, and the first column pays no more than the others.
+The result cache is off, so every column runs the model.
 
     comparison = engine.compare({"prompt": "a red circle", "width": 128, "height": 128, "seed": 7},
                                 "steps", [5, 10, 20, 30])
@@ -65,7 +66,7 @@ class CompareColumn:
     request: Txt2ImgRequest | None = None  # what this column asked for (None: it never got that far)
     result: GenerationResult | None = None
     error: str | None = None  # one line, where the column failed or did not run
-    setup_s: float = 0.0  # switching options or runtime, and the warm-up: not part of total_s
+    setup_s: float = 0.0  # switching options or runtime, and the warm-up step: not part of total_s
     psnr: float | None = None  # dB against the reference column; inf: identical
     reference: bool = False
     notices: list[str] = field(default_factory=list)
@@ -248,19 +249,18 @@ def _run_column(engine: Engine, base: Txt2ImgRequest, axis: str, column: Compare
         if progress:
             progress(CompareProgress(index, count, column.label, phase, step, total))
 
-    def on_step(step: int, total: int) -> None:
+    def on_step(step: int, total: int, phase: str = "running") -> None:
         if stop.is_set():
             engine.stop()
-        report("running", step, total)
+        report(phase, step, total)
 
     try:
         report("preparing")
         start = time.perf_counter()
         column.request = _prepare(engine, base, axis, column, presets_dir)
-        if warm_up and engine.runtime.compiles:
+        if warm_up:
             report("warming up")
-            r = column.request
-            engine.warmup([(r.width, r.height)], guidance=r.guidance)
+            _warm_run(engine, column.request, lambda step, total: on_step(step, total, "warming up"))
         column.setup_s = time.perf_counter() - start
         if stop.is_set():
             column.error = "Not run: stopped."
@@ -289,6 +289,16 @@ def _prepare(engine: Engine, base: Txt2ImgRequest, axis: str, column: CompareCol
         return base
     engine.set_optimizations(wanted)
     return base.model_copy(update={axis: value})
+
+
+def _warm_run(engine: Engine, request: Txt2ImgRequest, progress) -> None:
+    """The column's job at one step, not saved (it stays in the history: it ran)."""
+    jobs = engine.jobs
+    outputs, jobs.outputs_dir = jobs.outputs_dir, None  # the caller holds the lock: no other job saves meanwhile
+    try:
+        engine.txt2img(request.model_copy(update={"steps": 1}), progress=progress)
+    finally:
+        jobs.outputs_dir = outputs
 
 
 def _uncached(options: Optimizations) -> Optimizations:

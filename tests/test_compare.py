@@ -57,7 +57,9 @@ def test_four_step_counts_give_four_images_and_psnr_against_the_first(engine):
 
 
 def test_four_samplers(engine):
-    c = engine.compare(REQUEST, "sampler", ["euler", "Euler a", "DDIM", "UniPC"])
+    jobs = len(engine.history)
+    c = engine.compare(REQUEST, "sampler", ["euler", "Euler a", "DDIM", "UniPC"], warm_up=False)
+    assert len(engine.history) - jobs == 4 and all(col.setup_s < 1 for col in c.columns)
     assert [col.label for col in c.columns] == ["sampler: Euler", "sampler: Euler a", "sampler: DDIM",
                                                 "sampler: UniPC"]
     assert [col.request.sampler for col in c.columns] == ["Euler", "Euler a", "DDIM", "UniPC"]
@@ -66,8 +68,12 @@ def test_four_samplers(engine):
 
 
 def test_the_grid_png_is_saved_with_its_parameters(engine):
+    before, jobs = set(engine.outputs_dir.rglob("*.png")), len(engine.history)
     c = engine.compare(REQUEST, "steps", [2, 3])
     assert c.saved_path and c.saved_path.endswith("-7.png")
+    saved = {str(p) for p in set(engine.outputs_dir.rglob("*.png")) - before}
+    assert saved == {c.saved_path, *(col.result.saved_paths[0] for col in c.columns)}  # warm-up steps are not saved
+    assert len(engine.history) - jobs == 4 and engine.history[1]["steps"] == 1  # each column's warm-up step, then it
     with Image.open(c.saved_path) as saved:
         assert saved.size == c.grid.size
         fields = parse_parameters(read_parameters(saved))

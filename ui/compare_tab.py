@@ -93,11 +93,13 @@ def build(engine: Engine, d: dict[str, Any], history: gr.Dataframe, presets_dir:
                                            label=f"Column {2 * row + k + 1}", elem_id=f"compare-value-{2 * row + k + 1}")
                                for k in range(2)]
             warm_up = gr.Checkbox(True, label="Warm up each column first",
-                                  info="a runtime that compiles per shape does it before the timed run (shown as setup)")
+                                  info="one untimed step first (compiles, LoRAs, prompt): its time is the setup")
             with gr.Row():
                 go = gr.Button("Compare", variant="primary", scale=3)
                 stop = gr.Button("Stop", variant="stop", scale=1)
-    grid = gr.Image(label="Comparison", type="pil", format="png", interactive=False, elem_id="compare-grid")
+    # No label: it would sit over the grid's own caption.
+    grid = gr.Image(label="Comparison", show_label=False, type="pil", format="png", interactive=False,
+                    elem_id="compare-grid")
     table = gr.Markdown("The figures appear here after a comparison.", elem_id="compare-table")
     with gr.Accordion("Parameters used", open=False):
         params = gr.JSON(label="Parameters")
