@@ -35,8 +35,6 @@ from .requests import MAX_STEPS, Txt2ImgRequest, parse_request
 from .schedulers import canonical_sampler
 
 if TYPE_CHECKING:
-    from PIL import Image
-
     from .engine import Engine
     from .jobs import GenerationResult
 
@@ -270,7 +268,7 @@ def _run_column(engine: Engine, base: Txt2ImgRequest, axis: str, column: Compare
     except Exception as e:  # one column's failure is shown in its place; the others still run
         if not isinstance(e, UserError):
             log.exception("compare column %s failed", column.label)
-        column.error = " ".join(str(e).split()) if isinstance(e, UserError) else f"{type(e).__name__}: {e}"
+        column.error = " ".join((str(e) if isinstance(e, UserError) else f"{type(e).__name__}: {e}").split())
 
 
 def _prepare(engine: Engine, base: Txt2ImgRequest, axis: str, column: CompareColumn,

@@ -111,6 +111,8 @@ def test_a_failing_column_shows_its_message_and_the_others_run(engine, presets):
     assert balanced.image is not None and balanced.reference  # the first column with an image is the reference
     assert "no-such-lora" in c.parameters_text and setup_of(engine) == before
     assert engine.txt2img({**REQUEST, "steps": 1}).images  # the engine still serves
+    only = engine.compare(REQUEST, "preset", ["broken-lora"], presets_dir=presets)
+    assert only.columns[0].psnr_text == "n/a" and only.grid.width > 64 and only.saved_path  # a grid of the message
 
 
 @pytest.mark.parametrize("axis, values, message", [
