@@ -251,3 +251,8 @@ class Engine:
 
     def tiled_upscale(self, request, image: Any, progress: ProgressFn | None = None) -> GenerationResult:
         return self.run(TiledUpscale, request, image, progress)
+
+    def compare(self, request, axis: str, values, **options):
+        """txt2img once per preset, runtime, step count or sampler, in one grid (engine/compare.py)."""
+        from .compare import compare
+        return compare(self, request, axis, values, **options)

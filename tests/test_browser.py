@@ -10,6 +10,11 @@ CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 ARTIFACTS = ROOT / "tests" / "artifacts"
 
 
+def pick(page, label: str, option: str) -> None:
+    page.get_by_label(label, exact=True).click()
+    page.get_by_role("option", name=option, exact=True).click()
+
+
 @pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="Debian chromium is not installed (make test installs it)")
 def test_generate_in_a_real_browser(tmp_path):
     from playwright.sync_api import sync_playwright
@@ -50,6 +55,21 @@ def test_generate_in_a_real_browser(tmp_path):
                 page.wait_for_selector("#opt-deepcache_interval", timeout=30_000)
                 assert "Unavailable:" in page.inner_text("body")  # greyed boxes say why
                 page.screenshot(path=str(ARTIFACTS / "browser-optimizations.png"), full_page=True)
+                # Compare: the value fields follow the axis; four step counts make a four-column grid.
+                page.get_by_role("tab", name="Compare").click()
+                pick(page, "Compare by", "sampler")
+                page.wait_for_function("() => document.querySelector('#compare-value-1 input').value === 'Euler'",
+                                       timeout=30_000)
+                pick(page, "Compare by", "steps")
+                page.wait_for_function("() => document.querySelector('#compare-value-4 input').value === '30'",
+                                       timeout=30_000)
+                page.get_by_role("button", name="Compare", exact=True).click()
+                page.wait_for_selector("#compare-table table", timeout=300_000)
+                table = page.locator("#compare-table").inner_text()
+                for label in ("steps: 5", "steps: 10", "steps: 20", "steps: 30", "reference", "dB", "GiB"):
+                    assert label in table, label
+                page.wait_for_function("() => document.querySelector('#compare-grid img')?.complete", timeout=30_000)
+                page.screenshot(path=str(ARTIFACTS / "browser-compare.png"), full_page=True)
             finally:
                 browser.close()
     assert (ARTIFACTS / "browser-txt2img.png").stat().st_size > 10_000

@@ -2,6 +2,7 @@
 import json
 import re
 import urllib.request
+from pathlib import Path
 
 import pytest
 from gradio_client import Client
@@ -59,6 +60,8 @@ def test_api_parameters_are_named_after_the_request_fields(client):
 
     assert names["/set_optimizations"] == list(OPTION_SPECS)
     assert names["/save_preset"] == ["name", "steps", "guidance", "sampler", *OPTION_SPECS]
+    assert names["/compare"] == ["prompt", "negative_prompt", "width", "height", "steps", "guidance", "sampler", "seed",
+                                 "axis", "value_1", "value_2", "value_3", "value_4", "warm_up"]
 
 
 def test_txt2img_returns_image_of_requested_size_and_readout(client):
@@ -265,3 +268,19 @@ def test_a_user_error_is_one_line_on_the_page_and_its_cause_stays_in_the_log(cap
     assert shown.message == "Could not download 'a/b': no network."
     record = next(r for r in caplog.records if "Loading the model" in r.getMessage())
     assert record.exc_info[1] is error and isinstance(record.exc_info[1].__cause__, ConnectionError)
+
+
+def test_compare_tab_streams_columns_and_returns_the_grid_table_and_parameters(client, outputs):
+    job = client.submit("a red circle", "", 256, 256, 20, 7.0, "Euler", 9, "steps", "8", "", "16", "12", True,
+                        api_name="/compare")  # long enough (about 2 s) to stream a few live lines
+    updates = list(job)
+    grid, table, params, history = job.outputs()[-1]
+    with Image.open(grid) as im:
+        assert im.width > 3 * 256
+    assert [c["label"] for c in params["columns"]] == ["steps: 8", "steps: 16", "steps: 12"]
+    assert [c["psnr"] for c in params["columns"]][0] == "reference" and params["columns"][1]["psnr"].endswith(" dB")
+    assert "| steps: 16 |" in table and "PSNR vs first" in table and "GiB" in table
+    assert params["saved"].startswith(str(outputs)) and Path(params["saved"]).is_file()
+    assert any(isinstance(u[1], str) and "Column" in u[1] for u in updates[:-1])  # live progress before the grid
+    with pytest.raises(AppError, match="not a whole number"):
+        client.predict("x", "", 64, 64, 20, 7.0, "Euler", 9, "steps", "ten", "", "", "", True, api_name="/compare")

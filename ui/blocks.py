@@ -9,8 +9,8 @@ import gradio as gr
 from engine import Engine
 from engine.options import PRESETS_DIR
 
-from . import (engine_tab, hires_fix_tab, img2img_tab, optimizations_tab, png_info_tab, tiled_upscale_tab,
-               txt2img_tab)
+from . import (compare_tab, engine_tab, hires_fix_tab, img2img_tab, optimizations_tab, png_info_tab,
+               tiled_upscale_tab, txt2img_tab)
 from .components import UI_DEFAULTS
 from .formatting import HISTORY_COLUMNS, history_rows
 
@@ -33,6 +33,8 @@ def build_ui(engine: Engine, defaults: dict[str, Any] | None = None, presets_dir
                 hires_fix_tab.build(engine, d, history)
             with gr.Tab("tiled upscale", id="upscale"):
                 tiled_upscale_tab.build(engine, d, history)
+            with gr.Tab("Compare", id="compare"):
+                compare_tab.build(engine, d, history, presets_dir)
             with gr.Tab("PNG info", id="pnginfo"):
                 png_info_tab.build(d, txt2img, tabs)
             with gr.Tab("Engine", id="engine"):

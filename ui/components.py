@@ -60,16 +60,18 @@ def size_sliders(d: dict[str, Any], prefix: str = "") -> Controls:
                 "height": field_slider(Txt2ImgRequest, "height", f"{prefix}Height", 8, d["height"])}
 
 
-def common_controls(d: dict[str, Any]) -> Controls:
-    """Steps, guidance, sampler, seed, batch size: the same five controls on every generation tab."""
+def common_controls(d: dict[str, Any], batch_size: bool = True) -> Controls:
+    """Steps, guidance, sampler, seed, batch size: the same five controls on every generation tab (the Compare
+    tab runs one image per column: no batch size)."""
     with gr.Row():
         steps = field_slider(GenerationRequest, "steps", "Steps", 1, d["steps"])
         guidance = field_slider(GenerationRequest, "guidance", "Guidance (CFG)", 0.5, d["guidance"])
     with gr.Row():
         sampler = gr.Dropdown(list(SAMPLER_NAMES), value=d["sampler"], label="Sampler")
         seed = gr.Number(value=d["seed"], precision=0, label="Seed (-1 = random)")
-        batch_size = field_slider(GenerationRequest, "batch_size", "Batch size", 1, d["batch_size"])
-    return {"steps": steps, "guidance": guidance, "sampler": sampler, "seed": seed, "batch_size": batch_size}
+        batch = field_slider(GenerationRequest, "batch_size", "Batch size", 1, d["batch_size"]) if batch_size else None
+    controls = {"steps": steps, "guidance": guidance, "sampler": sampler, "seed": seed, "batch_size": batch}
+    return {k: v for k, v in controls.items() if v is not None}
 
 
 def common_request(prompt, negative_prompt, steps, guidance, sampler, seed, batch_size) -> dict[str, Any]:
