@@ -29,7 +29,7 @@ from .errors import UserError
 from .lora import with_tag, without_tags
 from .metadata import _fmt as fmt_value
 from .metadata import format_parameters
-from .options import PRESETS_DIR, Optimizations, Preset, load_preset, preset_names
+from .options import PRESETS_DIR, Optimizations, Preset, load_preset, preset_loras
 from .outputs import save_png
 from .requests import MAX_STEPS, Txt2ImgRequest, parse_request
 from .schedulers import canonical_sampler
@@ -167,17 +167,6 @@ def parse_values(axis: str, values: Sequence[Any], hardware=None, presets_dir: P
             runtimes.pick(hardware, name)  # RuntimeUnavailable (a UserError) says why not here
             out.append(name)
     return out
-
-
-def preset_loras(presets_dir: Path, model_name: str | None) -> set[str]:
-    """LoRAs the presets add on this model (the Optimizations tab takes out the ones another preset added)."""
-    names = set()
-    for name in preset_names(presets_dir):
-        try:
-            names.add(load_preset(name, presets_dir).lora.by_model.get(model_name or ""))
-        except UserError:
-            pass
-    return names - {None}
 
 
 def psnr(a, b) -> float:

@@ -241,3 +241,14 @@ def save_preset(preset: Preset, directory: Path = PRESETS_DIR, overwrite: bool =
     tmp.write_text(preset_toml(preset.model_copy(update={"name": name})), encoding="utf-8")
     tmp.replace(path)
     return path
+
+
+def preset_loras(presets_dir: Path, model_name: str | None) -> set[str]:
+    """LoRAs the presets add on this model (picking another preset takes out the ones a preset added)."""
+    names = set()
+    for name in preset_names(presets_dir):
+        try:
+            names.add(load_preset(name, presets_dir).lora.by_model.get(model_name or ""))
+        except UserError:  # a broken preset file says so when it is picked
+            pass
+    return names - {None}

@@ -10,7 +10,8 @@ import gradio as gr
 
 from engine import Engine
 from engine.lora import with_tag, without_tags
-from engine.options import OPTION_SPECS, OptionSpec, Optimizations, Preset, load_preset, preset_names, save_preset
+from engine.options import (OPTION_SPECS, OptionSpec, Optimizations, Preset, load_preset, preset_loras,
+                            preset_names, save_preset)
 
 from .components import Controls
 from .formatting import engine_markdown, options_markdown
@@ -78,17 +79,6 @@ def _option_grid(engine: Engine) -> list:
             boxes += [option_control(spec, getattr(engine.optimizations, spec.name), reasons.get(spec.name))
                       for spec in specs[start:start + PER_ROW]]
     return boxes
-
-
-def preset_loras(presets_dir: Path, model_name: str | None) -> set[str]:
-    """LoRAs the presets add on this model."""
-    names = set()
-    for name in preset_names(presets_dir):
-        try:
-            names.add(load_preset(name, presets_dir).lora.by_model.get(model_name or ""))
-        except Exception:  # a broken preset file says so when it is picked
-            pass
-    return names - {None}
 
 
 def build(engine: Engine, d: dict[str, Any], presets_dir: Path, txt2img: Controls,
