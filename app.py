@@ -170,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
-    from ui import build_ui, launch_kwargs, server_kwargs
+    from ui import after_launch, build_ui, launch_kwargs, server_kwargs
 
     defaults.setdefault("prompt", EXAMPLE_PROMPT)
     if model.name == "builtin:shapes":
@@ -187,11 +187,11 @@ def main(argv: list[str] | None = None) -> int:
     demo.launch(server_name=args.host, server_port=args.port, share=args.share, auth=auth,
                 show_error=True, prevent_thread_lock=True, allowed_paths=[] if engine.outputs_dir is None
                 else [str(engine.outputs_dir)], app_kwargs=app_kwargs, **launch_kwargs())
+    after_launch(demo, hosts)
     print(f"Answers to: {hosts}" + ("" if args.no_api else f"; A1111 API at {demo.local_url.rstrip('/')}/sdapi/v1"),
           flush=True)
     if args.share:
         if demo.share_url:
-            hosts.add_origin(demo.share_url)
             print(f"Public link: {demo.share_url}", flush=True)
         else:
             print("No public link could be made (the share server could not be reached); serving locally only.",

@@ -56,6 +56,7 @@ class Engine:
         self._config_dir: str | Path | None = None
 
     live = property(lambda self: self.jobs.live, doc="LiveStatus of the running (or last) job")
+    config_dir = property(lambda self: self._config_dir, doc="the configs folder the loaded model was given")
     history = property(lambda self: self.jobs.history, doc="the last jobs' readout rows, newest first")
     outputs_dir = property(lambda self: self.jobs.outputs_dir)
 

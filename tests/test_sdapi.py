@@ -217,7 +217,7 @@ def test_security_headers_on_the_ui_and_the_api(app):
         assert headers["x-content-type-options"] == "nosniff" and headers["referrer-policy"] == "same-origin"
 
 
-def test_cross_origin_writes_are_refused(app):
+def test_pages_of_other_origins_are_refused(app):
     url, _ = app
     own = url.rstrip("/")
     body = {"prompt": PROMPT, "width": 64, "height": 64, "steps": 1}
@@ -226,9 +226,18 @@ def test_cross_origin_writes_are_refused(app):
                     {"Sec-Fetch-Site": "cross-site"}):
         assert request(url, "sdapi/v1/txt2img", method="POST", body=body, headers=headers)[0] == 403, headers
         assert request(url, "sdapi/v1/interrupt", method="POST", body={}, headers=headers)[0] == 403, headers
-    # the page's own origin may write; a cross-site page may still read (GET)
+        # reads too: Gradio's CORS middleware would otherwise hand them to the other page
+        assert request(url, "sdapi/v1/progress", headers=headers)[0] == 403, headers
+    # a preflight is answered by the guard before Gradio's CORS middleware can allow it
+    status, headers, _ = request(url, "sdapi/v1/txt2img", method="OPTIONS", auth=False, headers={
+        "Origin": "http://evil.example", "Access-Control-Request-Method": "POST"})
+    assert status == 403 and "access-control-allow-origin" not in {k.lower() for k in headers}
+    # the page's own origin may write; a link followed from another site still opens the page
     assert request(url, "sdapi/v1/interrupt", method="POST", body={}, headers={"Origin": own})[0] == 200
-    assert request(url, "sdapi/v1/samplers", headers={"Origin": "http://evil.example"})[0] == 200
+    assert request(url, "", headers={"Sec-Fetch-Site": "cross-site", "Sec-Fetch-Mode": "navigate"})[0] == 200
+    # behind a proxy that rewrites Host, the page's origin is an --allowed-host name
+    assert request(url, "sdapi/v1/interrupt", method="POST", body={},
+                   headers={"Origin": "https://sd.lan"})[0] == 200
 
 
 # Each request has exactly one bad field, so none may run a job; each must be a 422 with a message.
@@ -251,7 +260,8 @@ BAD_FIELDS = st.one_of(
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(bad=BAD_FIELDS, endpoint=st.sampled_from(["txt2img", "img2img"]))
 def test_bad_inputs_get_a_422_with_a_message_and_the_server_keeps_serving(app, bad, endpoint):
-    url, _ = app
+    url, outputs = app
+    saved = len(list(outputs.rglob("*.png")))
     field, value = bad
     body = {"prompt": PROMPT, "width": 64, "height": 64, "steps": 1, field: value}
     if field == "hr_scale":
@@ -264,6 +274,8 @@ def test_bad_inputs_get_a_422_with_a_message_and_the_server_keeps_serving(app, b
     assert status == 422, (body, status, raw[:300])
     detail = json.loads(raw)["detail"]
     assert isinstance(detail, str) and detail and "Traceback" not in detail
+    assert len(list(outputs.rglob("*.png"))) == saved, "a bad request ran a job"
+    assert request(url, "sdapi/v1/samplers")[0] == 200
 
 
 def test_malformed_bodies_get_a_422(app):
@@ -271,6 +283,18 @@ def test_malformed_bodies_get_a_422(app):
     for raw in (b"{not json", b"[1, 2]", b"\xff\xfe", b'"text"'):
         status, _, body = request(url, "sdapi/v1/txt2img", method="POST", body=raw)
         assert status == 422 and json.loads(body)["detail"]
+    # each of these once raised inside the server (a 500): now a 422 that says what is wrong
+    for path, body in (("txt2img", {"enable_hr": True, "width": 0, "hr_resize_x": 1024}),
+                       ("txt2img", {"enable_hr": True, "hr_resize_x": int("9" * 400)}),
+                       ("img2img", {"init_images": ["data:image/png;base64"]}),
+                       ("png-info", {"image": "data:image/png;base64"}),
+                       ("png-info", {"image": _bomb_png_b64()}),
+                       ("txt2img", {"alwayson_scripts": {"ControlNet": {"args": []}}}),
+                       ("txt2img", {"enable_hr": True, "hr_checkpoint_name": "other.safetensors"})):
+        status, _, raw = request(url, f"sdapi/v1/{path}", method="POST", body=body)
+        assert status == 422 and json.loads(raw)["detail"], (path, body, status, raw[:200])
+    status, _, raw = request(url, "sdapi/v1/txt2img", method="POST", body=b'{"seed": ' + b"9" * 5000 + b"}")
+    assert status == 422
     status, _, body = request(url, "sdapi/v1/options", method="POST", body={"sd_model_checkpoint": "../../etc"})
     assert status == 422 and "models folder" in json.loads(body)["detail"]
     # a bad value is named by the A1111 field the client sent, not by ours
@@ -280,6 +304,19 @@ def test_malformed_bodies_get_a_422(app):
 
 
 _PNG = None
+
+
+def _bomb_png_b64():
+    """A PNG whose header claims 30000x30000 pixels (Pillow refuses to open it as a decompression bomb)."""
+    import struct
+    import zlib
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    png = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 30000, 30000, 8, 2, 0, 0, 0))
+           + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b""))
+    return base64.b64encode(png).decode()
 
 
 def _png_b64():
@@ -295,12 +332,67 @@ def test_allowed_hosts():
     from ui.http_guard import AllowedHosts, host_name
 
     assert host_name("[::1]:7860") == "::1" and host_name("Example.COM.:80") == "example.com"
+    assert host_name("[::1]evil.com") == "" and host_name("[::1].evil") == "" and host_name("[::1]:x") == ""
+    assert AllowedHosts(["*.example.com"]).allows("a.example.com")
     hosts = AllowedHosts(["localhost", ".example.com"])
     assert hosts.allows("localhost:7860") and hosts.allows("a.example.com") and hosts.allows("example.com")
     assert not hosts.allows("example.com.evil.net") and not hosts.allows("") and not hosts.allows("evilexample.com")
     hosts.add_origin("https://abc123.gradio.live")
     assert hosts.allows("abc123.gradio.live") and "https://abc123.gradio.live" in hosts.origins
     assert AllowedHosts(["*"]).allows("anything")
-    everywhere = AllowedHosts.for_server("0.0.0.0")
-    assert everywhere.allows("127.0.0.1") and len(everywhere.names) > 3
+    import socket
+
+    everywhere = AllowedHosts.for_server("0.0.0.0", ["sd.lan"])
+    assert everywhere.allows("127.0.0.1") and everywhere.allows(socket.gethostname())
+    assert everywhere.origin_allowed("https://sd.lan") and not everywhere.origin_allowed("http://localhost:3000")
     assert AllowedHosts.for_server("10.1.2.3").allows("10.1.2.3:7860")
+
+
+def test_api_login_by_the_page_cookie_and_bad_basic_headers(app):
+    url, _ = app
+    import http.cookiejar
+    import urllib.parse
+
+    jar = http.cookiejar.CookieJar()
+    opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(jar))
+    form = urllib.parse.urlencode({"username": USER, "password": PASSWORD}).encode()
+    opener.open(urllib.request.Request(url + "login", data=form), timeout=30)
+    with opener.open(url + "sdapi/v1/options", timeout=30) as r:  # the page's login cookie, no Basic header
+        assert r.status == 200 and json.loads(r.read())["sd_model_checkpoint"]
+    for header in ("Basic !!!", "Basic " + base64.b64encode(b"no-colon").decode(), "Bearer x",
+                   "Basic " + base64.b64encode(f"{USER}:wrong".encode()).decode()):
+        assert request(url, "sdapi/v1/options", auth=False, headers={"Authorization": header})[0] == 401, header
+
+
+def test_override_restores_a_model_started_from_a_path(tiny_saved, tmp_path):
+    """The model given at start by its path comes back after a job on another model (the restore does not go
+    through the remote-name check), and sd-models lists it so clients can find what is loaded."""
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    from engine import Engine
+    from ui.sdapi import SdApi
+
+    engine = Engine(runtime="pytorch", models_dir=tmp_path, outputs_dir=None)
+    folder = str(tiny_saved["folder"])
+    engine.load(folder)
+    client = TestClient(FastAPI(routes=SdApi(engine).router().routes))
+    assert client.get("/sdapi/v1/options").json()["sd_model_checkpoint"] == folder
+    assert folder in [m["title"] for m in client.get("/sdapi/v1/sd-models").json()]
+    r = client.post("/sdapi/v1/txt2img", json={"prompt": "x", "width": 64, "height": 64, "steps": 1,
+                                               "override_settings": {"sd_model_checkpoint": "builtin:tiny",
+                                                                     "CLIP_stop_at_last_layers": 2}})
+    assert r.status_code == 200, r.text
+    info = json.loads(r.json()["info"])
+    assert info["sd_model_name"] == "builtin:tiny" and info["fast_sd"]["model_override"] == "builtin:tiny"
+    assert any("CLIP_stop_at_last_layers" in n for n in info["fast_sd"]["notices"])
+    assert engine.model.source.text == folder
+
+
+def test_no_api_flag_serves_no_routes(tiny_engine):
+    from ui.server import server_kwargs
+
+    with_api, _ = server_kwargs(tiny_engine, "127.0.0.1")
+    without, hosts = server_kwargs(tiny_engine, "127.0.0.1", ["sd.lan"], api=False)
+    assert any(r.path == "/sdapi/v1/txt2img" for r in with_api["routes"]) and "routes" not in without
+    assert hosts.allows("sd.lan") and len(without["middleware"]) == 1

@@ -2,6 +2,6 @@
 server, the A1111-compatible API and the Host/Origin guard (server.py). Holds a reference to an Engine; all
 generation happens in engine/, which knows nothing of this package."""
 from .blocks import build_ui, launch_kwargs
-from .server import server_kwargs
+from .server import after_launch, server_kwargs
 
-__all__ = ["build_ui", "launch_kwargs", "server_kwargs"]
+__all__ = ["after_launch", "build_ui", "launch_kwargs", "server_kwargs"]

@@ -7,7 +7,7 @@ from starlette.middleware import Middleware
 
 from engine import Engine
 
-from .http_guard import AllowedHosts, HostGuard
+from .http_guard import AllowedHosts, HostGuard, guard_outermost
 from .sdapi import SdApi
 
 
@@ -20,3 +20,10 @@ def server_kwargs(engine: Engine, host: str, allowed: Iterable[str] = (), *, api
     if api:
         kwargs["routes"] = list(SdApi(engine, max_waiting=queue_size).router().routes)
     return kwargs, hosts
+
+
+def after_launch(demo, hosts: AllowedHosts) -> None:
+    """Once the server runs: the share link's name joins the allowed hosts, and the guard wraps the whole stack."""
+    if getattr(demo, "share_url", None):
+        hosts.add_origin(demo.share_url)
+    guard_outermost(demo.app, hosts)
