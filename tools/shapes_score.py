@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from engine.compare import psnr  # noqa: F401  (re-exported: one PSNR for the app, the tests and the benchmarks)
 from tools.train_shapes import COLOURS
 
 NAMES = list(COLOURS)
@@ -49,11 +50,3 @@ def analyse(image) -> tuple[str | None, str | None]:
 
 def colours_right(image, colour: str, background: str) -> bool:
     return analyse(image) == (background, colour)
-
-
-def psnr(a, b) -> float:
-    """PSNR in dB between two same-size pictures (8-bit range)."""
-    x = np.asarray(a.convert("RGB"), dtype=np.float64)
-    y = np.asarray(b.convert("RGB"), dtype=np.float64)
-    mse = float(((x - y) ** 2).mean())
-    return float("inf") if mse == 0 else 10 * np.log10(255.0 ** 2 / mse)
