@@ -27,8 +27,7 @@ from . import runtimes
 from .devices import GIB
 from .errors import UserError
 from .lora import with_tag, without_tags
-from .metadata import _fmt as fmt_value
-from .metadata import format_parameters
+from .metadata import format_parameters, format_value
 from .options import PRESETS_DIR, Optimizations, Preset, load_preset, preset_loras
 from .outputs import save_png
 from .requests import MAX_STEPS, Txt2ImgRequest, parse_request
@@ -353,8 +352,8 @@ def parameters_text(engine: Engine, base: Txt2ImgRequest, axis: str, columns: li
     """The base request as A1111 "parameters" text, with the axis and one `Column N` pair per column."""
     text = format_parameters({"task": "compare", "model": engine.model.name, "runtime": engine.runtime.name,
                               **base.model_dump()})
-    pairs = [f"Compare: {fmt_value(axis)}"]
-    pairs += [f"Column {i}: {fmt_value(column_line(c))}" for i, c in enumerate(columns, 1)]
+    pairs = [f"Compare: {format_value(axis)}"]
+    pairs += [f"Column {i}: {format_value(column_line(c))}" for i, c in enumerate(columns, 1)]
     return text + ", " + ", ".join(pairs)
 
 

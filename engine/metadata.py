@@ -21,7 +21,8 @@ FLOATS = {"guidance", "strength", "factor", "hires_strength"}
 PAIR = re.compile(r'\s*([\w ]+):\s*("(?:\\.|[^"])*"|[^,]*)(?:,|$)')
 
 
-def _fmt(value: Any) -> str:
+def format_value(value: Any) -> str:
+    """A value for the last line, quoted where it holds a comma, colon or quote."""
     if isinstance(value, float):
         return f"{value:g}"
     text = str(value)
@@ -38,7 +39,7 @@ def format_parameters(params: dict[str, Any]) -> str:
     fields = dict(params)
     if "width" in fields and "height" in fields and fields["width"] and fields["height"]:
         fields["size"] = f"{fields['width']}x{fields['height']}"
-    pairs = [f"{LABELS[k]}: {_fmt(fields[k])}" for k in LABELS if fields.get(k) not in (None, "")]
+    pairs = [f"{LABELS[k]}: {format_value(fields[k])}" for k in LABELS if fields.get(k) not in (None, "")]
     lines.append(", ".join(pairs))
     return "\n".join(lines)
 

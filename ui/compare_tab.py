@@ -15,7 +15,7 @@ from engine.schedulers import SAMPLER_NAMES
 
 from .components import common_controls, common_request, prompt_boxes, size_sliders
 from .formatting import history_rows, live_markdown
-from .jobs import POLL_S, _run_in_thread, user_facing
+from .jobs import POLL_S, run_in_thread, user_facing
 
 STEP_CHOICES = ["1", "2", "4", "5", "8", "10", "15", "20", "25", "30", "40", "50"]
 NO_COLUMN = ("(no column)", "")
@@ -115,7 +115,7 @@ def build(engine: Engine, d: dict[str, Any], history: gr.Dataframe, presets_dir:
                    **common_request(prompt, negative_prompt, steps, guidance, sampler, seed, 1)}
         stop_event, state = threading.Event(), {}
         running["stop"] = stop_event
-        thread, box = _run_in_thread(lambda: engine.compare(
+        thread, box = run_in_thread(lambda: engine.compare(
             request, axis, [value_1, value_2, value_3, value_4], presets_dir=presets_dir, warm_up=bool(warm_up),
             progress=lambda p: state.update(now=p), stop=stop_event))
         progress(0, desc="Waiting for the device")

@@ -37,7 +37,7 @@ def reported(what: str) -> Iterator[None]:
         raise user_facing(e, what) from None
 
 
-def _run_in_thread(call: Callable) -> tuple[threading.Thread, dict[str, Any]]:
+def run_in_thread(call: Callable) -> tuple[threading.Thread, dict[str, Any]]:
     box: dict[str, Any] = {}
 
     def target():
@@ -54,7 +54,7 @@ def _run_in_thread(call: Callable) -> tuple[threading.Thread, dict[str, Any]]:
 def stream_job(engine: Engine, call: Callable, progress, shown: Callable | None = None):
     """Run `call()` in a thread; yield (preview, live line) while it runs, then (images, readout, parameters,
     history). `shown(result)` picks the (images, seeds) to show; the default is the result's own."""
-    thread, box = _run_in_thread(call)
+    thread, box = run_in_thread(call)
     progress(0, desc="Waiting for the device")
     last_preview = -1
     while thread.is_alive():
