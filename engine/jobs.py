@@ -34,6 +34,7 @@ class GenerationResult:
     notices: list[str] = field(default_factory=list)
     extra_images: dict[str, list] = field(default_factory=dict)  # e.g. hires fix's base images
     saved_paths: list[str] = field(default_factory=list)
+    infotexts: list[str] = field(default_factory=list)  # each image's A1111 parameters text (saved PNGs, the API)
 
 
 @dataclass
@@ -176,12 +177,13 @@ class JobRunner:
         model, request = task.model, task.request
         parameters = {"task": task.name, "model": model.name, "runtime": runtime.name, **request.model_dump()}
         seeds = [request.seed + i for i in range(len(output.images))]
+        infotexts = [format_parameters({**parameters, "seed": seed, "width": image.width, "height": image.height})
+                     for image, seed in zip(output.images, seeds)]
         result = GenerationResult(images=output.images, seeds=seeds, parameters=parameters, readout=readout,
-                                  notices=readout.notices, extra_images=output.extra_images)
+                                  notices=readout.notices, extra_images=output.extra_images, infotexts=infotexts)
         if self.outputs_dir is not None:
             start = time.perf_counter()
-            for image, seed in zip(output.images, seeds):
-                text = format_parameters({**parameters, "seed": seed, "width": image.width, "height": image.height})
+            for image, seed, text in zip(output.images, seeds, infotexts):
                 result.saved_paths.append(str(save_png(image, text, self.outputs_dir, seed)))
             readout.stages_s["save"] = time.perf_counter() - start
         return result
@@ -218,4 +220,4 @@ class JobRunner:
         self._remember(old.parameters.get("task", ""), readout)
         return GenerationResult(images=images, seeds=list(old.seeds), parameters=dict(old.parameters),
                                 readout=readout, notices=readout.notices, extra_images=old.extra_images,
-                                saved_paths=list(old.saved_paths))
+                                saved_paths=list(old.saved_paths), infotexts=list(old.infotexts))

@@ -27,8 +27,7 @@ def save_png(image: Image.Image, parameters_text: str, folder: Path, seed: int) 
     """
     day = Path(folder) / datetime.now().strftime("%Y-%m-%d")
     day.mkdir(parents=True, exist_ok=True)
-    info = PngImagePlugin.PngInfo()
-    info.add_text("parameters", parameters_text)
+    info = parameters_info(parameters_text)
     fd, tmp_name = tempfile.mkstemp(prefix=TMP_PREFIX, suffix=".png", dir=day)
     tmp = Path(tmp_name)
     try:
@@ -46,6 +45,13 @@ def save_png(image: Image.Image, parameters_text: str, folder: Path, seed: int) 
                 number += 1
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def parameters_info(parameters_text: str) -> PngImagePlugin.PngInfo:
+    """The PNG text chunk A1111 and this app read parameters from."""
+    info = PngImagePlugin.PngInfo()
+    info.add_text("parameters", parameters_text)
+    return info
 
 
 def _next_number(day: Path) -> int:

@@ -18,7 +18,7 @@ import re
 import inspect
 import threading
 import time
-from contextlib import contextmanager
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Callable
 
@@ -31,8 +31,9 @@ from PIL import Image
 
 from engine import Engine, UserError
 from engine.lora import available as available_loras, resolve as resolve_lora
-from engine.metadata import format_parameters, parse_parameters
+from engine.metadata import parse_parameters
 from engine.models import available_models
+from engine.outputs import parameters_info
 from engine.requests import (MAX_BATCH_COUNT, MAX_SIZE, HiresFixRequest, Img2ImgRequest, Txt2ImgRequest,
                              describe_validation_error, load_image, parse_request)
 from engine.schedulers import SAMPLER_NAMES, canonical_sampler
@@ -236,20 +237,15 @@ def img2img_request(req: Img2ImgApi) -> tuple[dict[str, Any], Any]:
 # ---------------------------------------------------------------- responses
 
 
-def png_base64(image, parameters_text: str) -> str:
-    from PIL import PngImagePlugin
-
-    info = PngImagePlugin.PngInfo()
-    info.add_text("parameters", parameters_text)
+def png_base64(image, parameters_text: str | None = None) -> str:
+    """A PNG as plain base64 (what A1111 sends), with its parameters text when it has one."""
     buffer = io.BytesIO()
-    image.save(buffer, format="PNG", pnginfo=info)
+    image.save(buffer, format="PNG", **({"pnginfo": parameters_info(parameters_text)} if parameters_text else {}))
     return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
 def generation_response(result, req: _Generation, sent: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
-    params = result.parameters
-    texts = [format_parameters({**params, "seed": seed, "width": im.width, "height": im.height})
-             for im, seed in zip(result.images, result.seeds)]
+    params, texts = result.parameters, result.infotexts
     n = len(result.images)
     info = {
         "prompt": params.get("prompt", ""), "all_prompts": [params.get("prompt", "")] * n,
@@ -407,7 +403,7 @@ class SdApi:
         self.job_timestamp = extra["job_timestamp"]
         if wanted is not None and not (isinstance(wanted, str) and wanted.strip()):
             raise ApiError(422, "override_settings.sd_model_checkpoint: expected a title from /sdapi/v1/sd-models.")
-        with self.engine.jobs.lock if wanted else _nothing():
+        with self.engine.jobs.lock if wanted else nullcontext():
             before = self.engine.model.source if self.engine.model else None
             before_config = self.engine.config_dir
             switched = bool(wanted) and model_name(wanted) != self.current_title()
@@ -452,11 +448,7 @@ class SdApi:
             return {"progress": 0.0, "eta_relative": 0.0, "state": state, "current_image": None, "textinfo": None}
         fraction = live.step / live.total if live.total else 0.0
         state.update(job=live.task, job_count=1, sampling_step=live.step, sampling_steps=live.total)
-        image = None
-        if not skip_image and live.preview is not None:
-            buffer = io.BytesIO()
-            live.preview.save(buffer, format="PNG")
-            image = base64.b64encode(buffer.getvalue()).decode("ascii")
+        image = png_base64(live.preview) if not skip_image and live.preview is not None else None
         return {"progress": round(fraction, 4), "eta_relative": round(live.eta_s or 0.0, 2), "state": state,
                 "current_image": image,
                 "textinfo": f"{live.task}: step {live.step}/{live.total}, {live.it_per_s:.2f} it/s"}
@@ -557,11 +549,6 @@ class SdApi:
         vm = psutil.virtual_memory()
         return {"ram": {"free": vm.available, "used": vm.total - vm.available, "total": vm.total},
                 "cuda": {"error": "no CUDA device"} if not devices.is_cuda(self.engine.runtime.device) else {}}
-
-
-@contextmanager
-def _nothing():
-    yield
 
 
 TITLE_HASH = re.compile(r"\s*\[[0-9a-fA-F]{6,64}\]$")
