@@ -66,10 +66,14 @@ def add_option_flags(parser: argparse.ArgumentParser) -> None:
         if spec.kind == "bool":
             parser.add_argument(spec.flag, dest=spec.name, action="store_true", help=about + "; overrides the preset")
         elif spec.kind == "choice":
+            # A bare choice flag means "on" where "on" is a choice (--int8-convolutions, as when it was a switch).
+            const = {"nargs": "?", "const": "on"} if "on" in spec.choices else {}
             parser.add_argument(spec.flag, dest=spec.name, default=None, choices=list(spec.choices),
-                                help=about + "; overrides the preset")
-        else:  # no numeric option is on the command line yet; say so rather than guess a parser
-            raise NotImplementedError(f"{spec.flag}: no command-line form for a {spec.kind} option")
+                                help=about + "; overrides the preset", **const)
+        else:
+            number = int if spec.kind == "int" else float
+            parser.add_argument(spec.flag, dest=spec.name, default=None, type=number, metavar=spec.kind.upper(),
+                                help=f"{about} ({spec.minimum:g} to {spec.maximum:g}); overrides the preset")
 
 
 def option_overrides(args: argparse.Namespace) -> dict:

@@ -187,7 +187,7 @@ class Engine:
             "model": self.model.name if self.model else None, "family": self.model.family if self.model else None,
             "runtime": self.runtime.name, "device": self.runtime.device, "precision": self.runtime.precision,
             "reason": self.choice.reason, "skipped": dict(self.choice.skipped), "applied": list(self.runtime.applied),
-            "not_applied": self.not_applied,
+            "decisions": list(self.runtime.decisions), "not_applied": self.not_applied,
             "loras": [p.summary for p in self.model.loras.plans] if self.model else [],
         }
 

@@ -33,6 +33,15 @@ class CpuInfo:
     avx512_bf16: bool = False
     amx_bf16: bool = False
     amx_int8: bool = False
+    # The CPU's generation, which flags do not tell (a first-generation EPYC and a Zen 3 share AVX2):
+    # "family/model/stepping" and every flag, for what is decided by measuring (runtimes/openvino/probe.py).
+    generation: str = ""
+    flags: tuple[str, ...] = ()  # sorted
+
+    @property
+    def identity(self) -> str:
+        """One line naming this CPU for caches of per-machine measurements."""
+        return f"{self.vendor}|{self.model}|{self.generation}|{self.logical_cores}|{','.join(self.flags)}"
 
     @property
     def has_fast_bf16(self) -> bool:
@@ -69,7 +78,8 @@ class HardwareReport:
         feats = [n for n, on in (("AVX2", c.avx2), ("AVX-512", c.avx512), ("AVX512-BF16", c.avx512_bf16),
                                  ("AMX-BF16", c.amx_bf16), ("AMX-INT8", c.amx_int8)) if on]
         lines = [
-            f"CPU: {c.model} ({c.vendor}), {c.logical_cores} logical cores; features: {', '.join(feats) or 'none of note'}",
+            f"CPU: {c.model} ({c.vendor}{', family/model/stepping ' + c.generation if c.generation else ''}), "
+            f"{c.logical_cores} logical cores; features: {', '.join(feats) or 'none of note'}",
             f"RAM: {self.ram_total_bytes / gib:.1f} GiB",
         ]
         if self.cuda_devices:
@@ -94,9 +104,12 @@ class HardwareReport:
 def parse_cpuinfo(text: str, logical_cores: int | None = None) -> CpuInfo:
     """Read model, vendor and SIMD/AMX features from /proc/cpuinfo text."""
     model, vendor, flags = "unknown CPU", "unknown", set()
+    generation = {}
     for line in text.splitlines():
         key, _, value = line.partition(":")
         key = key.strip()
+        if key in ("cpu family", "model", "stepping") and key not in generation:
+            generation[key] = value.strip()
         if key == "model name" and model == "unknown CPU":
             model = value.strip()
         elif key == "vendor_id" and vendor == "unknown":
@@ -116,6 +129,8 @@ def parse_cpuinfo(text: str, logical_cores: int | None = None) -> CpuInfo:
         avx512_bf16="avx512_bf16" in flags,
         amx_bf16="amx_bf16" in flags,
         amx_int8="amx_int8" in flags,
+        generation="/".join(generation.get(k, "?") for k in ("cpu family", "model", "stepping")) if generation else "",
+        flags=tuple(sorted(flags)),
     )
 
 

@@ -21,7 +21,7 @@ from .metadata import format_parameters
 from .outputs import clean_partials, save_png
 from .preview import latents_to_rgb
 from .tasks.base import Task, TaskOutput
-from .tasks.context import DenoiseContext, EarlyStop, Preview, Progress, ProgressFn
+from .tasks.context import CfgTruncation, DenoiseContext, EarlyStop, Preview, Progress, ProgressFn
 from .telemetry import Readout
 
 
@@ -129,6 +129,8 @@ class JobRunner:
                 task.model, step, latents)))
         if task.model.options.early_stop_threshold > 0:
             extensions.append(EarlyStop(task.model.options.early_stop_threshold))
+        if task.model.options.cfg_truncated:
+            extensions.append(CfgTruncation(task.model.options.cfg_truncation))
         return DenoiseContext(extensions=extensions)
 
     def _preview(self, model, step: int, latents) -> None:
@@ -152,6 +154,9 @@ class JobRunner:
         details, options, early = {}, model.options, ctx.find(EarlyStop)
         if early is not None and early.stopped is not None:
             details["early_stop_step"] = early.stopped["step"]
+        truncation = ctx.find(CfgTruncation)
+        if truncation is not None and truncation.guided:
+            details["guided_steps"] = f"{truncation.guided} (then {truncation.unguided} without guidance, UNet batch 1)"
         if options.prompt_cache:
             hits, misses = model.prompt_cache.hits - prompt_counts[0], model.prompt_cache.misses - prompt_counts[1]
             details["prompt_cache"] = ("hit" if hits and not misses else "miss" if misses and not hits

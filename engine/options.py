@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from .errors import UserError
 from .requests import describe_validation_error
@@ -23,6 +23,7 @@ PRESET_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,39}$")
 
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
 Attention = Literal["sdpa", "xformers"]
+Int8Convolutions = Literal["off", "auto", "on"]
 
 
 def option(default, label: str, help: str, *, runtime: str | None = None, prepares: bool = False, cli: bool = False,
@@ -43,9 +44,12 @@ class Optimizations(BaseModel):
         False, "INT8 weights", "weights compressed to int8 (nncf): less memory", runtime="openvino", prepares=True,
         cli=True)
     # Weight-only int8 convolutions are unpacked to f32 when OpenVINO compiles them; quantized ones stay int8.
-    int8_convolutions: bool = option(
-        False, "INT8 convolutions (hybrid quantization)",
-        "int8 weights, and convolutions run in int8 (calibrated once): least memory", runtime="openvino",
+    # Whether they are faster depends on the CPU (slower on first-generation EPYC, faster on Zen 3), which its
+    # flags do not tell: "auto" asks a probe timed once per machine (runtimes/openvino/probe.py).
+    int8_convolutions: Int8Convolutions = option(
+        "off", "INT8 convolutions (hybrid quantization)",
+        "int8 weights, and convolutions run in int8 (calibrated once): least memory. auto: only where a probe "
+        "timed on this CPU finds them faster than the precision they replace", runtime="openvino",
         prepares=True, cli=True)
     # Off by default: measured on SD 1.5 (fp32 UNet), importing a blob saves ~2 s of compile but peaks at
     # 9.8 GiB RSS against 6.6 GiB compiling from the IR.
@@ -66,7 +70,11 @@ class Optimizations(BaseModel):
         runtime="pytorch", prepares=True, step=0.05, ge=0.0, le=0.75)
     deepcache_interval: int = option(
         0, "DeepCache interval (full UNet every N steps)", "full UNet every N steps, shallow ones between; 0 = off",
-        runtime="pytorch", prepares=True, step=1, ge=0, le=10)
+        prepares=True, step=1, ge=0, le=10)
+    cfg_truncation: float = option(
+        1.0, "CFG truncation: guidance for the first fraction of steps",
+        "after this fraction of the steps the UNet runs once per step (batch 1, conditional only); 1 = every step",
+        cli=True, step=0.05, ge=0.1, le=1.0)
 
     vae_slicing: bool = option(True, "VAE slicing", "decode a batch one image at a time (lower peak memory)")
     vae_tiling: bool = option(False, "VAE tiling", "decode large images in 512 px tiles")
@@ -79,9 +87,18 @@ class Optimizations(BaseModel):
         0.0, "Early stop threshold", "end when the latents change less than this per step; 0 = off",
         step=0.0025, ge=0.0, le=0.5)
 
+    @field_validator("int8_convolutions", mode="before")
+    @classmethod
+    def _int8_convolutions_bool(cls, value):
+        return {True: "on", False: "off"}.get(value, value) if isinstance(value, bool) else value  # older presets
+
     @property
     def deepcache(self) -> bool:
         return self.deepcache_interval > 1
+
+    @property
+    def cfg_truncated(self) -> bool:
+        return self.cfg_truncation < 1.0
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,7 @@ def warmup_shapes(model, sizes: list[tuple[int, int]], batch: int = 1, guidance:
 
     def add(width: int, height: int, shape_batch: int, encode: bool) -> None:
         decode = 1 if model.options.vae_slicing else shape_batch  # VAE slicing decodes one image at a time
-        shape = WarmupShape(width, height, shape_batch, cfg, decode, encode)
+        shape = WarmupShape(width, height, shape_batch, cfg, decode, encode, truncated=model.options.cfg_truncated)
         if shape not in shapes:
             shapes.append(shape)
 

@@ -63,6 +63,8 @@ def engine_markdown(engine: Engine) -> str:
              f"**Model:** {s['model'] or 'none loaded'}" + (f" ({s['family']})" if s["family"] else "")
              + (f"; LoRAs fused: {', '.join(s['loras'])}" if s.get("loras") else "")]
     lines += [f"- {name}: not used — {why}" for name, why in s["skipped"].items()]
+    if s.get("decisions"):
+        lines.append("**Chosen for this machine:**\n" + "\n".join(f"- {d}" for d in s["decisions"]))
     return "\n\n".join(lines)
 
 

@@ -14,8 +14,9 @@ from ..options import Optimizations, owned_elsewhere
 
 @dataclass(frozen=True)
 class WarmupShape:
-    """One shape a task will run: the UNet at (width, height) for `batch` images, with or without guidance,
-    the VAE decoder at `decode_batch` images, and (img2img, hires fix, tiles) the VAE encoder at one image."""
+    """One shape a task will run: the UNet at (width, height) for `batch` images, with or without guidance
+    (and, with CFG truncation, without it after the cut), the VAE decoder at `decode_batch` images, and
+    (img2img, hires fix, tiles) the VAE encoder at one image."""
 
     width: int
     height: int
@@ -23,10 +24,16 @@ class WarmupShape:
     guidance: bool = True
     decode_batch: int = 1
     encode: bool = False
+    truncated: bool = False
 
     @property
     def unet_batch(self) -> int:
         return self.batch * (2 if self.guidance else 1)
+
+    @property
+    def unet_batches(self) -> tuple[int, ...]:
+        """Every batch the UNet runs at in such a job."""
+        return (self.unet_batch, self.batch) if self.guidance and self.truncated else (self.unet_batch,)
 
 
 @dataclass
@@ -61,6 +68,7 @@ class Runtime(ABC):
         self.cache_dir = cache_dir
         self.compile_events: list[CompileEvent] = []  # one entry per compile this runtime did
         self.applied: list[str] = []  # what prepare() did, for the Engine tab
+        self.decisions: list[str] = []  # what it chose by measuring or reading this machine, and why (Engine tab)
         self.proven = False  # a job ran to its end on this runtime (set by the engine)
 
     @classmethod
@@ -145,6 +153,11 @@ class Runtime(ABC):
 
     def describe(self) -> str:
         return f"{self.name} on {self.device} ({self.precision})"
+
+
+def unet_calls_text(calls: dict[str, int]) -> str:
+    """{"full x2": 7, "shallow x1": 13} -> "7 full x2, 13 shallow x1" (x: the UNet's batch)."""
+    return ", ".join(f"{n} {kind}" for kind, n in calls.items())
 
 
 class ShapeLog:

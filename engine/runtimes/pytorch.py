@@ -13,7 +13,7 @@ import torch
 from ..errors import RuntimeUnavailable
 from ..hardware import HardwareReport
 from ..options import owned_elsewhere
-from .base import Runtime, ShapeLog
+from .base import Runtime, ShapeLog, unet_calls_text
 
 
 def _imports(module: str) -> bool:
@@ -50,7 +50,7 @@ class PyTorchRuntime(Runtime):
 
     def __init__(self, hardware, optimizations, cache_dir=None):
         super().__init__(hardware, optimizations, cache_dir)
-        if optimizations.int8_weights or optimizations.int8_convolutions:
+        if optimizations.int8_weights or optimizations.int8_convolutions != "off":
             raise RuntimeUnavailable("INT8 weights need the OpenVINO runtime.")
         if hardware.has_cuda:
             self._device = "cuda"
@@ -60,6 +60,7 @@ class PyTorchRuntime(Runtime):
             self._device = "cpu"
         self._precision = self._choose_precision(optimizations.precision)
         self._deepcache = None
+        self.unet_calls: dict[str, int] = {}  # "x2" -> calls this job (without DeepCache, which counts its own)
 
     def _choose_precision(self, wish: str) -> str:
         if wish == "auto":
@@ -130,6 +131,8 @@ class PyTorchRuntime(Runtime):
 
             deepcache = DeepCache(pipe.unet, opts.deepcache_interval).install()
             applied.append(f"DeepCache every {opts.deepcache_interval}")
+        else:
+            pipe.unet.register_forward_pre_hook(self._count_call, with_kwargs=True)
         if opts.torch_compile:
             # CUDA graphs on CUDA, except with DeepCache, whose kept features outlive a graph replay.
             mode = "reduce-overhead" if self._device == "cuda" and not opts.deepcache else None
@@ -142,14 +145,22 @@ class PyTorchRuntime(Runtime):
         if self._deepcache is not None:
             self._deepcache.reset()  # never reuse features of an earlier (perhaps stopped) pass
 
+    def _count_call(self, module, args, kwargs) -> None:
+        sample = args[0] if args else kwargs.get("sample")
+        key = f"x{sample.shape[0]}"
+        self.unet_calls[key] = self.unet_calls.get(key, 0) + 1
+
     def begin_job(self) -> None:
+        self.unet_calls = {}
         if self._deepcache is not None:
             self._deepcache.reset_counts()
 
     def job_details(self) -> dict:
-        if self._deepcache is None:
-            return {}
-        return {"unet_calls_full": self._deepcache.full_calls, "unet_calls_shallow": self._deepcache.shallow_calls}
+        cache = self._deepcache
+        if cache is None:
+            return {"unet_calls": unet_calls_text(self.unet_calls)} if self.unet_calls else {}
+        return {"unet_calls": unet_calls_text(cache.calls), "unet_calls_full": cache.full_calls,
+                "unet_calls_shallow": cache.shallow_calls}
 
     def inference_context(self):
         stack = contextlib.ExitStack()

@@ -90,7 +90,8 @@ def denoise(model, pipe, runtime, embeds: PromptEmbeddings, ctx: DenoiseContext,
     runtime.begin_denoise(pipe)
     expected = steps if image_latents is None else steps_for_strength(steps, strength)
     kwargs = dict(**embeds.kwargs, num_inference_steps=steps, guidance_scale=guidance, generator=gens,
-                  output_type="latent", callback_on_step_end=ctx.callback(expected, total))
+                  output_type="latent", callback_on_step_end=ctx.callback(expected, total),
+                  callback_on_step_end_tensor_inputs=ctx.tensor_inputs(pipe))
     if image_latents is None:
         kwargs.update(height=height, width=width)
     else:

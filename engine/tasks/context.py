@@ -34,6 +34,9 @@ class Extension:
         """A step ended; True ends this pass after it."""
         return False
 
+    def adjust(self, pipe, step: Step, tensors: dict) -> None:
+        """A step ended: change what the pipeline carries into the next one (`tensors`, in place)."""
+
 
 class Progress(Extension):
     def __init__(self, report: ProgressFn):
@@ -81,6 +84,41 @@ class EarlyStop(Extension):
         return False
 
 
+class CfgTruncation(Extension):
+    """Guidance for the first `fraction` of a pass's steps, then none: the UNet runs once per step on the
+    conditional half of the embeddings (batch 1 per image), as diffusers' SDCFGCutoffCallback does, but for
+    any batch size. `guided` / `unguided` count the steps of the job."""
+
+    TENSORS = ("prompt_embeds", "add_text_embeds", "add_time_ids")  # SD's and SDXL's conditioning
+
+    def __init__(self, fraction: float):
+        self.fraction = fraction
+        self.guided = self.unguided = 0
+        self._cut = False
+
+    def reset(self) -> None:
+        self._cut = False
+
+    def cut_after(self, local_total: int) -> int:
+        """Steps of a pass of `local_total` that keep guidance (at least one)."""
+        return max(1, int(self.fraction * local_total + 0.5))
+
+    def adjust(self, pipe, step: Step, tensors: dict) -> None:
+        if self._cut:
+            self.unguided += 1
+            return
+        if not pipe.do_classifier_free_guidance:  # no guidance asked for (guidance 1, or a guidance-embedded model)
+            return
+        self.guided += 1
+        if step.local != self.cut_after(step.local_total) or step.local == step.local_total:
+            return
+        for name in self.TENSORS:
+            if tensors.get(name) is not None:
+                tensors[name] = tensors[name].chunk(2)[1]  # diffusers stacks [unconditional, conditional]
+        pipe._guidance_scale = 0.0  # do_classifier_free_guidance is False from the next step on
+        self._cut = True
+
+
 class StopRequest(Extension):
     """The user's Stop: set `requested` from any thread; the pass ends after the current step."""
 
@@ -119,6 +157,15 @@ class DenoiseContext:
             end = [extension.on_step(step) for extension in (*self.extensions, self.stop)]
             if any(end):
                 pipe._interrupt = True
+            for extension in self.extensions:
+                extension.adjust(pipe, step, callback_kwargs)
             return callback_kwargs
 
         return on_step_end
+
+    def tensor_inputs(self, pipe) -> list[str]:
+        """The pipeline tensors the extensions read or change at each step end."""
+        names = ["latents"]
+        if self.find(CfgTruncation) is not None:
+            names += [n for n in CfgTruncation.TENSORS if n in getattr(pipe, "_callback_tensor_inputs", ())]
+        return names

@@ -52,8 +52,7 @@ class OVUNet(_Adapter):
             if timestep_cond is None:
                 raise RuntimeUnavailable("This model needs a guidance embedding (timestep_cond) input.")
             inputs["timestep_cond"] = _np(timestep_cond)
-        out = self._runtime.infer("unet", inputs)[0]
-        out = torch.from_numpy(out)
+        out = torch.from_numpy(self._runtime.unet(inputs))
         return SimpleNamespace(sample=out) if return_dict else (out,)
 
 

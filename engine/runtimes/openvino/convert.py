@@ -7,6 +7,7 @@ from typing import Any
 import torch
 
 from ..base import WarmupShape
+from ..deepcache import deep_channels, full_forward, shallow_forward
 
 CONVERSION_VERSION = 1  # bump when what convert_part produces changes
 TEXT_LENGTH = 77
@@ -17,6 +18,13 @@ PARTS_OF = {  # pipeline component -> IR parts made from it
     "text_encoder_2": ("text_encoder_2",),
 }
 TEXT_PARTS = ("text_encoder", "text_encoder_2")
+DEEPCACHE_PARTS = ("unet_deep", "unet_shallow")  # with DeepCache the UNet is these two graphs, not "unet"
+UNET_PARTS = ("unet", *DEEPCACHE_PARTS)
+
+
+def parts_of(deepcache: bool) -> dict[str, tuple[str, ...]]:
+    """Pipeline component -> the IR parts a runtime with (or without) DeepCache makes from it."""
+    return {**PARTS_OF, "unet": DEEPCACHE_PARTS} if deepcache else dict(PARTS_OF)
 
 
 class _UNetWrap(torch.nn.Module):
@@ -28,6 +36,25 @@ class _UNetWrap(torch.nn.Module):
         added = {"text_embeds": text_embeds, "time_ids": time_ids} if self.sdxl else None
         return self.unet(sample, timestep, encoder_hidden_states, timestep_cond=timestep_cond,
                          added_cond_kwargs=added, return_dict=False)[0]
+
+
+class _DeepWrap(_UNetWrap):
+    """The whole UNet, also returning the deep features DeepCache keeps."""
+
+    def forward(self, sample, timestep, encoder_hidden_states, text_embeds=None, time_ids=None, timestep_cond=None):
+        added = {"text_embeds": text_embeds, "time_ids": time_ids} if self.sdxl else None
+        return full_forward(self.unet, sample, timestep, encoder_hidden_states, timestep_cond=timestep_cond,
+                            added_cond_kwargs=added)
+
+
+class _ShallowWrap(_UNetWrap):
+    """conv_in, the first down block and the last up block around the kept deep features."""
+
+    def forward(self, sample, timestep, encoder_hidden_states, deep, text_embeds=None, time_ids=None,
+                timestep_cond=None):
+        added = {"text_embeds": text_embeds, "time_ids": time_ids} if self.sdxl else None
+        return shallow_forward(self.unet, sample, timestep, encoder_hidden_states, deep, timestep_cond=timestep_cond,
+                               added_cond_kwargs=added)
 
 
 class _DecoderWrap(torch.nn.Module):
@@ -59,12 +86,15 @@ class _TextWrap(torch.nn.Module):
         return out.last_hidden_state, out.hidden_states[-2], pooled
 
 
-def _unet_inputs(config, batch: int, latent_h: int, latent_w: int) -> dict[str, tuple[list[int], torch.dtype]]:
+def _unet_inputs(config, batch: int, latent_h: int, latent_w: int, part: str = "unet"
+                 ) -> dict[str, tuple[list[int], torch.dtype]]:
     inputs = {
         "sample": ([batch, config.in_channels, latent_h, latent_w], torch.float32),
         "timestep": ([1], torch.float32),
         "encoder_hidden_states": ([batch, TEXT_LENGTH, config.cross_attention_dim], torch.float32),
     }
+    if part == "unet_shallow":
+        inputs["deep"] = ([batch, deep_channels(config), latent_h, latent_w], torch.float32)
     if config.addition_embed_type == "text_time":
         time_dim = config.addition_time_embed_dim
         inputs["text_embeds"] = ([batch, config.projection_class_embeddings_input_dim - 6 * time_dim], torch.float32)
@@ -74,20 +104,20 @@ def _unet_inputs(config, batch: int, latent_h: int, latent_w: int) -> dict[str, 
     return inputs
 
 
-def job_shapes(model, shape: WarmupShape, parts) -> dict[str, dict[str, list[int]]]:
-    """Part -> input shapes, as a job of `shape` feeds them: the UNet at its guidance batch, the decoder
+def job_shapes(model, shape: WarmupShape, parts) -> list[tuple[str, dict[str, list[int]]]]:
+    """(part, input shapes) for every graph a job of `shape` runs: each UNet graph in `parts` (plain, or
+    DeepCache's two) at each UNet batch (with guidance, and batch 1 after a CFG truncation), the decoder
     at `decode_batch` latents, the encoder at one image (img2img encodes one image at a time), each text
     encoder at one prompt."""
     pipe, f = model.pipe, model.vae_scale_factor
     lh, lw = shape.height // f, shape.width // f
     latent_channels = pipe.vae.config.latent_channels
-    shapes = {"unet": {k: s for k, (s, _) in _unet_inputs(pipe.unet.config, shape.unet_batch, lh, lw).items()},
-              "vae_decoder": {"latent": [shape.decode_batch, latent_channels, lh, lw]}}
+    shapes = [(part, {k: s for k, (s, _) in _unet_inputs(pipe.unet.config, batch, lh, lw, part).items()})
+              for part in UNET_PARTS if part in parts for batch in shape.unet_batches]
+    shapes.append(("vae_decoder", {"latent": [shape.decode_batch, latent_channels, lh, lw]}))
     if shape.encode:
-        shapes["vae_encoder"] = {"image": [1, 3, shape.height, shape.width]}
-    for part in TEXT_PARTS:
-        if part in parts:
-            shapes[part] = {"input_ids": [1, TEXT_LENGTH]}
+        shapes.append(("vae_encoder", {"image": [1, 3, shape.height, shape.width]}))
+    shapes += [(part, {"input_ids": [1, TEXT_LENGTH]}) for part in TEXT_PARTS if part in parts]
     return shapes
 
 
@@ -104,15 +134,16 @@ def _convert(module: torch.nn.Module, example: dict[str, torch.Tensor]):
 
 def convert_part(part: str, component) -> Any:
     """PyTorch component -> dynamic-shape ov.Model for one IR part."""
-    if part == "unet":
+    if part in UNET_PARTS:
         cfg = component.config
         # An odd latent size makes the trace keep diffusers' explicit upsample sizes, so the
         # graph is right for latent sizes that are not a multiple of the UNet's down factor.
-        shapes = _unet_inputs(cfg, 2, 9, 9)
+        shapes = _unet_inputs(cfg, 2, 9, 9, part)
         example = {k: torch.randn(s, dtype=d) for k, (s, d) in shapes.items()}
         example["timestep"] = torch.tensor([999.0])
-        wrap = _UNetWrap(component, cfg.addition_embed_type == "text_time", bool(cfg.time_cond_proj_dim))
-        return _convert(wrap, example)
+        wrap = {"unet": _UNetWrap, "unet_deep": _DeepWrap, "unet_shallow": _ShallowWrap}[part]
+        return _convert(wrap(component, cfg.addition_embed_type == "text_time", bool(cfg.time_cond_proj_dim)),
+                        example)
     if part == "vae_decoder":
         return _convert(_DecoderWrap(component), {"latent": torch.randn(1, component.config.latent_channels, 9, 9)})
     if part == "vae_encoder":

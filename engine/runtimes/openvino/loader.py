@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from ...errors import RuntimeUnavailable
-from .convert import PARTS_OF, convert_part, is_meta
+from .convert import PARTS_OF, UNET_PARTS, convert_part, is_meta
 from .ir_cache import IRCache
 from .quantize import calibration_inputs, can_calibrate, compress
 
@@ -18,14 +18,15 @@ log = logging.getLogger(__name__)
 
 
 class IRLoader:
-    def __init__(self, core, ir_cache: IRCache, variant: str, int8: bool, hybrid: bool):
+    def __init__(self, core, ir_cache: IRCache, variant: str, int8: bool, hybrid: bool, parts=PARTS_OF):
         self.core, self.ir_cache, self.variant = core, ir_cache, variant
+        self.parts = parts  # pipeline component -> IR parts (convert.parts_of)
         self.int8, self.hybrid = int8 or hybrid, hybrid
         self.conversions: list[tuple[str, float]] = []  # (part, seconds) converted in this process
 
     def cached_components(self, identity_of) -> set[str]:
         """Pipeline components whose every IR part is valid in the disk cache (identity_of(component): its key)."""
-        return {component for component, parts in PARTS_OF.items()
+        return {component for component, parts in self.parts.items()
                 if (identity := identity_of(component)) and all(self.ir_cache.valid(identity, self.variant, p)
                                                                 for p in parts)}
 
@@ -40,7 +41,7 @@ class IRLoader:
         start = time.perf_counter()
         model = convert_part(part, component)
         if self.int8:
-            model = compress(part, model, self.hybrid, calibration)
+            model = compress(part, model, self.hybrid, calibration, component)
         self.conversions.append((part, time.perf_counter() - start))
         log.info("converted %s to OpenVINO in %.1f s", part, time.perf_counter() - start)
         if identity and self.ir_cache.save(model, identity, self.variant, part):
@@ -56,7 +57,8 @@ class IRLoader:
         if not (self.hybrid and can_calibrate(pipe)):
             return []
         unet_id, text_id = identity_of("unet"), identity_of("text_encoder")
-        if unet_id and self.ir_cache.valid(unet_id, self.variant, "unet"):
+        calibrated = [p for p in self.parts["unet"] if p in UNET_PARTS and p != "unet_shallow"]
+        if unet_id and all(self.ir_cache.valid(unet_id, self.variant, p) for p in calibrated):
             return []
         return calibration_inputs(pipe, lambda ids: self._text_states(pipe.text_encoder, text_id, ids))
 

@@ -42,15 +42,32 @@ def hybrid_quantize(model, samples: list[dict[str, np.ndarray]]):
                              smooth_quant_alphas=AdvancedSmoothQuantParameters(matmul=-1, convolution=-1)))
 
 
-def compress(part: str, model, hybrid: bool, calibration: list[dict[str, np.ndarray]]):
-    """int8 weights; with `hybrid`, int8 convolutions for a UNet calibration can feed."""
+def compress(part: str, model, hybrid: bool, calibration: list[dict[str, np.ndarray]], component=None):
+    """int8 weights; with `hybrid`, int8 convolutions for a UNet calibration can feed (DeepCache's shallow
+    graph is calibrated on the deep features the whole UNet, `component`, makes from the same inputs)."""
     import nncf
 
-    if hybrid and part == "unet":
-        if {p.get_any_name() for p in model.inputs} == PLAIN_UNET_INPUTS and calibration:
+    if hybrid and part in ("unet", "unet_deep", "unet_shallow"):
+        inputs = {p.get_any_name() for p in model.inputs} - {"deep"}
+        if inputs == PLAIN_UNET_INPUTS and calibration:
+            if part == "unet_shallow":
+                calibration = with_deep_features(component, calibration)
             return hybrid_quantize(model, calibration)
         log.info("INT8 convolutions need SD 1.x/2.x UNet inputs; this UNet gets int8 weights only")
     return nncf.compress_weights(model)
+
+
+def with_deep_features(unet, samples: list[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
+    """Each calibration sample plus the deep features the whole PyTorch UNet computes for it."""
+    from ..deepcache import full_forward
+
+    out = []
+    with torch.no_grad():
+        for sample in samples:
+            _, deep = full_forward(unet, torch.from_numpy(sample["sample"]), torch.from_numpy(sample["timestep"]),
+                                   torch.from_numpy(sample["encoder_hidden_states"]))
+            out.append({**sample, "deep": deep.float().numpy()})
+    return out
 
 
 def has_quantized_convolutions(model) -> bool:

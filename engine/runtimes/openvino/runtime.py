@@ -3,6 +3,7 @@ through compiled models per input shape, and warms the shapes a job will run."""
 from __future__ import annotations
 
 import gc
+import logging
 import os
 import time
 from pathlib import Path
@@ -10,18 +11,33 @@ from typing import Any
 
 import numpy as np
 
+from ... import devices
 from ...errors import RuntimeUnavailable
 from ...hardware import HardwareReport
 from ...options import owned_elsewhere
-from ..base import Runtime, WarmupResult, WarmupShape
+from ..base import Runtime, WarmupResult, WarmupShape, unet_calls_text
 from .adapters import make_adapter
 from .compiled import CompiledModels
-from .convert import CONVERSION_VERSION, PARTS_OF, job_shapes
+from ..deepcache import Schedule
+from .convert import CONVERSION_VERSION, UNET_PARTS, job_shapes, parts_of
 from .ir_cache import IRCache
 from .loader import IRLoader
+from .probe import int8_convolution_probe
 from .quantize import has_quantized_convolutions
 
+LOW_MEMORY_BYTES = 8 << 30  # below this free RAM, "auto" keeps int8 convolutions even where they are slower
+log = logging.getLogger(__name__)
 DEFAULT_CACHE_DIR = Path(os.environ.get("FASTSD_CACHE_DIR", Path.home() / ".cache" / "fast-sd"))
+
+
+def threads_line(compiled, logical_cores: int) -> str:
+    """How many cores one inference uses, as the compiled model reports it."""
+    try:
+        threads, streams = (compiled.get_property(p) for p in ("INFERENCE_NUM_THREADS", "NUM_STREAMS"))
+    except RuntimeError:
+        return "OpenVINO did not report its threads"
+    return (f"One image at a time on {threads} threads of {logical_cores} logical cores, {streams} stream "
+            f"(LATENCY hint: OpenVINO uses one thread per physical core)")
 
 
 class OpenVINORuntime(Runtime):
@@ -56,11 +72,15 @@ class OpenVINORuntime(Runtime):
         # bf16 where the CPU has it in hardware; elsewhere OpenVINO would run f32 anyway.
         self._hint = "bf16" if wish == "bf16" or (wish == "auto" and hardware.cpu.has_fast_bf16) else "f32"
         self._precision = "bf16" if self._hint == "bf16" and hardware.cpu.has_fast_bf16 else "fp32"
-        self._hybrid = optimizations.int8_convolutions
+        self._hybrid = self._int8_convolutions(optimizations.int8_convolutions)
         self._int8 = optimizations.int8_weights or self._hybrid
         kind = "int8h" if self._hybrid else ("int8" if self._int8 else "f32")
         variant = f"ov{ov.get_version().split('-')[0]}-c{CONVERSION_VERSION}-{kind}"
-        self.loader = IRLoader(self.core, self.ir_cache, variant, int8=self._int8, hybrid=self._hybrid)
+        self.parts = parts_of(optimizations.deepcache)
+        self.loader = IRLoader(self.core, self.ir_cache, variant, int8=self._int8, hybrid=self._hybrid,
+                               parts=self.parts)
+        self.deepcache = Schedule(optimizations.deepcache_interval) if optimizations.deepcache else None
+        self.unet_calls: dict[str, int] = {}  # "x2" -> calls this job (without DeepCache)
         self.conversions = self.loader.conversions  # an attribute: benchmarks read it from __dict__
         self._models = CompiledModels(self.core, self._config, self.ir_cache.files_root, self.compile_events,
                                       max_shapes)
@@ -69,6 +89,30 @@ class OpenVINORuntime(Runtime):
         self._irs: dict[str, Any] = {}  # part -> ov.Model
         self._convs_quantized = False  # whether the UNet's IR really has quantized convolutions
         self._last_part: str | None = None  # the part inferred last; its scratch is freed when another runs
+        self._threads_noted = False
+
+    def _int8_convolutions(self, wish: str) -> bool:
+        """Whether the UNet's convolutions are quantized: as asked ("on"/"off"), or for "auto" where the probe
+        finds them faster on this CPU, or where memory is short (they keep the compiled UNet ~3x smaller)."""
+        if wish != "auto":
+            return wish == "on"
+        try:
+            probe = int8_convolution_probe(self.core, self.hardware.cpu, self._hint, self.cache_root)
+        except Exception as e:  # nncf or the plugin could not run it: say so, keep the precision we know
+            log.warning("int8 convolution probe failed", exc_info=True)
+            self.decisions.append(f"INT8 convolutions (auto) off: the probe could not run ({type(e).__name__}: {e})")
+            return False
+        free = devices.free_bytes("cpu")
+        if probe.faster:
+            self.decisions.append(f"INT8 convolutions (auto) on: {probe.describe()}")
+            return True
+        if free < LOW_MEMORY_BYTES:
+            self.decisions.append(f"INT8 convolutions (auto) on for memory: {free / devices.GIB:.1f} GiB free, though "
+                                  f"{probe.describe()}")
+            return True
+        self.decisions.append(f"INT8 convolutions (auto) off: {probe.describe()}, and memory is not short "
+                              f"({free / devices.GIB:.1f} GiB free); int8 weights stay as asked")
+        return False
 
     # -- what it is
 
@@ -128,7 +172,7 @@ class OpenVINORuntime(Runtime):
         pipe, identity = model.pipe, model.identity
         calibration = self.loader.calibration(pipe, model.component_identity)
         irs = {}
-        for component, parts in PARTS_OF.items():
+        for component, parts in self.parts.items():
             module = getattr(pipe, component, None)
             if module is None:
                 continue
@@ -140,7 +184,10 @@ class OpenVINORuntime(Runtime):
         gc.collect()
         self._models.clear()
         self._identity, self._irs, self._last_part = identity, irs, None
-        self._convs_quantized = "unet" in irs and has_quantized_convolutions(irs["unet"])
+        unet_part = next((p for p in UNET_PARTS if p in irs), None)
+        self._convs_quantized = unet_part is not None and has_quantized_convolutions(irs[unet_part])
+        if self.deepcache is not None:
+            self.applied = [f"DeepCache every {self.deepcache.interval} (full and shallow UNet graphs)"]
 
     # -- running
 
@@ -157,23 +204,57 @@ class OpenVINORuntime(Runtime):
         return config
 
     def compiled(self, part: str, shapes: dict[str, tuple[int, ...]]):
-        return self._models.get(part, self._irs[part], shapes)
+        compiled = self._models.get(part, self._irs[part], shapes)
+        if not self._threads_noted:
+            self._threads_noted = True
+            self.decisions.append(threads_line(compiled, self.hardware.cpu.logical_cores))
+        return compiled
 
     def infer(self, part: str, inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
-        if part != self._last_part:  # before compiling this part, so a compile never meets the other's scratch
-            self._models.release_scratch(self._last_part)
-            self._last_part = part
+        group = "unet" if part in UNET_PARTS else part  # DeepCache alternates its two graphs: keep both's scratch
+        if group != self._last_part:  # before compiling this part, so a compile never meets the other's scratch
+            for name in (UNET_PARTS if self._last_part == "unet" else (self._last_part,)):
+                self._models.release_scratch(name)
+            self._last_part = group
         compiled = self.compiled(part, {k: v.shape for k, v in inputs.items()})
         result = compiled(inputs)
         # Copy: the request's output buffers are reused by the next call.
         return [np.array(result[out]) for out in compiled.outputs]
 
+    def unet(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
+        """One UNet call: the plain graph, or DeepCache's full graph (keeping its deep features) or shallow one."""
+        batch = inputs["sample"].shape[0]
+        if self.deepcache is None:
+            self.unet_calls[f"x{batch}"] = self.unet_calls.get(f"x{batch}", 0) + 1
+            return self.infer("unet", inputs)[0]
+        if self.deepcache.next_is_full(float(inputs["timestep"][0]), inputs["sample"].shape):
+            out, deep = self.infer("unet_deep", inputs)
+            self.deepcache.keep(deep, batch)
+            return out
+        return self.infer("unet_shallow", {**inputs, "deep": self.deepcache.kept})[0]
+
+    def begin_denoise(self, pipe) -> None:
+        if self.deepcache is not None:
+            self.deepcache.reset()  # never reuse features of an earlier (perhaps stopped) pass
+
+    def begin_job(self) -> None:
+        self.unet_calls = {}
+        if self.deepcache is not None:
+            self.deepcache.reset_counts()
+
+    def job_details(self) -> dict:
+        if self.deepcache is None:
+            return {"unet_calls": unet_calls_text(self.unet_calls)} if self.unet_calls else {}
+        cache = self.deepcache
+        return {"unet_calls": unet_calls_text(cache.calls), "unet_calls_full": cache.full_calls,
+                "unet_calls_shallow": cache.shallow_calls}
+
     def warmup(self, model, shapes: list[WarmupShape]) -> list[WarmupResult]:
-        """Compile every part at the shapes a job of each `shape` feeds it (see job_shapes)."""
+        """Compile every graph at the shapes a job of each `shape` feeds it (see job_shapes)."""
         results = []
         for shape in shapes:
             mark, start = self.compile_mark(), time.perf_counter()
-            for part, inputs in job_shapes(model, shape, self._irs).items():
+            for part, inputs in job_shapes(model, shape, self._irs):
                 self.compiled(part, inputs)
             compiled = len(self.compile_events) > mark
             results.append(WarmupResult(shape.width, shape.height, shape.batch, time.perf_counter() - start,
