@@ -17,7 +17,8 @@ from typing import Any
 from . import devices
 from .caches import LRU, result_key
 from .errors import UserError
-from .metadata import format_parameters
+from .metadata import OPTION_LABELS, format_parameters
+from .options import is_on
 from .outputs import clean_partials, save_png
 from .preview import latents_to_rgb
 from .tasks.base import Task, TaskOutput
@@ -61,6 +62,12 @@ class LiveStatus:
     def eta_s(self) -> float | None:
         rate = self.it_per_s
         return (self.total - self.step) / rate if rate > 0 and self.total else None
+
+
+def picture_options(options) -> dict:
+    """The options on that change the picture (not only its speed), for the saved parameters."""
+    names = [n for n in OPTION_LABELS if is_on(options, n) and (options.deepcache or not n.startswith("deepcache"))]
+    return {name: getattr(options, name) for name in names}
 
 
 class JobRunner:
@@ -180,7 +187,8 @@ class JobRunner:
 
     def _result(self, task: Task, runtime, output: TaskOutput, readout: Readout) -> GenerationResult:
         model, request = task.model, task.request
-        parameters = {"task": task.name, "model": model.name, "runtime": runtime.name, **request.model_dump()}
+        parameters = {"task": task.name, "model": model.name, "runtime": runtime.name, **request.model_dump(),
+                      **picture_options(model.options)}
         seeds = [request.seed + i for i in range(len(output.images))]
         infotexts = [format_parameters({**parameters, "seed": seed, "width": image.width, "height": image.height})
                      for image, seed in zip(output.images, seeds)]

@@ -16,8 +16,13 @@ LABELS = {
     "hires_strength": "Hires denoising strength", "hires_steps": "Hires steps", "task": "Task",
     "runtime": "Runtime", "tile_size": "Tile size", "tile_overlap": "Tile overlap", "resize_mode": "Resize mode",
 }
-INTS = {"steps", "seed", "hires_steps", "tile_size", "tile_overlap"}
-FLOATS = {"guidance", "strength", "factor", "hires_strength"}
+# options that change the picture, written where they are on
+OPTION_LABELS = {"cfg_truncation": "CFG truncation", "deepcache_interval": "DeepCache interval",
+                 "deepcache_start": "DeepCache from",
+                 "token_merging_ratio": "Token merging ratio"}
+LABELS.update(OPTION_LABELS)
+INTS = {"steps", "seed", "hires_steps", "tile_size", "tile_overlap", "deepcache_interval"}
+FLOATS = {"guidance", "strength", "factor", "hires_strength", "cfg_truncation", "deepcache_start", "token_merging_ratio"}
 PAIR = re.compile(r'\s*([\w ]+):\s*("(?:\\.|[^"])*"|[^,]*)(?:,|$)')
 
 

@@ -71,6 +71,10 @@ class Optimizations(BaseModel):
     deepcache_interval: int = option(
         0, "DeepCache interval (full UNet every N steps)", "full UNet every N steps, shallow ones between; 0 = off",
         prepares=True, step=1, ge=0, le=10)
+    deepcache_start: float = option(
+        0.0, "DeepCache from (fraction of steps)",
+        "the first fraction of each pass's steps run the full UNet, where the picture's layout forms; reuse after",
+        prepares=True, step=0.05, ge=0.0, le=0.9)
     cfg_truncation: float = option(
         1.0, "CFG truncation: guidance for the first fraction of steps",
         "after this fraction of the steps the UNet runs once per step (batch 1, conditional only); 1 = every step",

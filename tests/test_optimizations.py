@@ -209,16 +209,17 @@ def test_changing_only_engine_side_options_keeps_the_prepared_model():
 
 
 def test_openvino_disables_pytorch_only_boxes_with_a_reason():
-    engine = engine_with(Optimizations(deepcache_interval=3, channels_last=True, int8_weights=False),
+    engine = engine_with(Optimizations(token_merging_ratio=0.3, channels_last=True, int8_weights=False),
                          runtime="openvino")
     reasons = engine.option_reasons()
-    for name in ("channels_last", "attention_slicing", "torch_compile", "token_merging_ratio", "deepcache_interval"):
+    for name in ("channels_last", "attention_slicing", "torch_compile", "token_merging_ratio"):
         assert "PyTorch runtime" in reasons[name], name
-    assert "int8_weights" not in reasons and "prompt_cache" not in reasons
+    for name in ("int8_weights", "prompt_cache", "deepcache_interval", "cfg_truncation"):
+        assert name not in reasons, name
     result = engine.txt2img({**REQ, "steps": 3})
     notices = " ".join(result.readout.notices)
-    assert "DeepCache" in notices and "channels_last" in notices
-    assert "unet_calls_full" not in result.readout.details
+    assert "Token merging" in notices and "channels_last" in notices
+    assert "unet_calls_full" not in result.readout.details and result.readout.details["unet_calls"] == "3 x2"
 
 
 def test_pytorch_disables_openvino_only_and_cuda_only_boxes():

@@ -135,8 +135,8 @@ class Runtime(ABC):
             return "warm (cache hit)"
         return f"compiled now ({sum(e.seconds for e in new):.1f} s, {len(new)} graphs)"
 
-    def begin_denoise(self, pipe) -> None:
-        """A denoising pass starts (DeepCache forgets features kept from an earlier pass)."""
+    def begin_denoise(self, pipe, steps: int) -> None:
+        """A denoising pass of `steps` starts (DeepCache forgets features kept from an earlier pass)."""
 
     def begin_job(self) -> None:
         """A job starts: per-job counters go back to zero."""

@@ -90,12 +90,14 @@ def deep_channels(config) -> int:
 
 class Schedule:
     """Which calls run the whole UNet and which reuse the kept features; counts both. interval 1: every
-    call full (used to check the split against the plain UNet)."""
+    call full (used to check the split against the plain UNet). `start`: the fraction of each pass's steps
+    that run full before any reuse (the picture's layout forms in the first, noisiest steps)."""
 
-    def __init__(self, interval: int):
+    def __init__(self, interval: int, start: float = 0.0):
         if interval < 1:
             raise ValueError("DeepCache needs an interval of 1 or more")
-        self.interval = interval
+        self.interval, self.start = interval, start
+        self._full_first = 0  # calls of this pass that must run full
         self.full_calls = 0
         self.shallow_calls = 0
         self.calls: dict[str, int] = {}  # "full x2", "shallow x1"...: graph and UNet batch
@@ -108,9 +110,10 @@ class Schedule:
         self.full_calls = self.shallow_calls = 0
         self.calls = {}
 
-    def reset(self) -> None:
-        """Forget the kept features: the next call is a full one (called at the start of every denoise)."""
+    def reset(self, steps: int = 0) -> None:
+        """Forget the kept features: the next call is a full one (called at the start of every denoise of `steps`)."""
         self.kept, self._since_full, self._last_t, self._batch = None, 0, None, None
+        self._full_first = int(self.start * steps + 0.5)
 
     def next_is_full(self, t: float, shape: tuple) -> bool:
         """Decide for a call at timestep `t` with a sample of `shape`; the kept features follow a halved batch."""
@@ -121,7 +124,8 @@ class Schedule:
         new_run = (self._last_t is None or t >= self._last_t or self.kept is None or self._batch != batch
                    or tuple(self.kept.shape[-2:]) != tuple(shape[-2:]))
         self._last_t = t
-        full = new_run or self._since_full >= self.interval - 1
+        full = new_run or self._since_full >= self.interval - 1 or self._full_first > 0
+        self._full_first -= 1
         self._since_full = 0 if full else self._since_full + 1
         kind = "full" if full else "shallow"
         if full:
@@ -138,10 +142,10 @@ class Schedule:
 class DeepCache(Schedule):
     """The PyTorch side: replaces the UNet's forward with full or shallow calls as the schedule says."""
 
-    def __init__(self, unet, interval: int):
+    def __init__(self, unet, interval: int, start: float = 0.0):
         if interval < 2:
             raise ValueError("DeepCache needs an interval of 2 or more")
-        super().__init__(interval)
+        super().__init__(interval, start)
         self.unet = unet
 
     def install(self) -> "DeepCache":

@@ -129,8 +129,9 @@ class PyTorchRuntime(Runtime):
         if opts.deepcache:
             from .deepcache import DeepCache
 
-            deepcache = DeepCache(pipe.unet, opts.deepcache_interval).install()
-            applied.append(f"DeepCache every {opts.deepcache_interval}")
+            deepcache = DeepCache(pipe.unet, opts.deepcache_interval, opts.deepcache_start).install()
+            applied.append(f"DeepCache every {opts.deepcache_interval}"
+                           + (f" after {opts.deepcache_start:.0%} of the steps" if opts.deepcache_start else ""))
         else:
             pipe.unet.register_forward_pre_hook(self._count_call, with_kwargs=True)
         if opts.torch_compile:
@@ -141,9 +142,9 @@ class PyTorchRuntime(Runtime):
             applied.append("torch.compile" + (" (reduce-overhead)" if mode else ""))
         self.applied, self._deepcache = applied, deepcache
 
-    def begin_denoise(self, pipe) -> None:
+    def begin_denoise(self, pipe, steps: int) -> None:
         if self._deepcache is not None:
-            self._deepcache.reset()  # never reuse features of an earlier (perhaps stopped) pass
+            self._deepcache.reset(steps)  # never reuse features of an earlier (perhaps stopped) pass
 
     def _count_call(self, module, args, kwargs) -> None:
         sample = args[0] if args else kwargs.get("sample")

@@ -87,8 +87,8 @@ def denoise(model, pipe, runtime, embeds: PromptEmbeddings, ctx: DenoiseContext,
             image_latents: torch.Tensor | None = None, strength: float = 1.0) -> torch.Tensor:
     """One diffusers denoising pass to latents (img2img from image_latents); `total` is the job's step count."""
     pipe.scheduler = make_scheduler(sampler, model.scheduler_config)
-    runtime.begin_denoise(pipe)
     expected = steps if image_latents is None else steps_for_strength(steps, strength)
+    runtime.begin_denoise(pipe, expected)
     kwargs = dict(**embeds.kwargs, num_inference_steps=steps, guidance_scale=guidance, generator=gens,
                   output_type="latent", callback_on_step_end=ctx.callback(expected, total),
                   callback_on_step_end_tensor_inputs=ctx.tensor_inputs(pipe))

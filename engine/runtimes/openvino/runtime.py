@@ -79,7 +79,8 @@ class OpenVINORuntime(Runtime):
         self.parts = parts_of(optimizations.deepcache)
         self.loader = IRLoader(self.core, self.ir_cache, variant, int8=self._int8, hybrid=self._hybrid,
                                parts=self.parts)
-        self.deepcache = Schedule(optimizations.deepcache_interval) if optimizations.deepcache else None
+        self.deepcache = (Schedule(optimizations.deepcache_interval, optimizations.deepcache_start)
+                          if optimizations.deepcache else None)
         self.unet_calls: dict[str, int] = {}  # "x2" -> calls this job (without DeepCache)
         self.conversions = self.loader.conversions  # an attribute: benchmarks read it from __dict__
         self._models = CompiledModels(self.core, self._config, self.ir_cache.files_root, self.compile_events,
@@ -187,7 +188,9 @@ class OpenVINORuntime(Runtime):
         unet_part = next((p for p in UNET_PARTS if p in irs), None)
         self._convs_quantized = unet_part is not None and has_quantized_convolutions(irs[unet_part])
         if self.deepcache is not None:
-            self.applied = [f"DeepCache every {self.deepcache.interval} (full and shallow UNet graphs)"]
+            start = self.optimizations.deepcache_start
+            self.applied = [f"DeepCache every {self.deepcache.interval}" + (f" after {start:.0%} of the steps" if start else "")
+                            + " (full and shallow UNet graphs)"]
 
     # -- running
 
@@ -233,9 +236,9 @@ class OpenVINORuntime(Runtime):
             return out
         return self.infer("unet_shallow", {**inputs, "deep": self.deepcache.kept})[0]
 
-    def begin_denoise(self, pipe) -> None:
+    def begin_denoise(self, pipe, steps: int) -> None:
         if self.deepcache is not None:
-            self.deepcache.reset()  # never reuse features of an earlier (perhaps stopped) pass
+            self.deepcache.reset(steps)  # never reuse features of an earlier (perhaps stopped) pass
 
     def begin_job(self) -> None:
         self.unet_calls = {}
