@@ -80,6 +80,7 @@ def option_overrides(args: argparse.Namespace) -> dict:
 
 def build_parser() -> argparse.ArgumentParser:
     from engine.runtimes import CHOICES
+    from engine.styles import STYLES_FILE
 
     p = argparse.ArgumentParser(description="Fast Stable Diffusion web UI: picks the runtime for your hardware "
                                             "and shows time and memory beside every image.")
@@ -98,6 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--taesd", default=None,
                    help="tiny autoencoder for fast decodes and previews: a diffusers AutoencoderTiny folder, a hub id "
                         "(madebyollin/taesd), or builtin:taesd (random weights, for benchmarks)")
+    p.add_argument("--styles", default=str(STYLES_FILE),
+                   help="prompt styles in AUTOMATIC1111's styles.csv format; 'Save as style' writes there "
+                        "(default: presets/styles.csv)")
     p.add_argument("--warmup", default=None, help="shapes to prepare ahead, e.g. 512x512,768x512")
     p.add_argument("--warmup-tasks", default="txt2img",
                    help="what the warmed shapes are for, comma separated: txt2img, img2img, hires_fix, tiled_upscale "
@@ -148,13 +152,15 @@ def main(argv: list[str] | None = None) -> int:
         if args.preset:
             preset = load_preset(args.preset, presets_dir)
             optimizations = preset.optimizations
-            defaults = {**preset.defaults.model_dump(exclude_none=True), "preset": preset.name}
+            defaults = {**preset.defaults.model_dump(exclude_none=True), "preset": preset.name,
+                        "styles": list(preset.styles)}
         overrides = option_overrides(args)
         if overrides:
             optimizations = (optimizations or Optimizations()).model_copy(update=overrides)
         engine = Engine(runtime=args.runtime, optimizations=optimizations, models_dir=Path(args.models_dir),
                         cache_dir=Path(args.cache_dir) if args.cache_dir else None,
-                        outputs_dir=None if args.no_save else Path(args.outputs_dir), taesd=args.taesd)
+                        outputs_dir=None if args.no_save else Path(args.outputs_dir), taesd=args.taesd,
+                        styles_file=Path(args.styles))
         print(engine.hardware, flush=True)
         print(f"Runtime: {engine.runtime.describe()} — {engine.choice.reason}", flush=True)
         for label, why in engine.not_applied.items():

@@ -19,6 +19,8 @@ from .lora import LoraUse
 from .models import (LoadedModel, load_model, load_tiny_autoencoder, tiny_autoencoder_family,
                      tiny_autoencoder_mismatch)
 from .options import RUNTIME_FIELDS, Optimizations, effective
+from .requests import parse_request
+from .styles import STYLES_FILE, Styles
 from .runtimes.base import Runtime, WarmupResult
 from .tasks import HiresFix, Img2Img, Task, TiledUpscale, Txt2Img
 from .tasks.context import ProgressFn
@@ -41,7 +43,7 @@ class Engine:
     def __init__(self, hardware: hardware_mod.HardwareReport | None = None, runtime: str = "auto",
                  optimizations: Optimizations | None = None, models_dir: Path | None = None,
                  cache_dir: Path | None = None, outputs_dir: Path | None = None, preview_every: int = 2,
-                 history_size: int = 20, taesd: str | None = None):
+                 history_size: int = 20, taesd: str | None = None, styles_file: Path | None = STYLES_FILE):
         self.hardware = hardware or hardware_mod.detect()
         self.optimizations = optimizations or Optimizations()  # what the user asked for
         self.models_dir = Path(models_dir) if models_dir else None
@@ -54,6 +56,7 @@ class Engine:
         self.runtime: Runtime = self._new_runtime(self.choice.cls, self.optimizations)
         self.jobs = JobRunner(outputs_dir, preview_every, history_size)
         self._config_dir: str | Path | None = None
+        self.styles = Styles(styles_file)
 
     live = property(lambda self: self.jobs.live, doc="LiveStatus of the running (or last) job")
     config_dir = property(lambda self: self._config_dir, doc="the configs folder the loaded model was given")
@@ -210,6 +213,7 @@ class Engine:
         """Validate, check memory, then run on the device. A runtime that compiles lazily and fails at its
         first job is replaced by eager PyTorch once, and the job runs again there."""
         model = self.require_model()
+        request = self.styled(task_cls, request)
         task = task_cls(model, request, image)
         need = task.memory_need()
         if need is not None:
@@ -240,6 +244,15 @@ class Engine:
                 result.notices.insert(0, f"{self.choice.reason}.")
             self.runtime.proven = True
             return result
+
+    def styled(self, task_cls: type[Task], request):
+        """The request with its styles expanded into the prompt pair (the style names stay, for the PNG)."""
+        if isinstance(request, dict):
+            request = parse_request(task_cls.request_type, request)
+        if not request.styles:
+            return request
+        prompt, negative = self.styles.expand(request.prompt, request.negative_prompt, request.styles)
+        return request.model_copy(update={"prompt": prompt, "negative_prompt": negative})
 
     def txt2img(self, request, progress: ProgressFn | None = None) -> GenerationResult:
         return self.run(Txt2Img, request, None, progress)
