@@ -13,6 +13,7 @@ from typing import Any
 
 from . import devices, lora, runtimes
 from . import hardware as hardware_mod
+from .caches import DEFAULT_RESULTS_BYTES
 from .errors import UserError
 from .jobs import GenerationResult, JobRunner
 from .lora import LoraUse
@@ -43,7 +44,8 @@ class Engine:
     def __init__(self, hardware: hardware_mod.HardwareReport | None = None, runtime: str = "auto",
                  optimizations: Optimizations | None = None, models_dir: Path | None = None,
                  cache_dir: Path | None = None, outputs_dir: Path | None = None, preview_every: int = 2,
-                 history_size: int = 20, taesd: str | None = None, styles_file: Path | None = STYLES_FILE):
+                 history_size: int = 20, taesd: str | None = None, styles_file: Path | None = STYLES_FILE,
+                 result_cache_dir: Path | None = None, result_cache_bytes: int = DEFAULT_RESULTS_BYTES):
         self.hardware = hardware or hardware_mod.detect()
         self.optimizations = optimizations or Optimizations()  # what the user asked for
         self.models_dir = Path(models_dir) if models_dir else None
@@ -54,7 +56,7 @@ class Engine:
         self.model: LoadedModel | None = None
         self.choice = runtimes.pick(self.hardware, runtime)
         self.runtime: Runtime = self._new_runtime(self.choice.cls, self.optimizations)
-        self.jobs = JobRunner(outputs_dir, preview_every, history_size)
+        self.jobs = JobRunner(outputs_dir, preview_every, history_size, result_cache_dir, result_cache_bytes)
         self._config_dir: str | Path | None = None
         self.styles = Styles(styles_file)
 

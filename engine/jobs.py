@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from . import devices
-from .caches import LRU, result_key
+from .caches import DEFAULT_RESULTS_BYTES, DiskResultCache, MemoryResultCache, result_key
 from .errors import UserError
 from .metadata import format_parameters
 from .outputs import clean_partials, save_png
@@ -64,7 +64,8 @@ class LiveStatus:
 
 
 class JobRunner:
-    def __init__(self, outputs_dir: Path | None = None, preview_every: int = 2, history_size: int = 20):
+    def __init__(self, outputs_dir: Path | None = None, preview_every: int = 2, history_size: int = 20,
+                 result_cache_dir: Path | None = None, result_cache_bytes: int = DEFAULT_RESULTS_BYTES):
         self.lock = threading.RLock()  # one job (or load) on the device; re-entrant for a runtime switch
         self.outputs_dir = Path(outputs_dir) if outputs_dir else None  # None: do not save
         if self.outputs_dir is not None and self.outputs_dir.is_dir():
@@ -72,7 +73,9 @@ class JobRunner:
         self.preview_every = preview_every  # steps between live previews; 0 = none
         self.live = LiveStatus()
         self.history: deque[dict[str, Any]] = deque(maxlen=history_size)
-        self.result_cache = LRU(32)
+        # On disk it survives a restart; without a folder (tests, library use) it is this process's last 32.
+        self.result_cache = (DiskResultCache(result_cache_dir, result_cache_bytes) if result_cache_dir
+                             else MemoryResultCache(32))
         self._context: DenoiseContext | None = None
 
     def stop(self) -> None:
@@ -111,8 +114,7 @@ class JobRunner:
         result = self._result(task, runtime, output, readout)
         self._remember(task.name, readout)
         if key is not None and result.images and not (ctx.stopped and output.steps_run < output.steps_planned):
-            self.result_cache.put(key, {"result": result, "images": [im.copy() for im in result.images],
-                                        "time": time.strftime("%H:%M:%S")})
+            self.result_cache.put(key, result, time.strftime("%Y-%m-%d %H:%M:%S"))
         return result
 
     # -- pieces of a run
@@ -197,19 +199,10 @@ class JobRunner:
         })
 
     def _cached(self, hit: dict, notices: list[str]) -> GenerationResult:
-        """An identical earlier request: its saved images (or the kept copies), no UNet run."""
-        from PIL import Image
-
+        """An identical earlier request: the images the cache kept, no UNet run."""
         start = time.perf_counter()
         old: GenerationResult = hit["result"]
-        images = []
-        for i, kept in enumerate(hit["images"]):
-            path = old.saved_paths[i] if i < len(old.saved_paths) else None
-            if path and Path(path).is_file():
-                with Image.open(path) as im:
-                    images.append(im.convert("RGB"))
-            else:
-                images.append(kept.copy())
+        images = [kept.copy() for kept in hit["images"]]
         seconds = time.perf_counter() - start
         readout = replace(
             old.readout, total_s=seconds, stages_s={"result_cache": seconds}, steps=0, it_per_s=0.0, peak_rss_bytes=0,
