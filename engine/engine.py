@@ -204,6 +204,10 @@ class Engine:
         with self.jobs.lock:
             return self.runtime.warmup(model, shapes)
 
+    def queue_place(self, thread: int):
+        """jobs.QueuePlace of the job a thread waits to run, or None once it runs (or never waited)."""
+        return self.jobs.queue_place(thread)
+
     def stop(self) -> None:
         """Ask the running job to end after its current step."""
         self.jobs.stop()
@@ -221,7 +225,7 @@ class Engine:
         if need is not None:
             unet = getattr(model.pipe.unet, "config", None)
             devices.check_job_fits(self.runtime.device, unet.block_out_channels[0] if unet else 320, *need)
-        with self.jobs.lock:
+        with self.jobs.turn(task.name):
             # The same model prepared again (a LoRA change on OpenVINO) may run the job; another may not.
             if self.model is None or self.model.source.text != model.source.text:
                 raise UserError("The model changed while this job waited; run it again.")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -63,6 +64,22 @@ class LiveStatus:
         return (self.total - self.step) / rate if rate > 0 and self.total else None
 
 
+@dataclass
+class Waiting:
+    """A job waiting for the device: its thread, its task, when it came."""
+
+    thread: int
+    task: str
+    since: float = field(default_factory=time.perf_counter)
+
+
+@dataclass
+class QueuePlace:
+    place: int  # 1: next once the running job ends
+    ahead: list[str]  # tasks ahead of it, the running one first
+    wait_s: float | None  # estimate before it starts; None until a job of each kind ahead has finished here
+
+
 class JobRunner:
     def __init__(self, outputs_dir: Path | None = None, preview_every: int = 2, history_size: int = 20,
                  result_cache_dir: Path | None = None, result_cache_bytes: int = DEFAULT_RESULTS_BYTES):
@@ -77,6 +94,55 @@ class JobRunner:
         self.result_cache = (DiskResultCache(result_cache_dir, result_cache_bytes) if result_cache_dir
                              else MemoryResultCache(32))
         self._context: DenoiseContext | None = None
+        self._turns = threading.Condition()
+        self._waiting: list[Waiting] = []  # jobs in arrival order; only the first may take the lock
+
+    @contextmanager
+    def turn(self, task: str):
+        """Hold the device for one job, in arrival order (a bare lock wakes waiters in any order, so a place in
+        the queue would mean nothing). A thread already holding the lock (Compare's columns) goes straight in."""
+        if self.lock._is_owned():  # RLock's own ownership test (what threading.Condition uses)
+            with self.lock:
+                yield
+            return
+        me = Waiting(threading.get_ident(), task)
+        with self._turns:
+            self._waiting.append(me)
+        try:
+            with self._turns:
+                self._turns.wait_for(lambda: self._waiting[0] is me)
+            self.lock.acquire()
+        finally:
+            with self._turns:
+                self._waiting.remove(me)
+                self._turns.notify_all()
+        try:
+            yield
+        finally:
+            self.lock.release()
+
+    def queue_place(self, thread: int) -> QueuePlace | None:
+        """Where the job of this thread stands while it waits (None: it is not waiting), and how long until it
+        starts: the running job's time left plus the median time of recent jobs of each task ahead."""
+        with self._turns:
+            waiting = list(self._waiting)
+        index = next((i for i, w in enumerate(waiting) if w.thread == thread), None)
+        if index is None:
+            return None
+        live = self.live
+        ahead = ([live.task] if live.running else []) + [w.task for w in waiting[:index]]
+        wait = 0.0
+        if live.running:
+            left = live.eta_s if live.eta_s is not None else self._typical_s(live.task)
+            wait = None if left is None else max(0.0, left)
+        for w in waiting[:index]:
+            typical = self._typical_s(w.task)
+            wait = None if wait is None or typical is None else wait + typical
+        return QueuePlace(index + 1, ahead, wait)
+
+    def _typical_s(self, task: str) -> float | None:
+        times = sorted(row["total_s"] for row in list(self.history)[:8] if row["task"] == task)
+        return times[len(times) // 2] if times else None
 
     def stop(self) -> None:
         """Ask the running job to end after its current step."""

@@ -101,7 +101,10 @@ def generation_tab(engine: Engine, history: gr.Dataframe, handler: Callable, bui
     names = [p.name for p in inspect.signature(handler).parameters.values() if p.name != "progress"]
     if names != list(controls):
         raise TypeError(f"{api_name}: handler parameters {names} != controls {list(controls)}")
-    go.click(handler, inputs=list(controls.values()), outputs=[gallery, readout, params, history], api_name=api_name)
+    # No Gradio concurrency limit: every job reaches the engine's queue, which runs them in arrival order
+    # and tells each waiting one its place (Gradio's queue would only count this tab's own clicks).
+    go.click(handler, inputs=list(controls.values()), outputs=[gallery, readout, params, history], api_name=api_name,
+             concurrency_limit=None)
     # Not queued: it must run while the generation holds the queue's one slot.
     stop.click(engine.stop, queue=False, api_name=stop_api_name)
     return controls
