@@ -52,6 +52,7 @@ class Engine:
         self.cache_dir = Path(cache_dir) if cache_dir else None
         self.taesd = load_tiny_autoencoder(taesd, models_dir=self.models_dir) if taesd else None
         self.taesd_family = tiny_autoencoder_family(taesd, self.taesd.config.latent_channels) if taesd else None
+        self.taesd_name = taesd or None
         self.runtime_wish = runtime
         self.model: LoadedModel | None = None
         self.choice = runtimes.pick(self.hardware, runtime)
@@ -103,10 +104,10 @@ class Engine:
         return cls(self.hardware, self.effective_options(optimizations, cls)[0], self.cache_dir)
 
     def _prepared(self, runtime: Runtime, source: str, allow_any_path: bool, config_dir,
-                  loras: tuple[LoraUse, ...] = ()) -> LoadedModel:
+                  loras: tuple[LoraUse, ...] = (), vae: str | None = None) -> LoadedModel:
         model = load_model(source, models_dir=self.models_dir, allow_any_path=allow_any_path, config_dir=config_dir,
                            skeleton_for=runtime.cached_components, loras=loras,
-                           keep_lora_originals=runtime.fuses_in_place)
+                           keep_lora_originals=runtime.fuses_in_place, vae=vae)
         runtime.prepare(model)
         return model
 
@@ -115,27 +116,47 @@ class Engine:
         model.options = effective(self.optimizations, reasons)[0]
         usable = self.taesd is not None and "tiny_vae" not in reasons
         model.taesd = self.taesd.to(self.runtime.device) if usable else None
+        model.taesd_name = self.taesd_name if usable else None
         old, self.model, self._config_dir = self.model, model, config_dir  # a runtime switch reloads the same way
         del old
         gc.collect()
         log.info("loaded %s (%s) in %.2f s", model.name, model.family, model.load_seconds)
 
-    def load(self, source: str, *, allow_any_path: bool = True, config_dir: str | Path | None = None) -> LoadedModel:
-        """Load and prepare a model. On failure the previous model stays loaded, on its runtime."""
+    def load(self, source: str, *, allow_any_path: bool = True, config_dir: str | Path | None = None,
+             vae: str | None = None) -> LoadedModel:
+        """Load and prepare a model (with `vae` in place of its own VAE). On failure the previous model stays
+        loaded, on its runtime."""
         with self.jobs.lock:
             try:
-                model = self._prepared(self.runtime, source, allow_any_path, config_dir)
+                model = self._prepared(self.runtime, source, allow_any_path, config_dir, vae=vae)
             except UserError:
                 raise
             except Exception as e:
                 if self.runtime.fallible is None:
                     raise  # eager PyTorch is the fallback: nothing to fall back to
-                model = self._fall_back(e, f"could not prepare {source}", source, allow_any_path, config_dir)
+                model = self._fall_back(e, f"could not prepare {source}", source, allow_any_path, config_dir,
+                                        vae=vae)
             self._install(model, config_dir)
             return model
 
+    def set_tiny_autoencoder(self, text: str | None, *, allow_any_path: bool = True) -> str | None:
+        """Use another tiny autoencoder (None or "": none); the loaded model keeps serving. Returns why the tiny
+        autoencoder option cannot act with the loaded model, or None when it can."""
+        taesd = load_tiny_autoencoder(text, models_dir=self.models_dir, allow_any_path=allow_any_path) if text else None
+        family = tiny_autoencoder_family(text, taesd.config.latent_channels) if taesd is not None else None
+        with self.jobs.lock:
+            self.taesd, self.taesd_family, self.taesd_name = taesd, family, text or None
+            if self.model is not None:
+                reasons = self.option_reasons()
+                self.model.options = effective(self.optimizations, reasons)[0]
+                usable = taesd is not None and "tiny_vae" not in reasons
+                self.model.taesd = taesd.to(self.runtime.device) if usable else None
+                self.model.taesd_name = text if usable else None
+                return reasons.get("tiny_vae")
+        return None
+
     def _fall_back(self, error: Exception, what: str, source: str, allow_any_path: bool, config_dir,
-                   loras: tuple[LoraUse, ...] = ()) -> LoadedModel:
+                   loras: tuple[LoraUse, ...] = (), vae: str | None = None) -> LoadedModel:
         """`source` prepared on eager PyTorch, for a runtime (or torch.compile) that failed; the Engine tab says
         why. The engine takes the new runtime only once the model is ready on it."""
         from .runtimes.pytorch import PyTorchRuntime
@@ -145,7 +166,7 @@ class Engine:
         log.warning("%s", reason, exc_info=error)
         opts = self.optimizations.model_copy(update={"torch_compile": False})
         runtime = self._new_runtime(PyTorchRuntime, opts)
-        model = self._prepared(runtime, source, allow_any_path, config_dir, loras)
+        model = self._prepared(runtime, source, allow_any_path, config_dir, loras, vae)
         self.runtime, self.optimizations = runtime, opts
         self.choice = runtimes.Choice("pytorch", reason, {**self.choice.skipped, failed: reason})
         return model
@@ -157,8 +178,8 @@ class Engine:
         opts = optimizations or self.optimizations
         runtime = self._new_runtime(choice.cls, opts)
         with self.jobs.lock:  # no job may run between the prepare and the swap
-            model = (self._prepared(runtime, self.model.source.text, True, self._config_dir, self.model.loras.uses)
-                     if self.model else None)
+            model = (self._prepared(runtime, self.model.source.text, True, self._config_dir, self.model.loras.uses,
+                                    self.model.vae) if self.model else None)
             self.choice, self.runtime, self.optimizations, self.runtime_wish = choice, runtime, opts, wish
             if model is not None:
                 self._install(model, self._config_dir)
@@ -173,7 +194,8 @@ class Engine:
             model.loras.fuse(model.pipe, plans)
             return f"fused in {time.perf_counter() - start:.2f} s" if uses else "unfused"
         converted = len(getattr(self.runtime, "conversions", ()))
-        self._install(self._prepared(self.runtime, model.source.text, True, self._config_dir, uses), self._config_dir)
+        self._install(self._prepared(self.runtime, model.source.text, True, self._config_dir, uses, model.vae),
+                      self._config_dir)
         how = ("converted" if len(getattr(self.runtime, "conversions", ())) > converted
                else "from cache" if hasattr(self.runtime, "conversions") else "reloaded")
         return f"{'fused, ' if uses else ''}{how} in {time.perf_counter() - start:.1f} s"
@@ -243,7 +265,7 @@ class Engine:
                                                                            and self.runtime.fallible):
                     raise
                 self._install(self._fall_back(e, "failed at its first run", task.model.source.text, True,
-                                              self._config_dir, task.loras), self._config_dir)
+                                              self._config_dir, task.loras, task.model.vae), self._config_dir)
                 details, task = task.details, task_cls(self.model, request, image)
                 task.details.update(details)
                 result = self.jobs.run(task, self.runtime, self.not_applied, progress)

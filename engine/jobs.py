@@ -212,6 +212,8 @@ class JobRunner:
     def _cache_key(task: Task, runtime) -> str:
         model = task.model
         output_options = model.options.model_dump(exclude={"prompt_cache", "result_cache"})
+        if model.options.tiny_vae:
+            output_options["taesd"] = model.taesd_name  # another tiny autoencoder decodes other pixels
         return result_key(model.weights_key, task.name, runtime.name, runtime.precision,
                           {**task.request.model_dump(), "inputs": task.inputs_key}, output_options)
 
