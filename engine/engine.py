@@ -17,8 +17,8 @@ from .caches import DEFAULT_RESULTS_BYTES
 from .errors import UserError
 from .jobs import GenerationResult, JobRunner
 from .lora import LoraUse
-from .models import (LoadedModel, load_model, load_tiny_autoencoder, tiny_autoencoder_family,
-                     tiny_autoencoder_mismatch)
+from .models import (LoadedModel, available_models, available_tiny_autoencoders, available_vaes, load_model,
+                     load_tiny_autoencoder, tiny_autoencoder_family, tiny_autoencoder_mismatch)
 from .options import RUNTIME_FIELDS, Optimizations, effective
 from .requests import parse_request
 from .styles import STYLES_FILE, Styles
@@ -199,6 +199,16 @@ class Engine:
         how = ("converted" if len(getattr(self.runtime, "conversions", ())) > converted
                else "from cache" if hasattr(self.runtime, "conversions") else "reloaded")
         return f"{'fused, ' if uses else ''}{how} in {time.perf_counter() - start:.1f} s"
+
+    def model_names(self) -> list[str]:
+        """What the model picker offers: the built-ins, then models under --models-dir."""
+        return [name for name, _ in available_models(self.models_dir)]
+
+    def vae_names(self) -> list[str]:
+        return available_vaes(self.models_dir)
+
+    def tiny_autoencoder_names(self) -> list[str]:
+        return available_tiny_autoencoders(self.models_dir)
 
     def lora_names(self) -> list[str]:
         """LoRAs a prompt may name (<models-dir>/lora, then the built-in ones)."""
