@@ -98,7 +98,8 @@ def tokenize(tokenizer, prompt: str) -> Chunks:
     count = 0
     fragments = parse_weights(prompt)
     texts = [f.text for f in fragments if f.weight != -1.0 and f.text]
-    ids_of = iter(tokenizer(texts, add_special_tokens=False, truncation=False, verbose=False).input_ids if texts else [])
+    ids = tokenizer(texts, add_special_tokens=False, truncation=False, verbose=False).input_ids if texts else []
+    ids_of = iter(ids)
     for fragment in fragments:
         if fragment.weight == -1.0:
             if tokens[-1]:
@@ -159,7 +160,8 @@ def _encoders(pipe, sdxl: bool):
     return [(pipe.tokenizer, pipe.text_encoder)], "last"
 
 
-def encode_chunks(pipe, sdxl: bool, prompt: str, device, chunks_wanted: int = 0) -> tuple[torch.Tensor, torch.Tensor | None]:
+def encode_chunks(pipe, sdxl: bool, prompt: str, device,
+                  chunks_wanted: int = 0) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(embeddings (1, 77 x chunks, dim), pooled (1, dim) for SDXL else None); at least `chunks_wanted` chunks
     (empty chunks pad a shorter prompt, as A1111 pads the negative prompt to the prompt's length)."""
     pairs, layer = _encoders(pipe, sdxl)

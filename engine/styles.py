@@ -96,7 +96,8 @@ class Styles:
         styles = self._load()
         if name not in styles:
             known = ", ".join(styles) or "none"
-            raise UserError(f"Unknown style {name!r}; styles are: {known}." + (f" ({self.error})" if self.error else ""))
+            why = f" ({self.error})" if self.error else ""
+            raise UserError(f"Unknown style {name!r}; styles are: {known}.{why}")
         return styles[name]
 
     def expand(self, prompt: str, negative: str, names) -> tuple[str, str]:

@@ -132,4 +132,5 @@ def test_prompt_cache_keeps_long_prompts_whole(tiny_engine):
         assert other.readout.details["prompt_cache"] == "miss"  # a change in chunk 2 is a different key
         assert np.array_equal(np.asarray(first.images[0]), np.asarray(again.images[0]))
     finally:
-        tiny_engine.set_optimizations(tiny_engine.optimizations.model_copy(update={"prompt_cache": options.prompt_cache}))
+        tiny_engine.set_optimizations(tiny_engine.optimizations.model_copy(
+            update={"prompt_cache": options.prompt_cache}))

@@ -53,6 +53,15 @@ def test_styles_round_trip_through_png_info(tmp_path, styles):
     assert (prompt, negative) == ("a red circle", "ugly")
     again = engine.txt2img({**request, "prompt": prompt, "negative_prompt": negative, "styles": fields["styles"]})
     assert again.infotexts == first.infotexts
+    # What PNG info's "Send to txt2img" fills in; after the style changes, the full prompt without it.
+    from ui.components import UI_DEFAULTS
+    from ui.png_info_tab import sent_fields
+
+    values, note = sent_fields(engine, fields, UI_DEFAULTS)
+    assert (values["prompt"], values["styles"], note) == ("a red circle", ["Framed", "Appended"], None)
+    engine.styles.save("Framed", "a drawing of {prompt}", "")
+    values, note = sent_fields(engine, fields, UI_DEFAULTS)
+    assert values["prompt"] == fields["prompt"] and values["styles"] == [] and "Framed" in note
 
 
 def test_save_as_style_writes_a1111_csv_and_replaces_by_name(styles):

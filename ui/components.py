@@ -16,8 +16,8 @@ from engine.schedulers import DEFAULT_SAMPLER, SAMPLER_NAMES
 
 from .jobs import reported
 
-UI_DEFAULTS: dict[str, Any] = {"prompt": "", "negative_prompt": "", "styles": [], "width": 256, "height": 256, "steps": 20,
-                               "guidance": 7.0, "sampler": DEFAULT_SAMPLER, "seed": -1, "batch_size": 1}
+UI_DEFAULTS: dict[str, Any] = {"prompt": "", "negative_prompt": "", "styles": [], "width": 256, "height": 256,
+                               "steps": 20, "guidance": 7.0, "sampler": DEFAULT_SAMPLER, "seed": -1, "batch_size": 1}
 Controls = dict[str, gr.components.Component]  # handler parameter name -> the component that feeds it
 
 
@@ -142,7 +142,7 @@ def generation_tab(engine: Engine, history: gr.Dataframe, handler: Callable, bui
     # No Gradio concurrency limit: every job reaches the engine's queue, which runs them in arrival order
     # and tells each waiting one its place (Gradio's queue would only count this tab's own clicks).
     go.click(handler, inputs=list(controls.values()), outputs=[gallery, readout, params, history], api_name=api_name,
-             concurrency_limit=None)
+             concurrency_limit=None, show_progress_on=[gallery])  # the readout keeps its live line readable
     # Not queued: it must run while the generation holds the queue's one slot.
     stop.click(engine.stop, queue=False, api_name=stop_api_name)
     return controls
