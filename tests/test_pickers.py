@@ -48,8 +48,7 @@ def test_pickers_list_what_is_in_the_folder_and_nothing_outside(models_dir):
     assert "style" in available_loras(models_dir)
 
 
-def test_a_vae_from_the_folder_decodes_and_both_formats_agree(models_dir):
-    engine = Engine(runtime="pytorch", models_dir=models_dir)
+def test_a_vae_from_the_folder_decodes_and_both_formats_agree(engine):
     engine.load("builtin:tiny")
     plain = np.asarray(engine.txt2img(REQ).images[0], np.int16)
     engine.load("builtin:tiny", allow_any_path=False, vae="vae/brighter.safetensors")
@@ -57,14 +56,20 @@ def test_a_vae_from_the_folder_decodes_and_both_formats_agree(models_dir):
     assert engine.model.vae == "vae/brighter.safetensors" and "vae:" in engine.model.weights_key
     engine.load("builtin:tiny", allow_any_path=False, vae="vae/brighter")
     folder = np.asarray(engine.txt2img(REQ).images[0], np.int16)
+    engine.load("builtin:tiny")  # back to the model's own VAE for the other tests
     assert single.mean() > plain.mean() + 20  # the +0.5 bias made it brighter
     assert np.abs(single - folder).max() <= 1  # the LDM names were mapped right
 
 
-@pytest.mark.parametrize("name", ["/etc", "../outside", "vae/escape.safetensors"])
-def test_names_outside_the_folder_are_refused(models_dir, name):
+@pytest.fixture(scope="module")
+def engine(models_dir):
     engine = Engine(runtime="pytorch", models_dir=models_dir)
     engine.load("builtin:tiny")
+    return engine
+
+
+@pytest.mark.parametrize("name", ["/etc", "../outside", "vae/escape.safetensors"])
+def test_names_outside_the_folder_are_refused(engine, name):
     with pytest.raises(UserError, match="models folder|outside"):
         engine.load("builtin:tiny", allow_any_path=False, vae=name)
     with pytest.raises(UserError, match="models folder|outside|neither"):
@@ -74,9 +79,7 @@ def test_names_outside_the_folder_are_refused(models_dir, name):
     assert engine.model.name == "builtin:tiny" and engine.model.vae is None  # the old model keeps serving
 
 
-def test_tiny_autoencoder_picker_switches_the_decoder(models_dir):
-    engine = Engine(runtime="pytorch", models_dir=models_dir)
-    engine.load("builtin:tiny")
+def test_tiny_autoencoder_picker_switches_the_decoder(engine):
     assert engine.set_tiny_autoencoder("builtin:taesdxl") is not None  # SDXL latents: says why it cannot act
     assert engine.model.taesd is None
     assert engine.set_tiny_autoencoder("builtin:taesd") is None and engine.model.taesd is not None

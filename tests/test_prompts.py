@@ -120,17 +120,11 @@ def test_150_tokens_differ_from_the_first_75_and_runtimes_agree(tiny_engine, ov_
 
 
 def test_prompt_cache_keeps_long_prompts_whole(tiny_engine):
-    cache = tiny_engine.model.prompt_cache
-    options = tiny_engine.model.options
-    tiny_engine.set_optimizations(tiny_engine.optimizations.model_copy(update={"prompt_cache": True}))
-    try:
-        cache.clear()
-        first = tiny_engine.txt2img({**REQ, "prompt": LONG})
-        again = tiny_engine.txt2img({**REQ, "prompt": LONG})
-        other = tiny_engine.txt2img({**REQ, "prompt": LONG + " red"})
-        assert first.readout.details["prompt_cache"] == "miss" and again.readout.details["prompt_cache"] == "hit"
-        assert other.readout.details["prompt_cache"] == "miss"  # a change in chunk 2 is a different key
-        assert np.array_equal(np.asarray(first.images[0]), np.asarray(again.images[0]))
-    finally:
-        tiny_engine.set_optimizations(tiny_engine.optimizations.model_copy(
-            update={"prompt_cache": options.prompt_cache}))
+    assert tiny_engine.model.options.prompt_cache  # on by default
+    tiny_engine.model.prompt_cache.clear()
+    first = tiny_engine.txt2img({**REQ, "prompt": LONG})
+    again = tiny_engine.txt2img({**REQ, "prompt": LONG})
+    other = tiny_engine.txt2img({**REQ, "prompt": LONG + " red"})
+    assert first.readout.details["prompt_cache"] == "miss" and again.readout.details["prompt_cache"] == "hit"
+    assert other.readout.details["prompt_cache"] == "miss"  # a change in chunk 2 is a different key
+    assert np.array_equal(np.asarray(first.images[0]), np.asarray(again.images[0]))
