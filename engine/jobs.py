@@ -153,9 +153,10 @@ class JobRunner:
         """Run `task` on `runtime`; the caller holds `lock` and has checked the model is still the loaded one."""
         model, options = task.model, task.model.options
         key = self._cache_key(task, runtime) if options.result_cache else None
+        looked_up = time.perf_counter()  # a disk hit's reading counts in its time
         hit = self.result_cache.get(key) if key else None
         if hit is not None:
-            return self._cached(hit, task.notices)
+            return self._cached(hit, task.notices, looked_up)
         ctx = self._context = self._context_for(task, progress)
         self.live = LiveStatus(task=task.name, started=time.perf_counter(), running=True)
         mark, prompt_counts = runtime.compile_mark(), (model.prompt_cache.hits, model.prompt_cache.misses)
@@ -266,9 +267,8 @@ class JobRunner:
             "peak_ram_gib": round(readout.peak_rss_bytes / devices.GIB, 2), "shape": readout.shape_cache,
         })
 
-    def _cached(self, hit: dict, notices: list[str]) -> GenerationResult:
+    def _cached(self, hit: dict, notices: list[str], start: float) -> GenerationResult:
         """An identical earlier request: the images the cache kept, no UNet run."""
-        start = time.perf_counter()
         old: GenerationResult = hit["result"]
         images = [kept.copy() for kept in hit["images"]]
         seconds = time.perf_counter() - start
