@@ -82,8 +82,19 @@ def option_overrides(args: argparse.Namespace) -> dict:
             if getattr(args, spec.name) not in (None, False)}
 
 
+def results_dir(args: argparse.Namespace) -> Path | None:
+    """The result cache's folder: --result-cache-dir, else results/ beside the converted models; None: memory."""
+    from engine.caches import DEFAULT_RESULTS_DIR
+
+    if args.result_cache_dir:
+        return None if args.result_cache_dir.lower() == "none" else Path(args.result_cache_dir)
+    return Path(args.cache_dir) / "results" if args.cache_dir else DEFAULT_RESULTS_DIR
+
+
 def build_parser() -> argparse.ArgumentParser:
     from engine.runtimes import CHOICES
+    from engine.caches import DEFAULT_RESULTS_BYTES
+    from engine.styles import STYLES_FILE
 
     p = argparse.ArgumentParser(description="Fast Stable Diffusion web UI: picks the runtime for your hardware "
                                             "and shows time and memory beside every image.")
@@ -102,6 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--taesd", default=None,
                    help="tiny autoencoder for fast decodes and previews: a diffusers AutoencoderTiny folder, a hub id "
                         "(madebyollin/taesd), or builtin:taesd (random weights, for benchmarks)")
+    p.add_argument("--styles", default=str(STYLES_FILE),
+                   help="prompt styles in AUTOMATIC1111's styles.csv format; 'Save as style' writes there "
+                        "(default: presets/styles.csv)")
     p.add_argument("--warmup", default=None, help="shapes to prepare ahead, e.g. 512x512,768x512")
     p.add_argument("--warmup-tasks", default="txt2img",
                    help="what the warmed shapes are for, comma separated: txt2img, img2img, hires_fix, tiled_upscale "
@@ -109,6 +123,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_option_flags(p)
     p.add_argument("--cache-dir", default=None,
                    help="where converted models and compiled blobs are kept (default ~/.cache/fast-sd)")
+    p.add_argument("--result-cache-dir", default=None,
+                   help="where the result cache (when the option is on) keeps results across restarts; 'none' keeps "
+                        "them in memory only (default: results/ in the cache dir)")
+    p.add_argument("--result-cache-mb", type=int, default=DEFAULT_RESULTS_BYTES >> 20,
+                   help="result cache size on disk in MiB; the least recently used go first (default: %(default)s)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
     p.add_argument("--port", type=int, default=7860, help="port (default: %(default)s)")
     p.add_argument("--allowed-host", action="append", default=[], metavar="NAME",
@@ -152,13 +171,17 @@ def main(argv: list[str] | None = None) -> int:
         if args.preset:
             preset = load_preset(args.preset, presets_dir)
             optimizations = preset.optimizations
-            defaults = {**preset.defaults.model_dump(exclude_none=True), "preset": preset.name}
+            defaults = {**preset.defaults.model_dump(exclude_none=True), "preset": preset.name,
+                        "styles": list(preset.styles)}
         overrides = option_overrides(args)
         if overrides:
             optimizations = (optimizations or Optimizations()).model_copy(update=overrides)
         engine = Engine(runtime=args.runtime, optimizations=optimizations, models_dir=Path(args.models_dir),
                         cache_dir=Path(args.cache_dir) if args.cache_dir else None,
-                        outputs_dir=None if args.no_save else Path(args.outputs_dir), taesd=args.taesd)
+                        outputs_dir=None if args.no_save else Path(args.outputs_dir), taesd=args.taesd,
+                        styles_file=Path(args.styles),
+                        result_cache_dir=results_dir(args),
+                        result_cache_bytes=args.result_cache_mb << 20)
         print(engine.hardware, flush=True)
         print(f"Runtime: {engine.runtime.describe()} — {engine.choice.reason}", flush=True)
         for label, why in engine.not_applied.items():

@@ -13,12 +13,15 @@ from typing import Any
 
 from . import devices, lora, runtimes
 from . import hardware as hardware_mod
+from .caches import DEFAULT_RESULTS_BYTES
 from .errors import UserError
 from .jobs import GenerationResult, JobRunner
 from .lora import LoraUse
-from .models import (LoadedModel, load_model, load_tiny_autoencoder, tiny_autoencoder_family,
-                     tiny_autoencoder_mismatch)
+from .models import (LoadedModel, available_models, available_tiny_autoencoders, available_vaes, load_model,
+                     load_tiny_autoencoder, tiny_autoencoder_family, tiny_autoencoder_mismatch)
 from .options import RUNTIME_FIELDS, Optimizations, effective
+from .requests import parse_request
+from .styles import STYLES_FILE, Styles
 from .runtimes.base import Runtime, WarmupResult
 from .tasks import HiresFix, Img2Img, Task, TiledUpscale, Txt2Img
 from .tasks.context import ProgressFn
@@ -41,19 +44,22 @@ class Engine:
     def __init__(self, hardware: hardware_mod.HardwareReport | None = None, runtime: str = "auto",
                  optimizations: Optimizations | None = None, models_dir: Path | None = None,
                  cache_dir: Path | None = None, outputs_dir: Path | None = None, preview_every: int = 2,
-                 history_size: int = 20, taesd: str | None = None):
+                 history_size: int = 20, taesd: str | None = None, styles_file: Path | None = STYLES_FILE,
+                 result_cache_dir: Path | None = None, result_cache_bytes: int = DEFAULT_RESULTS_BYTES):
         self.hardware = hardware or hardware_mod.detect()
         self.optimizations = optimizations or Optimizations()  # what the user asked for
         self.models_dir = Path(models_dir) if models_dir else None
         self.cache_dir = Path(cache_dir) if cache_dir else None
         self.taesd = load_tiny_autoencoder(taesd, models_dir=self.models_dir) if taesd else None
         self.taesd_family = tiny_autoencoder_family(taesd, self.taesd.config.latent_channels) if taesd else None
+        self.taesd_name = taesd or None
         self.runtime_wish = runtime
         self.model: LoadedModel | None = None
         self.choice = runtimes.pick(self.hardware, runtime)
         self.runtime: Runtime = self._new_runtime(self.choice.cls, self.optimizations)
-        self.jobs = JobRunner(outputs_dir, preview_every, history_size)
+        self.jobs = JobRunner(outputs_dir, preview_every, history_size, result_cache_dir, result_cache_bytes)
         self._config_dir: str | Path | None = None
+        self.styles = Styles(styles_file)
 
     live = property(lambda self: self.jobs.live, doc="LiveStatus of the running (or last) job")
     config_dir = property(lambda self: self._config_dir, doc="the configs folder the loaded model was given")
@@ -98,10 +104,10 @@ class Engine:
         return cls(self.hardware, self.effective_options(optimizations, cls)[0], self.cache_dir)
 
     def _prepared(self, runtime: Runtime, source: str, allow_any_path: bool, config_dir,
-                  loras: tuple[LoraUse, ...] = ()) -> LoadedModel:
+                  loras: tuple[LoraUse, ...] = (), vae: str | None = None) -> LoadedModel:
         model = load_model(source, models_dir=self.models_dir, allow_any_path=allow_any_path, config_dir=config_dir,
                            skeleton_for=runtime.cached_components, loras=loras,
-                           keep_lora_originals=runtime.fuses_in_place)
+                           keep_lora_originals=runtime.fuses_in_place, vae=vae)
         runtime.prepare(model)
         return model
 
@@ -110,27 +116,47 @@ class Engine:
         model.options = effective(self.optimizations, reasons)[0]
         usable = self.taesd is not None and "tiny_vae" not in reasons
         model.taesd = self.taesd.to(self.runtime.device) if usable else None
+        model.taesd_name = self.taesd_name if usable else None
         old, self.model, self._config_dir = self.model, model, config_dir  # a runtime switch reloads the same way
         del old
         gc.collect()
         log.info("loaded %s (%s) in %.2f s", model.name, model.family, model.load_seconds)
 
-    def load(self, source: str, *, allow_any_path: bool = True, config_dir: str | Path | None = None) -> LoadedModel:
-        """Load and prepare a model. On failure the previous model stays loaded, on its runtime."""
+    def load(self, source: str, *, allow_any_path: bool = True, config_dir: str | Path | None = None,
+             vae: str | None = None) -> LoadedModel:
+        """Load and prepare a model (with `vae` in place of its own VAE). On failure the previous model stays
+        loaded, on its runtime."""
         with self.jobs.lock:
             try:
-                model = self._prepared(self.runtime, source, allow_any_path, config_dir)
+                model = self._prepared(self.runtime, source, allow_any_path, config_dir, vae=vae)
             except UserError:
                 raise
             except Exception as e:
                 if self.runtime.fallible is None:
                     raise  # eager PyTorch is the fallback: nothing to fall back to
-                model = self._fall_back(e, f"could not prepare {source}", source, allow_any_path, config_dir)
+                model = self._fall_back(e, f"could not prepare {source}", source, allow_any_path, config_dir,
+                                        vae=vae)
             self._install(model, config_dir)
             return model
 
+    def set_tiny_autoencoder(self, text: str | None, *, allow_any_path: bool = True) -> str | None:
+        """Use another tiny autoencoder (None or "": none); the loaded model keeps serving. Returns why the tiny
+        autoencoder option cannot act with the loaded model, or None when it can."""
+        taesd = load_tiny_autoencoder(text, models_dir=self.models_dir, allow_any_path=allow_any_path) if text else None
+        family = tiny_autoencoder_family(text, taesd.config.latent_channels) if taesd is not None else None
+        with self.jobs.lock:
+            self.taesd, self.taesd_family, self.taesd_name = taesd, family, text or None
+            if self.model is not None:
+                reasons = self.option_reasons()
+                self.model.options = effective(self.optimizations, reasons)[0]
+                usable = taesd is not None and "tiny_vae" not in reasons
+                self.model.taesd = taesd.to(self.runtime.device) if usable else None
+                self.model.taesd_name = text if usable else None
+                return reasons.get("tiny_vae")
+        return None
+
     def _fall_back(self, error: Exception, what: str, source: str, allow_any_path: bool, config_dir,
-                   loras: tuple[LoraUse, ...] = ()) -> LoadedModel:
+                   loras: tuple[LoraUse, ...] = (), vae: str | None = None) -> LoadedModel:
         """`source` prepared on eager PyTorch, for a runtime (or torch.compile) that failed; the Engine tab says
         why. The engine takes the new runtime only once the model is ready on it."""
         from .runtimes.pytorch import PyTorchRuntime
@@ -140,7 +166,7 @@ class Engine:
         log.warning("%s", reason, exc_info=error)
         opts = self.optimizations.model_copy(update={"torch_compile": False})
         runtime = self._new_runtime(PyTorchRuntime, opts)
-        model = self._prepared(runtime, source, allow_any_path, config_dir, loras)
+        model = self._prepared(runtime, source, allow_any_path, config_dir, loras, vae)
         self.runtime, self.optimizations = runtime, opts
         self.choice = runtimes.Choice("pytorch", reason, {**self.choice.skipped, failed: reason})
         return model
@@ -152,8 +178,8 @@ class Engine:
         opts = optimizations or self.optimizations
         runtime = self._new_runtime(choice.cls, opts)
         with self.jobs.lock:  # no job may run between the prepare and the swap
-            model = (self._prepared(runtime, self.model.source.text, True, self._config_dir, self.model.loras.uses)
-                     if self.model else None)
+            model = (self._prepared(runtime, self.model.source.text, True, self._config_dir, self.model.loras.uses,
+                                    self.model.vae) if self.model else None)
             self.choice, self.runtime, self.optimizations, self.runtime_wish = choice, runtime, opts, wish
             if model is not None:
                 self._install(model, self._config_dir)
@@ -168,10 +194,21 @@ class Engine:
             model.loras.fuse(model.pipe, plans)
             return f"fused in {time.perf_counter() - start:.2f} s" if uses else "unfused"
         converted = len(getattr(self.runtime, "conversions", ()))
-        self._install(self._prepared(self.runtime, model.source.text, True, self._config_dir, uses), self._config_dir)
+        self._install(self._prepared(self.runtime, model.source.text, True, self._config_dir, uses, model.vae),
+                      self._config_dir)
         how = ("converted" if len(getattr(self.runtime, "conversions", ())) > converted
                else "from cache" if hasattr(self.runtime, "conversions") else "reloaded")
         return f"{'fused, ' if uses else ''}{how} in {time.perf_counter() - start:.1f} s"
+
+    def model_names(self) -> list[str]:
+        """What the model picker offers: the built-ins, then models under --models-dir."""
+        return [name for name, _ in available_models(self.models_dir)]
+
+    def vae_names(self) -> list[str]:
+        return available_vaes(self.models_dir)
+
+    def tiny_autoencoder_names(self) -> list[str]:
+        return available_tiny_autoencoders(self.models_dir)
 
     def lora_names(self) -> list[str]:
         """LoRAs a prompt may name (<models-dir>/lora, then the built-in ones)."""
@@ -199,6 +236,10 @@ class Engine:
         with self.jobs.lock:
             return self.runtime.warmup(model, shapes)
 
+    def queue_place(self, thread: int):
+        """jobs.QueuePlace of the job a thread waits to run, or None once it runs (or never waited)."""
+        return self.jobs.queue_place(thread)
+
     def stop(self) -> None:
         """Ask the running job to end after its current step."""
         self.jobs.stop()
@@ -210,12 +251,13 @@ class Engine:
         """Validate, check memory, then run on the device. A runtime that compiles lazily and fails at its
         first job is replaced by eager PyTorch once, and the job runs again there."""
         model = self.require_model()
+        request = self.styled(task_cls, request)
         task = task_cls(model, request, image)
         need = task.memory_need()
         if need is not None:
             unet = getattr(model.pipe.unet, "config", None)
             devices.check_job_fits(self.runtime.device, unet.block_out_channels[0] if unet else 320, *need)
-        with self.jobs.lock:
+        with self.jobs.turn(task.name):
             # The same model prepared again (a LoRA change on OpenVINO) may run the job; another may not.
             if self.model is None or self.model.source.text != model.source.text:
                 raise UserError("The model changed while this job waited; run it again.")
@@ -233,13 +275,22 @@ class Engine:
                                                                            and self.runtime.fallible):
                     raise
                 self._install(self._fall_back(e, "failed at its first run", task.model.source.text, True,
-                                              self._config_dir, task.loras), self._config_dir)
+                                              self._config_dir, task.loras, task.model.vae), self._config_dir)
                 details, task = task.details, task_cls(self.model, request, image)
                 task.details.update(details)
                 result = self.jobs.run(task, self.runtime, self.not_applied, progress)
                 result.notices.insert(0, f"{self.choice.reason}.")
             self.runtime.proven = True
             return result
+
+    def styled(self, task_cls: type[Task], request):
+        """The request with its styles expanded into the prompt pair (the style names stay, for the PNG)."""
+        if isinstance(request, dict):
+            request = parse_request(task_cls.request_type, request)
+        if not request.styles:
+            return request
+        prompt, negative = self.styles.expand(request.prompt, request.negative_prompt, request.styles)
+        return request.model_copy(update={"prompt": prompt, "negative_prompt": negative})
 
     def txt2img(self, request, progress: ProgressFn | None = None) -> GenerationResult:
         return self.run(Txt2Img, request, None, progress)

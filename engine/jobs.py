@@ -10,12 +10,13 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from . import devices
-from .caches import LRU, result_key
+from .caches import DEFAULT_RESULTS_BYTES, DiskResultCache, MemoryResultCache, result_key
 from .errors import UserError
 from .metadata import OPTION_LABELS, format_parameters
 from .options import is_on
@@ -70,8 +71,25 @@ def picture_options(options) -> dict:
     return {name: getattr(options, name) for name in names}
 
 
+@dataclass
+class Waiting:
+    """A job waiting for the device: its thread, its task, when it came."""
+
+    thread: int
+    task: str
+    since: float = field(default_factory=time.perf_counter)
+
+
+@dataclass
+class QueuePlace:
+    place: int  # 1: next once the running job ends
+    ahead: list[str]  # tasks ahead of it, the running one first
+    wait_s: float | None  # estimate before it starts; None until a job of each kind ahead has finished here
+
+
 class JobRunner:
-    def __init__(self, outputs_dir: Path | None = None, preview_every: int = 2, history_size: int = 20):
+    def __init__(self, outputs_dir: Path | None = None, preview_every: int = 2, history_size: int = 20,
+                 result_cache_dir: Path | None = None, result_cache_bytes: int = DEFAULT_RESULTS_BYTES):
         self.lock = threading.RLock()  # one job (or load) on the device; re-entrant for a runtime switch
         self.outputs_dir = Path(outputs_dir) if outputs_dir else None  # None: do not save
         if self.outputs_dir is not None and self.outputs_dir.is_dir():
@@ -79,8 +97,59 @@ class JobRunner:
         self.preview_every = preview_every  # steps between live previews; 0 = none
         self.live = LiveStatus()
         self.history: deque[dict[str, Any]] = deque(maxlen=history_size)
-        self.result_cache = LRU(32)
+        # On disk it survives a restart; without a folder (tests, library use) it is this process's last 32.
+        self.result_cache = (DiskResultCache(result_cache_dir, result_cache_bytes) if result_cache_dir
+                             else MemoryResultCache(32))
         self._context: DenoiseContext | None = None
+        self._turns = threading.Condition()
+        self._waiting: list[Waiting] = []  # jobs in arrival order; only the first may take the lock
+
+    @contextmanager
+    def turn(self, task: str):
+        """Hold the device for one job, in arrival order (a bare lock wakes waiters in any order, so a place in
+        the queue would mean nothing). A thread already holding the lock (Compare's columns) goes straight in."""
+        if self.lock._is_owned():  # RLock's own ownership test (what threading.Condition uses)
+            with self.lock:
+                yield
+            return
+        me = Waiting(threading.get_ident(), task)
+        with self._turns:
+            self._waiting.append(me)
+        try:
+            with self._turns:
+                self._turns.wait_for(lambda: self._waiting[0] is me)
+            self.lock.acquire()
+        finally:
+            with self._turns:
+                self._waiting.remove(me)
+                self._turns.notify_all()
+        try:
+            yield
+        finally:
+            self.lock.release()
+
+    def queue_place(self, thread: int) -> QueuePlace | None:
+        """Where the job of this thread stands while it waits (None: it is not waiting), and how long until it
+        starts: the running job's time left plus the median time of recent jobs of each task ahead."""
+        with self._turns:
+            waiting = list(self._waiting)
+        index = next((i for i, w in enumerate(waiting) if w.thread == thread), None)
+        if index is None:
+            return None
+        live = self.live
+        ahead = ([live.task] if live.running else []) + [w.task for w in waiting[:index]]
+        wait = 0.0
+        if live.running:
+            left = live.eta_s if live.eta_s is not None else self._typical_s(live.task)
+            wait = None if left is None else max(0.0, left)
+        for w in waiting[:index]:
+            typical = self._typical_s(w.task)
+            wait = None if wait is None or typical is None else wait + typical
+        return QueuePlace(index + 1, ahead, wait)
+
+    def _typical_s(self, task: str) -> float | None:
+        times = sorted(row["total_s"] for row in list(self.history)[:8] if row["task"] == task)
+        return times[len(times) // 2] if times else None
 
     def stop(self) -> None:
         """Ask the running job to end after its current step."""
@@ -91,9 +160,10 @@ class JobRunner:
         """Run `task` on `runtime`; the caller holds `lock` and has checked the model is still the loaded one."""
         model, options = task.model, task.model.options
         key = self._cache_key(task, runtime) if options.result_cache else None
+        looked_up = time.perf_counter()  # a disk hit's reading counts in its time
         hit = self.result_cache.get(key) if key else None
         if hit is not None:
-            return self._cached(hit, task.notices)
+            return self._cached(hit, task.notices, looked_up)
         ctx = self._context = self._context_for(task, progress)
         self.live = LiveStatus(task=task.name, started=time.perf_counter(), running=True)
         mark, prompt_counts = runtime.compile_mark(), (model.prompt_cache.hits, model.prompt_cache.misses)
@@ -118,8 +188,7 @@ class JobRunner:
         result = self._result(task, runtime, output, readout)
         self._remember(task.name, readout)
         if key is not None and result.images and not (ctx.stopped and output.steps_run < output.steps_planned):
-            self.result_cache.put(key, {"result": result, "images": [im.copy() for im in result.images],
-                                        "time": time.strftime("%H:%M:%S")})
+            self.result_cache.put(key, result, time.strftime("%Y-%m-%d %H:%M:%S"))
         return result
 
     # -- pieces of a run
@@ -153,6 +222,8 @@ class JobRunner:
     def _cache_key(task: Task, runtime) -> str:
         model = task.model
         output_options = model.options.model_dump(exclude={"prompt_cache", "result_cache"})
+        if model.options.tiny_vae:
+            output_options["taesd"] = model.taesd_name  # another tiny autoencoder decodes other pixels
         return result_key(model.weights_key, task.name, runtime.name, runtime.precision,
                           {**task.request.model_dump(), "inputs": task.inputs_key}, output_options)
 
@@ -209,20 +280,10 @@ class JobRunner:
             "peak_ram_gib": round(readout.peak_rss_bytes / devices.GIB, 2), "shape": readout.shape_cache,
         })
 
-    def _cached(self, hit: dict, notices: list[str]) -> GenerationResult:
-        """An identical earlier request: its saved images (or the kept copies), no UNet run."""
-        from PIL import Image
-
-        start = time.perf_counter()
+    def _cached(self, hit: dict, notices: list[str], start: float) -> GenerationResult:
+        """An identical earlier request: the images the cache kept, no UNet run."""
         old: GenerationResult = hit["result"]
-        images = []
-        for i, kept in enumerate(hit["images"]):
-            path = old.saved_paths[i] if i < len(old.saved_paths) else None
-            if path and Path(path).is_file():
-                with Image.open(path) as im:
-                    images.append(im.convert("RGB"))
-            else:
-                images.append(kept.copy())
+        images = [kept.copy() for kept in hit["images"]]
         seconds = time.perf_counter() - start
         readout = replace(
             old.readout, total_s=seconds, stages_s={"result_cache": seconds}, steps=0, it_per_s=0.0, peak_rss_bytes=0,

@@ -6,6 +6,7 @@
 """
 from __future__ import annotations
 
+import json
 import re
 from typing import Any
 
@@ -15,6 +16,7 @@ LABELS = {
     "model": "Model", "strength": "Denoising strength", "factor": "Upscale factor", "upscaler": "Hires upscaler",
     "hires_strength": "Hires denoising strength", "hires_steps": "Hires steps", "task": "Task",
     "runtime": "Runtime", "tile_size": "Tile size", "tile_overlap": "Tile overlap", "resize_mode": "Resize mode",
+    "styles": "Styles array",  # A1111's label: a JSON list, so names may hold commas
 }
 # options that change the picture, written where they are on
 OPTION_LABELS = {"cfg_truncation": "CFG truncation", "deepcache_interval": "DeepCache interval",
@@ -44,7 +46,9 @@ def format_parameters(params: dict[str, Any]) -> str:
     fields = dict(params)
     if "width" in fields and "height" in fields and fields["width"] and fields["height"]:
         fields["size"] = f"{fields['width']}x{fields['height']}"
-    pairs = [f"{LABELS[k]}: {format_value(fields[k])}" for k in LABELS if fields.get(k) not in (None, "")]
+    if fields.get("styles"):
+        fields["styles"] = json.dumps(list(fields["styles"]), ensure_ascii=False)
+    pairs = [f"{LABELS[k]}: {format_value(fields[k])}" for k in LABELS if fields.get(k) not in (None, "", (), [])]
     lines.append(", ".join(pairs))
     return "\n".join(lines)
 
@@ -72,6 +76,14 @@ def parse_parameters(text: str) -> dict[str, Any]:
             if w.isdigit() and h.isdigit():
                 out["width"], out["height"] = int(w), int(h)
             continue
+        if key == "styles":
+            try:
+                styles = json.loads(raw)
+            except ValueError:
+                styles = None
+            if isinstance(styles, list) and all(isinstance(s, str) for s in styles):
+                out[key] = styles
+                continue
         try:
             out[key] = int(raw) if key in INTS else float(raw) if key in FLOATS else raw
         except ValueError:

@@ -59,7 +59,10 @@ class LoadedModel:
     options: Any = None
     prompt_cache: Any = None
     taesd: Any = None
+    taesd_name: str | None = None  # which tiny autoencoder, for the result cache's key
     loras: Any = None  # lora.FusedLoras: what is fused into these weights
+    vae: str | None = None  # a VAE loaded in place of the model's own (its name as given)
+    vae_identity: str | None = None
 
     def __post_init__(self):
         from .caches import PromptCache
@@ -77,12 +80,15 @@ class LoadedModel:
         """Cache identity of one component's weights as they are now (the LoRAs fused into it included)."""
         from .lora import component_identity
 
+        if component == "vae" and self.vae:
+            return self.vae_identity
         return component_identity(self.identity, [(p.lora, p.weight) for p in self.loras.plans], component)
 
     @property
     def weights_key(self) -> str:
         """Identity of all the weights that run, for the result cache."""
-        return f"{self.identity or self.name}|{self.loras.key()}"
+        vae = f"|vae:{self.vae_identity or self.vae}" if self.vae else ""
+        return f"{self.identity or self.name}|{self.loras.key()}{vae}"
 
     @property
     def vae_scale_factor(self) -> int:
@@ -358,6 +364,75 @@ def available_models(models_dir: Path | None) -> list[tuple[str, str]]:
     return found + local
 
 
+VAE_DIR, TAESD_DIR = "vae", "taesd"  # under --models-dir
+
+
+def _listed(models_dir: Path | None, sub: str, wanted: Callable[[Path], bool]) -> list[str]:
+    """Names (paths inside models_dir, e.g. vae/x.safetensors) of what `wanted` accepts under models_dir/sub,
+    hidden files and anything that resolves outside models_dir left out."""
+    if models_dir is None or not (Path(models_dir) / sub).is_dir():
+        return []
+    root = Path(models_dir).resolve()
+    names = []
+    for path in sorted((root / sub).rglob("*")):
+        rel = path.relative_to(root)
+        real = path.resolve()
+        if not any(p.startswith(".") for p in rel.parts) and root in real.parents and wanted(path):
+            names.append(rel.as_posix())
+    return names
+
+
+def available_vaes(models_dir: Path | None) -> list[str]:
+    """VAEs under <models-dir>/vae: AutoencoderKL folders (config.json) and single files (.safetensors, .pt...)."""
+    def wanted(path: Path) -> bool:
+        if path.is_dir():
+            return (path / "config.json").is_file()
+        return path.suffix.lower() in SINGLE_FILE_SUFFIXES and not (path.parent / "config.json").is_file()
+    return _listed(models_dir, VAE_DIR, wanted)
+
+
+def available_tiny_autoencoders(models_dir: Path | None) -> list[str]:
+    """The built-in tiny autoencoders, then AutoencoderTiny folders under <models-dir>/taesd."""
+    return [f"builtin:{n}" for n in TINY_AUTOENCODERS] + _listed(
+        models_dir, TAESD_DIR, lambda p: p.is_dir() and (p / "config.json").is_file())
+
+
+def load_vae(text: str, like, *, models_dir: Path | None = None, allow_any_path: bool = True):
+    """(AutoencoderKL, identity) from a diffusers folder, a single file (A1111's .safetensors/.pt VAEs, in LDM or
+    diffusers key names, read into `like`'s architecture) or a hub id."""
+    from diffusers import AutoencoderKL
+
+    source = resolve_source(text, models_dir=models_dir, allow_any_path=allow_any_path)
+    identity = model_identity(source) or f"hub-{source.value}"
+    if source.kind == "folder":
+        return _guarded(lambda: AutoencoderKL.from_pretrained(source.value).eval(), source), identity
+    if source.kind == "hub":
+        return _guarded(lambda: AutoencoderKL.from_pretrained(source.value).eval(), source), identity
+    if source.kind != "file":
+        raise ModelLoadError(f"{text!r} is not a VAE: give a file or folder under {VAE_DIR}/, or a hub id.")
+
+    def read():
+        from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
+
+        state = _state_dict(source.path)
+        state = state.get("state_dict", state)
+        if not any("down_blocks" in k for k in state):  # LDM names (A1111's VAE files): map to diffusers'
+            state = convert_ldm_vae_checkpoint(state, dict(like.config))
+        vae = AutoencoderKL.from_config(like.config)
+        vae.load_state_dict(state, strict=True)
+        return vae.eval()
+
+    return _guarded(read, source), identity
+
+
+def _state_dict(path: Path) -> dict:
+    if path.suffix.lower() == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    return torch.load(path, map_location="cpu", weights_only=True)  # a pickle that would run code is refused
+
+
 def _inside_models_dir(text: str, models_dir: Path | None) -> Path | None:
     if models_dir is None:
         return None
@@ -519,7 +594,7 @@ def _family_kwargs(family: str) -> dict:
 def load_model(text: str, *, models_dir: Path | None = None, allow_any_path: bool = True,
                config_dir: str | Path | None = None,
                skeleton_for: Callable[[Callable[[str], str | None]], frozenset[str]] | None = None,
-               loras: tuple = (), keep_lora_originals: bool = True) -> LoadedModel:
+               loras: tuple = (), keep_lora_originals: bool = True, vae: str | None = None) -> LoadedModel:
     """Load a model source as a pipeline on CPU in fp32, with `loras` (lora.LoraUse) fused; runtimes move and
     convert it.
 
@@ -534,9 +609,19 @@ def load_model(text: str, *, models_dir: Path | None = None, allow_any_path: boo
     start = time.perf_counter()
     identity = model_identity(source, config_dir)
     files = [(lora.read(u.name, lora.resolve(u.name, models_dir)), u.weight) for u in loras]
+    vae_identity = None
+    if vae:
+        vae_source = resolve_source(vae, models_dir=models_dir, allow_any_path=allow_any_path)  # refused early
+        vae_identity = model_identity(vae_source) or f"hub-{vae_source.value}"
+
+    def identity_of(component: str) -> str | None:
+        if component == "vae" and vae:
+            return vae_identity
+        return lora.component_identity(identity, files, component)
+
     skeleton = frozenset()
     if skeleton_for is not None and identity is not None and source.kind in ("builtin", "folder"):
-        skeleton = frozenset(skeleton_for(lambda component: lora.component_identity(identity, files, component)))
+        skeleton = frozenset(skeleton_for(identity_of))
     if source.kind == "builtin":
         family, pipe = build_builtin(source.value, skeleton)
     elif source.kind == "folder":
@@ -551,8 +636,11 @@ def load_model(text: str, *, models_dir: Path | None = None, allow_any_path: boo
     else:
         pipe, family = _load_hub(source)
     pipe.set_progress_bar_config(disable=True)
+    if vae and "vae" not in skeleton:  # in the skeleton: the runtime has this VAE's converted copy already
+        pipe.vae = load_vae(vae, pipe.vae, models_dir=models_dir, allow_any_path=allow_any_path)[0]
     model = LoadedModel(pipe=pipe, family=family, name=source.text, source=source, load_seconds=0.0,
-                        scheduler_config=dict(pipe.scheduler.config), identity=identity, skeleton=skeleton)
+                        scheduler_config=dict(pipe.scheduler.config), identity=identity, skeleton=skeleton,
+                        vae=vae or None, vae_identity=vae_identity)
     if loras:
         model.loras.fuse(pipe, [lora.plan(pipe, family, u, models_dir) for u in loras], keep_lora_originals)
     model.load_seconds = time.perf_counter() - start

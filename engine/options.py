@@ -202,6 +202,7 @@ class Preset(BaseModel):
     optimizations: Optimizations = Optimizations()
     defaults: GenerationDefaults = GenerationDefaults()
     lora: PresetLora = PresetLora()
+    styles: tuple[str, ...] = ()  # names in the styles file, chosen in the generation tabs with the preset
 
 
 def preset_names(directory: Path = PRESETS_DIR) -> list[str]:
@@ -234,11 +235,16 @@ def _toml_value(v) -> str:
         return "true" if v else "false"
     if isinstance(v, (int, float)):
         return repr(v)
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
     return '"' + str(v).replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
 def preset_toml(preset: Preset) -> str:
-    lines = [f"description = {_toml_value(preset.description)}", "", "[optimizations]"]
+    lines = [f"description = {_toml_value(preset.description)}"]
+    if preset.styles:
+        lines.append(f"styles = {_toml_value(preset.styles)}")
+    lines += ["", "[optimizations]"]
     lines += [f"{k} = {_toml_value(v)}" for k, v in preset.optimizations.model_dump().items()]
     defaults = preset.defaults.model_dump(exclude_none=True)
     if defaults:

@@ -40,6 +40,7 @@ class GenerationRequest(BaseModel):
     sampler: str = DEFAULT_SAMPLER
     seed: int = Field(-1, ge=-1, le=MAX_SEED)
     batch_size: int = Field(1, ge=1, le=MAX_BATCH)
+    styles: tuple[str, ...] = Field((), description="styles from the styles file, applied in this order")
 
     @field_validator("sampler")
     @classmethod

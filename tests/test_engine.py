@@ -118,9 +118,9 @@ def test_sdxl_family_generates():
     assert r.images[0].size == (96, 64)
 
 
-def test_long_prompt_is_truncated_with_a_visible_notice(tiny_engine):
+def test_long_prompt_is_encoded_in_chunks_with_a_notice(tiny_engine):
     r = gen(tiny_engine, prompt=" ".join(["zebra"] * 60))
-    assert any("tokens; the text encoder reads 75" in n for n in r.notices)
+    assert any("300 tokens: encoded as 4 chunks of up to 75" in n for n in r.notices)  # "zebra" is 5 tokens
     assert not any("tokens" in n for n in gen(tiny_engine, prompt="a red circle").notices)
 
 

@@ -110,6 +110,24 @@ def test_txt2img_through_the_real_client(api):
     assert diff.mean() < 1.0
 
 
+def test_styles_are_listed_and_honoured(app):
+    url, _ = app
+    status, _, body = request(url, "sdapi/v1/prompt-styles")
+    styles = {s["name"]: s for s in json.loads(body)}
+    assert status == 200 and "{prompt}" in styles["Photographic"]["prompt"]
+    status, _, body = request(url, "sdapi/v1/txt2img", method="POST", body={
+        "prompt": "a red circle", "styles": ["Photographic", "Default negative"], "steps": 1, "width": 64,
+        "height": 64, "seed": 3})
+    info = json.loads(json.loads(body)["info"])
+    assert status == 200 and info["styles"] == ["Photographic", "Default negative"]
+    assert info["prompt"] == styles["Photographic"]["prompt"].replace("{prompt}", "a red circle")
+    assert info["negative_prompt"] == ", ".join(styles[n]["negative_prompt"] for n in ("Photographic",
+                                                                                       "Default negative"))
+    assert 'Styles array: "[\\"Photographic\\", \\"Default negative\\"]"' in info["infotexts"][0]
+    status, _, body = request(url, "sdapi/v1/txt2img", method="POST", body={"prompt": "x", "styles": ["Nope"]})
+    assert status == 422 and "styles: Unknown style 'Nope'" in json.loads(body)["detail"]
+
+
 def test_hires_and_img2img_through_the_real_client(api):
     hires = api.txt2img(prompt=PROMPT, seed=3, width=128, height=128, enable_hr=True, hr_scale=1.5,
                         hr_second_pass_steps=4, denoising_strength=0.5, hr_upscaler=webuiapi.HiResUpscaler.Latent)

@@ -52,16 +52,18 @@ def test_api_parameters_are_named_after_the_request_fields(client):
     endpoints = client.view_api(return_format="dict", print_info=False)["named_endpoints"]
     names = {api: [p["parameter_name"] for p in e["parameters"]] for api, e in endpoints.items()}
     common = ["steps", "guidance", "sampler", "seed", "batch_size"]
-    assert names["/txt2img"] == ["prompt", "negative_prompt", "width", "height", "batch_count", *common]
+    # styles come last, so clients sending the older positional arguments still work
+    assert names["/txt2img"] == ["prompt", "negative_prompt", "width", "height", "batch_count", *common, "styles"]
     assert names["/tiled_upscale"] == ["image", "prompt", "negative_prompt", "factor", "strength", "tile_size",
-                                       "tile_overlap", *common]
+                                       "tile_overlap", *common, "styles"]
+    assert names["/load_model"] == ["model", "vae"]
     assert names["/set_runtime"] == ["runtime"] and names["/warmup"] == ["sizes", "tasks", "guidance"]
     from engine.options import OPTION_SPECS
 
     assert names["/set_optimizations"] == list(OPTION_SPECS)
     assert names["/save_preset"] == ["name", "steps", "guidance", "sampler", *OPTION_SPECS]
     assert names["/compare"] == ["prompt", "negative_prompt", "width", "height", "steps", "guidance", "sampler", "seed",
-                                 "axis", "value_1", "value_2", "value_3", "value_4", "warm_up"]
+                                 "axis", "value_1", "value_2", "value_3", "value_4", "warm_up", "styles"]
 
 
 def test_txt2img_returns_image_of_requested_size_and_readout(client):

@@ -36,7 +36,7 @@ def build_ui(engine: Engine, defaults: dict[str, Any] | None = None, presets_dir
             with gr.Tab("Compare", id="compare"):
                 compare_tab.build(engine, d, history, presets_dir)
             with gr.Tab("PNG info", id="pnginfo"):
-                png_info_tab.build(d, txt2img, tabs)
+                png_info_tab.build(engine, d, txt2img, tabs)
             with gr.Tab("Engine", id="engine"):
                 engine_controls = engine_tab.build(engine, d, guidance=txt2img["guidance"])
             with gr.Tab("Optimizations", id="optimizations"):

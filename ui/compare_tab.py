@@ -80,6 +80,7 @@ def build(engine: Engine, d: dict[str, Any], history: gr.Dataframe, presets_dir:
     with gr.Row():
         with gr.Column(scale=3):
             prompts = prompt_boxes(engine, d)
+            styles = prompts.pop("styles")  # passed last: older positional API calls keep working
             size = size_sliders(d)
             common = common_controls(d, batch_size=False)
         with gr.Column(scale=2):
@@ -110,9 +111,9 @@ def build(engine: Engine, d: dict[str, Any], history: gr.Dataframe, presets_dir:
 
     # Named positional parameters: the API's parameter names, and Gradio only hooks up a Progress after them.
     def compare(prompt, negative_prompt, width, height, steps, guidance, sampler, seed, axis, value_1, value_2,
-                value_3, value_4, warm_up, progress=gr.Progress()):
+                value_3, value_4, warm_up, styles=None, progress=gr.Progress()):
         request = {"width": width, "height": height,
-                   **common_request(prompt, negative_prompt, steps, guidance, sampler, seed, 1)}
+                   **common_request(prompt, negative_prompt, steps, guidance, sampler, seed, 1, styles)}
         stop_event, state = threading.Event(), {}
         running["stop"] = stop_event
         thread, box = run_in_thread(lambda: engine.compare(
@@ -148,6 +149,6 @@ def build(engine: Engine, d: dict[str, Any], history: gr.Dataframe, presets_dir:
             event.set()
             engine.stop()
 
-    go.click(compare, inputs=[*prompts.values(), *size.values(), *common.values(), axis, *values, warm_up],
+    go.click(compare, inputs=[*prompts.values(), *size.values(), *common.values(), axis, *values, warm_up, styles],
              outputs=[grid, table, params, history], api_name="compare")
     stop.click(stop_comparison, queue=False, api_name=False)

@@ -3,6 +3,7 @@ fields, and a generation tab's frame (inputs left, Generate/Stop, images and rea
 from __future__ import annotations
 
 import inspect
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import gradio as gr
@@ -13,8 +14,10 @@ from engine.lora import with_tag
 from engine.requests import GenerationRequest, Txt2ImgRequest
 from engine.schedulers import DEFAULT_SAMPLER, SAMPLER_NAMES
 
-UI_DEFAULTS: dict[str, Any] = {"prompt": "", "negative_prompt": "", "width": 256, "height": 256, "steps": 20,
-                               "guidance": 7.0, "sampler": DEFAULT_SAMPLER, "seed": -1, "batch_size": 1}
+from .jobs import reported
+
+UI_DEFAULTS: dict[str, Any] = {"prompt": "", "negative_prompt": "", "styles": [], "width": 256, "height": 256,
+                               "steps": 20, "guidance": 7.0, "sampler": DEFAULT_SAMPLER, "seed": -1, "batch_size": 1}
 Controls = dict[str, gr.components.Component]  # handler parameter name -> the component that feeds it
 
 
@@ -32,11 +35,45 @@ def field_slider(model: type[BaseModel], name: str, label: str, step: float, val
 
 
 def prompt_boxes(engine: Engine, d: dict[str, Any], lines: int = 2) -> Controls:
+    """Prompt, negative prompt, the styles picker (returned as "styles": tabs pass it last, so API clients that
+    send the older positional arguments still work) and the LoRA picker."""
     prompt = gr.Textbox(label="Prompt", value=d["prompt"], lines=lines,
-                        placeholder="a red circle on a blue background  (LoRAs: <lora:name:0.8>)")
+                        placeholder="a red circle on a blue background  ((word:1.3) weights, BREAK, "
+                                    "LoRAs: <lora:name:0.8>; no 75-token limit)")
     negative = gr.Textbox(label="Negative prompt", value=d["negative_prompt"], lines=max(1, lines - 1))
+    styles = style_picker(engine, d, prompt, negative)
     lora_picker(engine, prompt)
-    return {"prompt": prompt, "negative_prompt": negative}
+    return {"prompt": prompt, "negative_prompt": negative, "styles": styles}
+
+
+def style_picker(engine: Engine, d: dict[str, Any], prompt: gr.Textbox, negative: gr.Textbox) -> gr.Dropdown:
+    """Styles from the styles file (A1111's styles.csv), applied in the order picked when the job runs; the
+    current prompt pair saved as a style."""
+    known = engine.styles.names()
+    with gr.Row(elem_classes="style-picker"):
+        styles = gr.Dropdown(known, value=[s for s in d.get("styles", []) if s in known], multiselect=True,
+                             label="Styles", scale=4, elem_classes="styles",
+                             info=engine.styles.error or "added to the prompt pair when the job runs")
+        with gr.Column(scale=1, min_width=110):
+            refresh = gr.Button("Refresh styles", size="sm")
+            save = gr.Button("Save as style", size="sm")
+    name = gr.Textbox(label="New style name", placeholder="name, then Save as style again", visible=False,
+                      elem_classes="style-name")
+
+    def save_style(style_name, text, negative_text, chosen):
+        if not (style_name or "").strip():  # first click: ask for a name
+            return gr.update(visible=True), gr.skip()
+        with reported("Saving the style"):
+            style = engine.styles.save(style_name, text or "", negative_text or "")
+        gr.Info(f"Saved style {style.name!r} to {engine.styles.path.name}.")
+        return gr.update(value="", visible=False), gr.update(choices=engine.styles.names(),
+                                                             value=[*(chosen or []), style.name])
+
+    refresh.click(lambda: gr.update(choices=engine.styles.names(), info=engine.styles.error
+                                    or "added to the prompt pair when the job runs"),
+                  None, styles, api_name=False, queue=False)
+    save.click(save_style, [name, prompt, negative, styles], [name, styles], api_name=False, queue=False)
+    return styles
 
 
 def lora_picker(engine: Engine, prompt: gr.Textbox) -> None:
@@ -74,11 +111,12 @@ def common_controls(d: dict[str, Any], batch_size: bool = True) -> Controls:
     return {k: v for k, v in controls.items() if v is not None}
 
 
-def common_request(prompt, negative_prompt, steps, guidance, sampler, seed, batch_size) -> dict[str, Any]:
+def common_request(prompt, negative_prompt, steps, guidance, sampler, seed, batch_size,
+                   styles=None) -> dict[str, Any]:
     """The GenerationRequest fields, from the values of prompt_boxes and common_controls."""
     return {"prompt": prompt or "", "negative_prompt": negative_prompt or "", "steps": steps,
             "guidance": guidance, "sampler": sampler, "seed": -1 if seed is None else seed,
-            "batch_size": batch_size}
+            "batch_size": batch_size, "styles": list(styles or [])}
 
 
 def generation_tab(engine: Engine, history: gr.Dataframe, handler: Callable, build_controls: Callable[[], Controls],
@@ -101,8 +139,59 @@ def generation_tab(engine: Engine, history: gr.Dataframe, handler: Callable, bui
     names = [p.name for p in inspect.signature(handler).parameters.values() if p.name != "progress"]
     if names != list(controls):
         raise TypeError(f"{api_name}: handler parameters {names} != controls {list(controls)}")
-    go.click(handler, inputs=list(controls.values()), outputs=[gallery, readout, params, history], api_name=api_name)
+    # No Gradio concurrency limit: every job reaches the engine's queue, which runs them in arrival order
+    # and tells each waiting one its place (Gradio's queue would only count this tab's own clicks).
+    go.click(handler, inputs=list(controls.values()), outputs=[gallery, readout, params, history], api_name=api_name,
+             concurrency_limit=None, show_progress_on=[gallery])  # the readout keeps its live line readable
     # Not queued: it must run while the generation holds the queue's one slot.
     stop.click(engine.stop, queue=False, api_name=stop_api_name)
     return controls
 
+
+
+MODEL_OWN_VAE, NO_TINY_AUTOENCODER = "Automatic (the model's own)", "None"
+
+
+@dataclass
+class ModelPickers:
+    model: gr.Dropdown
+    vae: gr.Dropdown
+    load: gr.Button
+    taesd: gr.Dropdown
+    use_taesd: gr.Button
+
+
+def model_pickers(engine: Engine) -> ModelPickers:
+    """Dropdowns of what is under --models-dir (models, VAEs, tiny autoencoders) with a refresh button; a model
+    or VAE box also takes a hub id typed in. Loading goes through the same name checks as before."""
+    model_now = engine.model.name if engine.model else "builtin:shapes"
+    with gr.Row(elem_classes="model-pickers"):
+        model = gr.Dropdown(_with(engine.model_names(), model_now), value=model_now, allow_custom_value=True,
+                            label="Model", scale=3, elem_id="model-picker",
+                            info="builtin:NAME, a model under the models folder, or a hub id (owner/name)")
+        vae_now = (engine.model.vae if engine.model else None) or MODEL_OWN_VAE
+        vae = gr.Dropdown(_with([MODEL_OWN_VAE, *engine.vae_names()], vae_now), value=vae_now,
+                          allow_custom_value=True, label="VAE", scale=2, elem_id="vae-picker",
+                          info="<models-dir>/vae, or a hub id")
+        with gr.Column(scale=1, min_width=120):
+            load = gr.Button("Load model", variant="primary", size="sm")
+            refresh = gr.Button("Refresh lists", size="sm")
+    with gr.Row():
+        taesd_now = engine.taesd_name or NO_TINY_AUTOENCODER
+        taesd = gr.Dropdown(_with([NO_TINY_AUTOENCODER, *engine.tiny_autoencoder_names()], taesd_now),
+                            value=taesd_now, label="Tiny autoencoder", scale=3, elem_id="taesd-picker",
+                            info="fast decodes and real previews when the option is on; <models-dir>/taesd")
+        use_taesd = gr.Button("Use tiny autoencoder", size="sm", scale=1)
+
+    def refreshed():
+        return (gr.update(choices=_with(engine.model_names(), engine.model.name if engine.model else None)),
+                gr.update(choices=[MODEL_OWN_VAE, *engine.vae_names()]),
+                gr.update(choices=[NO_TINY_AUTOENCODER, *engine.tiny_autoencoder_names()]))
+
+    refresh.click(refreshed, None, [model, vae, taesd], api_name=False, queue=False)
+    return ModelPickers(model, vae, load, taesd, use_taesd)
+
+
+def _with(choices: list[str], current: str | None) -> list[str]:
+    """The choices, with the current value first when it is not among them (a hub id, a path given at start)."""
+    return choices if not current or current in choices else [current, *choices]

@@ -11,6 +11,7 @@ from engine.requests import parse_sizes
 from engine.runtimes import CHOICES
 from engine.warmup import TASKS as WARMUP_TASKS
 
+from .components import MODEL_OWN_VAE, NO_TINY_AUTOENCODER, model_pickers
 from .formatting import engine_markdown, options_markdown, warmup_markdown
 from .jobs import reported
 from .optimizations_tab import OptionsTab, option_updates
@@ -37,10 +38,7 @@ def build(engine: Engine, d: dict[str, Any], guidance: gr.Slider) -> EngineTab:
                                      info="with the txt2img tab's guidance")
         warmup_button = gr.Button("Warm up")
     report = gr.Markdown("")
-    with gr.Row():
-        model_box = gr.Textbox(label="Model (builtin:NAME, hub id owner/name, or a name under the models folder)",
-                               value=engine.model.name if engine.model else "builtin:shapes")
-        load_button = gr.Button("Load model")
+    pickers = model_pickers(engine)
     message = gr.Markdown("")
     gr.Textbox(str(engine.hardware), label="Hardware", lines=8, interactive=False)
 
@@ -57,14 +55,28 @@ def build(engine: Engine, d: dict[str, Any], guidance: gr.Slider) -> EngineTab:
 
     warmup_button.click(warmup, inputs=[sizes_box, tasks_box, guidance], outputs=[report], api_name="warmup")
 
-    def load_model(model, progress=gr.Progress()):
+    def load_model(model, vae=None, progress=gr.Progress()):
         progress(0, desc=f"Loading {model}")
+        vae = None if vae in (None, "", MODEL_OWN_VAE) else vae
         with reported("Loading the model"):
-            # Remote users may only name builtins, hub ids and models under --models-dir.
-            loaded = engine.load(model, allow_any_path=False)
-        return engine_markdown(engine), f"Loaded **{loaded.name}** ({loaded.family}) in {loaded.load_seconds:.1f} s."
+            # Remote users may only name builtins, hub ids and models (and VAEs) under --models-dir.
+            loaded = engine.load(model, allow_any_path=False, vae=vae)
+        with_vae = f" with VAE {loaded.vae}" if loaded.vae else ""
+        return (engine_markdown(engine),
+                f"Loaded **{loaded.name}** ({loaded.family}){with_vae} in {loaded.load_seconds:.1f} s.")
 
-    load_button.click(load_model, inputs=[model_box], outputs=[info, message], api_name="load_model")
+    pickers.load.click(load_model, inputs=[pickers.model, pickers.vae], outputs=[info, message], api_name="load_model")
+
+    def use_tiny_autoencoder(name):
+        with reported("Loading the tiny autoencoder"):
+            why = engine.set_tiny_autoencoder(None if name == NO_TINY_AUTOENCODER else name, allow_any_path=False)
+        if name == NO_TINY_AUTOENCODER:
+            return "No tiny autoencoder: decodes use the model's VAE."
+        return f"Tiny autoencoder **{name}**" + (f" loaded, but it cannot act: {why}." if why else
+                                                 " in use where the option is on.")
+
+    pickers.use_taesd.click(use_tiny_autoencoder, inputs=[pickers.taesd], outputs=[message],
+                            api_name="set_tiny_autoencoder")
     return EngineTab(info, message, runtime, use_runtime)
 
 

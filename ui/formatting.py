@@ -57,6 +57,15 @@ def live_markdown(engine: Engine) -> str:
             f"{live.it_per_s:.2f} it/s · about {eta} left · {live_memory(engine.runtime.device).text()}")
 
 
+def waiting_markdown(place) -> str:
+    """A waiting job's line: its place, what is ahead, and about how long until it starts."""
+    ordinal = {1: "1st", 2: "2nd", 3: "3rd"}.get(place.place, f"{place.place}th")
+    ahead = ", ".join(place.ahead) if place.ahead else "nothing (starting)"
+    when = (f"about {place.wait_s:.0f} s before it starts" if place.wait_s is not None
+            else "no estimate yet (a job of that kind has not finished here)")
+    return f"**Waiting for the device: {ordinal} in line** · ahead: {ahead} · {when}"
+
+
 def engine_markdown(engine: Engine) -> str:
     s = engine.status()
     lines = [f"**Runtime:** {s['runtime']} on {s['device']} ({s['precision']}) — {s['reason']}",

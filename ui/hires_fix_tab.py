@@ -16,6 +16,7 @@ from .jobs import stream_job
 def build(engine: Engine, d: dict[str, Any], history: gr.Dataframe) -> Controls:
     def controls() -> Controls:
         prompts = prompt_boxes(engine, d)
+        styles = prompts.pop("styles")
         size = size_sliders(d, prefix="Base ")
         with gr.Row():
             factor = field_slider(HiresFixRequest, "factor", "Upscale by", 0.05)
@@ -26,13 +27,13 @@ def build(engine: Engine, d: dict[str, Any], history: gr.Dataframe) -> Controls:
             hires_steps = field_slider(HiresFixRequest, "hires_steps", "Hires steps (0 = same)", 1)
             vae_tiling = gr.Checkbox(value=False, label="Tiled VAE")
         return {**prompts, **size, "factor": factor, "upscaler": upscaler, "hires_strength": hires_strength,
-                "hires_steps": hires_steps, "vae_tiling": vae_tiling, **common_controls(d)}
+                "hires_steps": hires_steps, "vae_tiling": vae_tiling, **common_controls(d), "styles": styles}
 
     def hires_fix(prompt, negative_prompt, width, height, factor, upscaler, hires_strength, hires_steps, vae_tiling,
-                  steps, guidance, sampler, seed, batch_size, progress=gr.Progress()):
+                  steps, guidance, sampler, seed, batch_size, styles=None, progress=gr.Progress()):
         request = {"width": width, "height": height, "factor": factor, "upscaler": upscaler,
                    "hires_strength": hires_strength, "hires_steps": hires_steps, "vae_tiling": bool(vae_tiling),
-                   **common_request(prompt, negative_prompt, steps, guidance, sampler, seed, batch_size)}
+                   **common_request(prompt, negative_prompt, steps, guidance, sampler, seed, batch_size, styles)}
         yield from stream_job(engine, lambda: engine.hires_fix(request), progress,
                               shown=lambda r: (r.extra_images["base"] + r.images, r.seeds * 2))
 

@@ -17,6 +17,7 @@ def build(engine: Engine, d: dict[str, Any], history: gr.Dataframe) -> Controls:
     def controls() -> Controls:
         image = gr.Image(label="Init image", type="pil", image_mode="RGB", height=300)
         prompts = prompt_boxes(engine, d)
+        styles = prompts.pop("styles")
         with gr.Row():
             strength = field_slider(Img2ImgRequest, "strength", "Denoising strength", 0.05, value=0.6)
             resize_mode = gr.Radio(list(get_args(ResizeMode)), value=field_default(Img2ImgRequest, "resize_mode"),
@@ -26,13 +27,13 @@ def build(engine: Engine, d: dict[str, Any], history: gr.Dataframe) -> Controls:
             height = gr.Number(value=0, precision=0, label="Height (0 = input's)")
             vae_tiling = gr.Checkbox(value=False, label="Tiled VAE")
         return {"image": image, **prompts, "strength": strength, "resize_mode": resize_mode, "width": width,
-                "height": height, "vae_tiling": vae_tiling, **common_controls(d)}
+                "height": height, "vae_tiling": vae_tiling, **common_controls(d), "styles": styles}
 
     def img2img(image, prompt, negative_prompt, strength, resize_mode, width, height, vae_tiling, steps, guidance,
-                sampler, seed, batch_size, progress=gr.Progress()):
+                sampler, seed, batch_size, styles=None, progress=gr.Progress()):
         request = {"strength": strength, "resize_mode": resize_mode, "width": int(width) if width else None,
                    "height": int(height) if height else None, "vae_tiling": bool(vae_tiling),
-                   **common_request(prompt, negative_prompt, steps, guidance, sampler, seed, batch_size)}
+                   **common_request(prompt, negative_prompt, steps, guidance, sampler, seed, batch_size, styles)}
         yield from stream_job(engine, lambda: engine.img2img(request, image), progress)
 
     return generation_tab(engine, history, img2img, controls, api_name="img2img")

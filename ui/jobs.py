@@ -10,7 +10,7 @@ import gradio as gr
 
 from engine import Engine, UserError
 
-from .formatting import history_rows, live_markdown, readout_markdown
+from .formatting import history_rows, live_markdown, readout_markdown, waiting_markdown
 
 log = logging.getLogger(__name__)
 POLL_S = 0.3
@@ -59,6 +59,11 @@ def stream_job(engine: Engine, call: Callable, progress, shown: Callable | None 
     last_preview = -1
     while thread.is_alive():
         thread.join(POLL_S)
+        place = engine.queue_place(thread.ident)
+        if place is not None:  # another job holds the device: say where this one stands
+            progress(0, desc=f"Waiting: number {place.place} in line")
+            yield gr.skip(), waiting_markdown(place), gr.skip(), gr.skip()
+            continue
         live = engine.live
         if live.running and live.total:
             progress((live.step, live.total), desc=f"Step {live.step}/{live.total}")

@@ -5,13 +5,14 @@ from typing import Any
 
 import gradio as gr
 
+from engine import Engine
 from engine.metadata import parse_parameters
 from engine.outputs import read_parameters
 from engine.schedulers import SAMPLER_NAMES
 
 from .components import Controls
 
-SENT = ("prompt", "negative_prompt", "width", "height", "steps", "guidance", "sampler", "seed")  # txt2img controls
+SENT = ("prompt", "negative_prompt", "width", "height", "steps", "guidance", "sampler", "seed", "styles")  # txt2img
 
 
 def png_info(image):
@@ -29,7 +30,27 @@ def png_info(image):
     return text, parse_parameters(text)
 
 
-def build(d: dict[str, Any], txt2img: Controls, tabs: gr.Tabs) -> None:
+def sent_fields(engine: Engine, fields: dict[str, Any], d: dict[str, Any]) -> tuple[dict[str, Any], str | None]:
+    """The txt2img values for a PNG's parameters: the styles taken back out of the prompt pair (so Generate
+    expands them to the same text), or, where the styles file no longer makes that text, the expanded prompt
+    with no styles and a line saying so. Nothing of the prompt is lost either way."""
+    fallback = {**d, "prompt": "", "negative_prompt": "", "seed": -1, "styles": []}
+    values = {name: fields.get(name, fallback[name]) for name in SENT}
+    if values["sampler"] not in SAMPLER_NAMES:
+        values["sampler"] = d["sampler"]
+    note = None
+    if values["styles"]:
+        typed = engine.styles.extract(values["prompt"], values["negative_prompt"], values["styles"])
+        if typed is None:
+            note = (f"The styles {', '.join(values['styles'])} are not in the styles file as they were, so the full "
+                    f"prompt was sent without them.")
+            values["styles"] = []
+        else:
+            values["prompt"], values["negative_prompt"] = typed
+    return values, note
+
+
+def build(engine: Engine, d: dict[str, Any], txt2img: Controls, tabs: gr.Tabs) -> None:
     with gr.Row():
         with gr.Column():
             image = gr.Image(label="A PNG this app (or A1111) saved", type="filepath", height=300)
@@ -42,10 +63,9 @@ def build(d: dict[str, Any], txt2img: Controls, tabs: gr.Tabs) -> None:
     def send_to_txt2img(fields):
         if not fields:
             raise gr.Error("No parameters to send: open a PNG with generation parameters first.")
-        fallback = {**d, "prompt": "", "negative_prompt": "", "seed": -1}
-        values = {name: fields.get(name, fallback[name]) for name in SENT}
-        if values["sampler"] not in SAMPLER_NAMES:
-            values["sampler"] = d["sampler"]
+        values, note = sent_fields(engine, fields, d)
+        if note:
+            gr.Warning(note)
         return (*values.values(), gr.Tabs(selected="txt2img"))
 
     send.click(send_to_txt2img, inputs=[fields], outputs=[*(txt2img[name] for name in SENT), tabs], api_name=False)

@@ -2,7 +2,7 @@
 (so the same device lock: an API job waits while a UI job runs, and the other way round).
 
 Requests use A1111's field names; unknown fields are ignored as A1111 does. A field we cannot honour
-(styles, face restoration, inpainting masks, scripts, ...) is refused with a 422 that says so rather than
+(face restoration, inpainting masks, scripts, ...) is refused with a 422 that says so rather than
 ignored, since ignoring it would silently draw another picture; settings in override_settings other than the
 checkpoint are ignored and named in info["fast_sd"]["notices"]. Responses are A1111's (`images` as plain base64 PNGs
 carrying their parameters text, `parameters`, `info` as a JSON string); `info["fast_sd"]` adds our readout.
@@ -121,8 +121,6 @@ def _validated(cls: type[BaseModel], data: Any) -> BaseModel:
 
 
 def _refuse_unsupported(req: _Generation) -> None:
-    if req.styles:
-        raise ApiError(422, f"styles {req.styles!r}: prompt styles are not supported yet; put the text in the prompt.")
     if req.restore_faces:
         raise ApiError(422, "restore_faces: face restoration is not available on this server.")
     if req.tiling:
@@ -150,7 +148,8 @@ def _sampler(req: _Generation) -> str:
 
 def _common(req: _Generation) -> dict[str, Any]:
     return {"prompt": req.prompt, "negative_prompt": req.negative_prompt, "steps": req.steps,
-            "guidance": req.cfg_scale, "sampler": _sampler(req), "seed": req.seed, "batch_size": req.batch_size}
+            "guidance": req.cfg_scale, "sampler": _sampler(req), "seed": req.seed, "batch_size": req.batch_size,
+            "styles": list(req.styles or [])}
 
 
 # our request field -> the A1111 field the client sent, so a 422 names what the client can change
@@ -261,7 +260,8 @@ def generation_response(result, req: _Generation, sent: dict[str, Any], extra: d
         "denoising_strength": params.get("strength", params.get("hires_strength")),
         "extra_generation_params": {k: params[k] for k in ("task", "runtime", "factor", "upscaler", "hires_steps",
                                                            "resize_mode") if k in params},
-        "index_of_first_image": 0, "infotexts": texts, "styles": [], "job_timestamp": extra.pop("job_timestamp"),
+        "index_of_first_image": 0, "infotexts": texts, "styles": list(params.get("styles") or []),
+        "job_timestamp": extra.pop("job_timestamp"),
         "clip_skip": 1, "is_using_inpainting_conditioning": False, "version": VERSION,
         "fast_sd": {"readout": result.readout.to_dict(), "notices": list(result.notices),
                     "saved_paths": list(result.saved_paths), **extra},
@@ -383,7 +383,7 @@ class SdApi:
         add("/loras", self.endpoint(self.loras), methods=["GET"])
         add("/refresh-loras", self.endpoint(lambda _: None, body=True), methods=["POST"])
         add("/sd-vae", self.endpoint(lambda _: []), methods=["GET"])
-        add("/prompt-styles", self.endpoint(lambda _: []), methods=["GET"])
+        add("/prompt-styles", self.endpoint(self.prompt_styles), methods=["GET"])
         add("/embeddings", self.endpoint(lambda _: {"loaded": {}, "skipped": {}}), methods=["GET"])
         add("/scripts", self.endpoint(lambda _: {"txt2img": [], "img2img": []}), methods=["GET"])
         add("/png-info", self.endpoint(self.png_info, body=True), methods=["POST"])
@@ -406,6 +406,7 @@ class SdApi:
         with self.engine.jobs.lock if wanted else nullcontext():
             before = self.engine.model.source if self.engine.model else None
             before_config = self.engine.config_dir
+            before_vae = self.engine.model.vae if self.engine.model else None
             switched = bool(wanted) and model_name(wanted) != self.current_title()
             if switched:
                 self._load(wanted)
@@ -416,13 +417,25 @@ class SdApi:
                 if switched and before is not None and req.override_settings_restore_afterwards:
                     # The model that was loaded is trusted (the operator's --model, or a checked load): reload it
                     # as it was given, with its configs, not through the remote-name check.
-                    self.engine.load(before.text, allow_any_path=True, config_dir=before_config)
+                    self.engine.load(before.text, allow_any_path=True, config_dir=before_config, vae=before_vae)
         result.notices.extend(notices)
         return result, extra
+
+    def _check_styles(self, req: _Generation) -> None:
+        """Unknown style names are a 422 before any work (a model override included)."""
+        try:
+            self.engine.styles.expand("", "", req.styles or [])
+        except UserError as e:
+            raise ApiError(422, f"styles: {e}") from None
+
+    def prompt_styles(self, _query: dict) -> list[dict]:
+        return [{"name": n, "prompt": s.prompt, "negative_prompt": s.negative_prompt}
+                for n in self.engine.styles.names() for s in [self.engine.styles.get(n)]]
 
     def txt2img(self, data: dict) -> dict:
         req = _validated(Txt2ImgApi, data)
         task, fields = txt2img_request(req)
+        self._check_styles(req)
         call = self.engine.hires_fix if task == "hires_fix" else self.engine.txt2img
         result, extra = self._run(req, lambda: call(fields))
         return generation_response(result, req, req.model_dump(), extra)
@@ -430,6 +443,7 @@ class SdApi:
     def img2img(self, data: dict) -> dict:
         req = _validated(Img2ImgApi, data)
         fields, image = img2img_request(req)
+        self._check_styles(req)
         result, extra = self._run(req, lambda: self.engine.img2img(fields, image))
         sent = req.model_dump()
         if not req.include_init_images:  # as A1111: the echo does not send the images back

@@ -16,6 +16,7 @@ def build(engine: Engine, d: dict[str, Any], history: gr.Dataframe) -> Controls:
     def controls() -> Controls:
         image = gr.Image(label="Image to upscale", type="pil", image_mode="RGB", height=300)
         prompts = prompt_boxes(engine, d)
+        styles = prompts.pop("styles")
         with gr.Row():
             factor = field_slider(TiledUpscaleRequest, "factor", "Upscale by", 0.25)
             strength = field_slider(TiledUpscaleRequest, "strength", "Denoising strength", 0.05)
@@ -23,12 +24,12 @@ def build(engine: Engine, d: dict[str, Any], history: gr.Dataframe) -> Controls:
             tile_size = field_slider(TiledUpscaleRequest, "tile_size", "Tile size", 8, value=min(512, d["width"]))
             tile_overlap = field_slider(TiledUpscaleRequest, "tile_overlap", "Tile overlap", 8)
         return {"image": image, **prompts, "factor": factor, "strength": strength, "tile_size": tile_size,
-                "tile_overlap": tile_overlap, **common_controls(d)}
+                "tile_overlap": tile_overlap, **common_controls(d), "styles": styles}
 
     def tiled_upscale(image, prompt, negative_prompt, factor, strength, tile_size, tile_overlap, steps, guidance,
-                      sampler, seed, batch_size, progress=gr.Progress()):
+                      sampler, seed, batch_size, styles=None, progress=gr.Progress()):
         request = {"factor": factor, "strength": strength, "tile_size": tile_size, "tile_overlap": tile_overlap,
-                   **common_request(prompt, negative_prompt, steps, guidance, sampler, seed, batch_size)}
+                   **common_request(prompt, negative_prompt, steps, guidance, sampler, seed, batch_size, styles)}
         yield from stream_job(engine, lambda: engine.tiled_upscale(request, image), progress)
 
     return generation_tab(engine, history, tiled_upscale, controls, api_name="tiled_upscale", button="Upscale",

@@ -16,16 +16,17 @@ from .jobs import stream_job
 def build(engine: Engine, d: dict[str, Any], history: gr.Dataframe) -> Controls:
     def controls() -> Controls:
         prompts = prompt_boxes(engine, d, lines=3)
+        styles = prompts.pop("styles")
         size = size_sliders(d)
         common = common_controls(d)
         batch_count = field_slider(Txt2ImgRequest, "batch_count", "Batch count", 1)
-        return {**prompts, **size, "batch_count": batch_count, **common}
+        return {**prompts, **size, "batch_count": batch_count, **common, "styles": styles}
 
     # Every input is a named positional parameter: Gradio only hooks up a Progress that follows those.
     def txt2img(prompt, negative_prompt, width, height, batch_count, steps, guidance, sampler, seed, batch_size,
-                progress=gr.Progress()):
+                styles=None, progress=gr.Progress()):
         request = {"width": width, "height": height, "batch_count": batch_count,
-                   **common_request(prompt, negative_prompt, steps, guidance, sampler, seed, batch_size)}
+                   **common_request(prompt, negative_prompt, steps, guidance, sampler, seed, batch_size, styles)}
         yield from stream_job(engine, lambda: engine.txt2img(request), progress)
 
     return generation_tab(engine, history, txt2img, controls, api_name="txt2img", stop_api_name="stop")

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from ..lora import parse_prompt, strip_tags
+from ..prompts import CHUNK, tokenize
 from ..requests import GenerationRequest, load_image, parse_request
 from .context import DenoiseContext
 
@@ -62,16 +63,16 @@ class Task(ABC):
 
 
 def prompt_notices(model, request) -> list[str]:
-    """The text encoder reads 77 tokens; say so when a prompt is cut, rather than cut silently."""
+    """A prompt over 75 tokens is not cut: it is encoded in chunks of 75 (engine/prompts.py). Say how many, since
+    each chunk lengthens what the UNet reads (and on OpenVINO a new chunk count is a new shape to compile). A
+    prompt the parser cannot take (too long) fails here, before the device is touched."""
     tokenizer = model.pipe.tokenizer
     notices = []
     for label, text in (("Prompt", strip_tags(request.prompt)), ("Negative prompt", request.negative_prompt)):
-        ids = tokenizer(text, truncation=False).input_ids if text else []
-        limit = tokenizer.model_max_length
-        if len(ids) > limit:
-            kept = tokenizer.decode(ids[1:limit - 1])
-            notices.append(f"{label} is {len(ids) - 2} tokens; the text encoder reads {limit - 2}, so only "
-                           f"\"{kept}\" was used.")
+        chunks = tokenize(tokenizer, text)
+        if len(chunks.tokens) > 1:
+            notices.append(f"{label} is {chunks.count} tokens: encoded as {len(chunks.tokens)} chunks of up to "
+                           f"{CHUNK} (BREAK starts a new one), as AUTOMATIC1111 does.")
     return notices
 
 

@@ -8,7 +8,9 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..caches import PromptCache
 from ..lora import strip_tags
+from ..prompts import chunk_count, encode_chunks
 from ..schedulers import make_scheduler
 from ..tiling import Blender, Tile, grid
 from .context import DenoiseContext
@@ -24,24 +26,29 @@ class PromptEmbeddings:
 
 def encode_prompt(model, prompt: str, negative_prompt: str, batch_size: int, guidance: float,
                   device: str) -> PromptEmbeddings:
-    pipe = model.pipe
+    """The prompt pair with A1111's emphasis and 75-token chunks (engine/prompts.py), on every runtime: the
+    text encoder is called once per chunk at 77 tokens. The negative prompt is padded with empty chunks to the
+    prompt's length (or the other way round), since CFG runs both in one UNet batch."""
+    pipe, sdxl = model.pipe, model.is_sdxl
     cfg = guidance > 1.0
-    if model.is_sdxl:
-        pe, npe, ppe, nppe = pipe.encode_prompt(
-            prompt=prompt, device=device, num_images_per_prompt=batch_size,
-            do_classifier_free_guidance=cfg, negative_prompt=negative_prompt or None,
-        )
-        kwargs = {"prompt_embeds": pe, "pooled_prompt_embeds": ppe}
+    # SDXL models that ask for it get zeros for an empty negative prompt, as diffusers gives them.
+    zeros = sdxl and not negative_prompt and bool(getattr(pipe.config, "force_zeros_for_empty_prompt", False))
+    chunks = chunk_count(pipe, sdxl, prompt)
+    if cfg and not zeros:
+        chunks = max(chunks, chunk_count(pipe, sdxl, negative_prompt))
+    encoder = pipe.text_encoder_2 if sdxl and pipe.text_encoder_2 is not None else pipe.text_encoder
+    with torch.no_grad():
+        pe, pooled = encode_chunks(pipe, sdxl, prompt, device, chunks)
+        kwargs = {"prompt_embeds": pe, "pooled_prompt_embeds": pooled}
         if cfg:
-            kwargs.update(negative_prompt_embeds=npe, negative_pooled_prompt_embeds=nppe)
-    else:
-        pe, npe = pipe.encode_prompt(
-            prompt, device, batch_size, cfg, negative_prompt=negative_prompt or None,
-        )
-        kwargs = {"prompt_embeds": pe}
-        if cfg:
-            kwargs["negative_prompt_embeds"] = npe
-    return PromptEmbeddings(kwargs)
+            if zeros:
+                kwargs.update(negative_prompt_embeds=torch.zeros_like(pe),
+                              negative_pooled_prompt_embeds=torch.zeros_like(pooled))
+            else:
+                npe, npooled = encode_chunks(pipe, sdxl, negative_prompt, device, chunks)
+                kwargs.update(negative_prompt_embeds=npe, negative_pooled_prompt_embeds=npooled)
+    kwargs = {k: v.to(dtype=encoder.dtype, device=device) for k, v in kwargs.items() if v is not None}
+    return PromptEmbeddings(PromptCache.expand(kwargs, batch_size))
 
 
 def encode_request_prompt(model, runtime, request, timer, batch_size: int | None = None) -> PromptEmbeddings:
