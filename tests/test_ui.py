@@ -245,9 +245,9 @@ def test_warmup_reports_each_size(client):
 
 def test_boxes_the_runtime_cannot_use_are_disabled_with_the_reason(app, client):
     props = {elem_id: c["props"] for elem_id, c in page_components(app).items()}
-    deepcache, int8 = props["opt-deepcache_interval"], props["opt-int8_weights"]
-    if deepcache.get("interactive") is False:
-        assert "PyTorch runtime" in deepcache["info"] and int8.get("interactive") is not False
+    tome, int8 = props["opt-token_merging_ratio"], props["opt-int8_weights"]
+    if tome.get("interactive") is False:
+        assert "PyTorch runtime" in tome["info"] and int8.get("interactive") is not False
     else:
         assert int8["interactive"] is False and "OpenVINO runtime" in int8["info"]
     assert props["opt-prompt_cache"].get("interactive") is not False
