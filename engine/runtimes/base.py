@@ -69,6 +69,8 @@ class Runtime(ABC):
         self.compile_events: list[CompileEvent] = []  # one entry per compile this runtime did
         self.applied: list[str] = []  # what prepare() did, for the Engine tab
         self.decisions: list[str] = []  # what it chose by measuring or reading this machine, and why (Engine tab)
+        self.deepcache = None  # DeepCache's Schedule where prepare() installed it (runtimes/deepcache.py)
+        self.unet_calls: dict[str, int] = {}  # "x2" -> UNet calls this job without DeepCache (which counts its own)
         self.proven = False  # a job ran to its end on this runtime (set by the engine)
 
     @classmethod
@@ -137,13 +139,27 @@ class Runtime(ABC):
 
     def begin_denoise(self, pipe, steps: int) -> None:
         """A denoising pass of `steps` starts (DeepCache forgets features kept from an earlier pass)."""
+        if self.deepcache is not None:
+            self.deepcache.reset(steps)  # never reuse features of an earlier (perhaps stopped) pass
 
     def begin_job(self) -> None:
         """A job starts: per-job counters go back to zero."""
+        self.unet_calls = {}
+        if self.deepcache is not None:
+            self.deepcache.reset_counts()
+
+    def count_unet_call(self, batch: int) -> None:
+        """A UNet call at `batch` without DeepCache, for the readout."""
+        self.unet_calls[f"x{batch}"] = self.unet_calls.get(f"x{batch}", 0) + 1
 
     def job_details(self) -> dict:
-        """Runtime facts about the last job for the readout (e.g. DeepCache's full and shallow UNet calls)."""
-        return {}
+        """Runtime facts about the last job for the readout: UNet calls by graph and batch (DeepCache's full and
+        shallow calls)."""
+        cache = self.deepcache
+        if cache is None:
+            return {"unet_calls": unet_calls_text(self.unet_calls)} if self.unet_calls else {}
+        return {"unet_calls": unet_calls_text(cache.calls), "unet_calls_full": cache.full_calls,
+                "unet_calls_shallow": cache.shallow_calls}
 
     # -- warm-up
 

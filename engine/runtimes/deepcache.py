@@ -98,8 +98,6 @@ class Schedule:
             raise ValueError("DeepCache needs an interval of 1 or more")
         self.interval, self.start = interval, start
         self._full_first = 0  # calls of this pass that must run full
-        self.full_calls = 0
-        self.shallow_calls = 0
         self.calls: dict[str, int] = {}  # "full x2", "shallow x1"...: graph and UNet batch
         self.kept = None
         self._since_full = 0
@@ -107,8 +105,15 @@ class Schedule:
         self._batch: int | None = None
 
     def reset_counts(self) -> None:
-        self.full_calls = self.shallow_calls = 0
         self.calls = {}
+
+    @property
+    def full_calls(self) -> int:
+        return sum(n for kind, n in self.calls.items() if kind.startswith("full"))
+
+    @property
+    def shallow_calls(self) -> int:
+        return sum(n for kind, n in self.calls.items() if kind.startswith("shallow"))
 
     def reset(self, steps: int = 0) -> None:
         """Forget the kept features: the next call is a full one (called at the start of every denoise of `steps`)."""
@@ -128,10 +133,6 @@ class Schedule:
         self._full_first -= 1
         self._since_full = 0 if full else self._since_full + 1
         kind = "full" if full else "shallow"
-        if full:
-            self.full_calls += 1
-        else:
-            self.shallow_calls += 1
         self.calls[f"{kind} x{batch}"] = self.calls.get(f"{kind} x{batch}", 0) + 1
         return full
 

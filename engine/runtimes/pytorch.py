@@ -13,7 +13,7 @@ import torch
 from ..errors import RuntimeUnavailable
 from ..hardware import HardwareReport
 from ..options import owned_elsewhere
-from .base import Runtime, ShapeLog, unet_calls_text
+from .base import Runtime, ShapeLog
 
 
 def _imports(module: str) -> bool:
@@ -59,8 +59,6 @@ class PyTorchRuntime(Runtime):
         else:
             self._device = "cpu"
         self._precision = self._choose_precision(optimizations.precision)
-        self._deepcache = None
-        self.unet_calls: dict[str, int] = {}  # "x2" -> calls this job (without DeepCache, which counts its own)
 
     def _choose_precision(self, wish: str) -> str:
         if wish == "auto":
@@ -140,28 +138,11 @@ class PyTorchRuntime(Runtime):
             pipe.unet = torch.compile(pipe.unet, mode=mode)
             ShapeLog(pipe.unet, "unet", self.compile_events)  # compiled at each shape's first call
             applied.append("torch.compile" + (" (reduce-overhead)" if mode else ""))
-        self.applied, self._deepcache = applied, deepcache
-
-    def begin_denoise(self, pipe, steps: int) -> None:
-        if self._deepcache is not None:
-            self._deepcache.reset(steps)  # never reuse features of an earlier (perhaps stopped) pass
+        self.applied, self.deepcache = applied, deepcache
 
     def _count_call(self, module, args, kwargs) -> None:
         sample = args[0] if args else kwargs.get("sample")
-        key = f"x{sample.shape[0]}"
-        self.unet_calls[key] = self.unet_calls.get(key, 0) + 1
-
-    def begin_job(self) -> None:
-        self.unet_calls = {}
-        if self._deepcache is not None:
-            self._deepcache.reset_counts()
-
-    def job_details(self) -> dict:
-        cache = self._deepcache
-        if cache is None:
-            return {"unet_calls": unet_calls_text(self.unet_calls)} if self.unet_calls else {}
-        return {"unet_calls": unet_calls_text(cache.calls), "unet_calls_full": cache.full_calls,
-                "unet_calls_shallow": cache.shallow_calls}
+        self.count_unet_call(sample.shape[0])
 
     def inference_context(self):
         stack = contextlib.ExitStack()

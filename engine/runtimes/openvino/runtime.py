@@ -15,7 +15,7 @@ from ... import devices
 from ...errors import RuntimeUnavailable
 from ...hardware import HardwareReport
 from ...options import owned_elsewhere
-from ..base import Runtime, WarmupResult, WarmupShape, unet_calls_text
+from ..base import Runtime, WarmupResult, WarmupShape
 from .adapters import make_adapter
 from .compiled import CompiledModels
 from ..deepcache import Schedule
@@ -81,7 +81,6 @@ class OpenVINORuntime(Runtime):
                                parts=self.parts)
         self.deepcache = (Schedule(optimizations.deepcache_interval, optimizations.deepcache_start)
                           if optimizations.deepcache else None)
-        self.unet_calls: dict[str, int] = {}  # "x2" -> calls this job (without DeepCache)
         self.conversions = self.loader.conversions  # an attribute: benchmarks read it from __dict__
         self._models = CompiledModels(self.core, self._config, self.ir_cache.files_root, self.compile_events,
                                       max_shapes)
@@ -228,29 +227,13 @@ class OpenVINORuntime(Runtime):
         """One UNet call: the plain graph, or DeepCache's full graph (keeping its deep features) or shallow one."""
         batch = inputs["sample"].shape[0]
         if self.deepcache is None:
-            self.unet_calls[f"x{batch}"] = self.unet_calls.get(f"x{batch}", 0) + 1
+            self.count_unet_call(batch)
             return self.infer("unet", inputs)[0]
         if self.deepcache.next_is_full(float(inputs["timestep"][0]), inputs["sample"].shape):
             out, deep = self.infer("unet_deep", inputs)
             self.deepcache.keep(deep, batch)
             return out
         return self.infer("unet_shallow", {**inputs, "deep": self.deepcache.kept})[0]
-
-    def begin_denoise(self, pipe, steps: int) -> None:
-        if self.deepcache is not None:
-            self.deepcache.reset(steps)  # never reuse features of an earlier (perhaps stopped) pass
-
-    def begin_job(self) -> None:
-        self.unet_calls = {}
-        if self.deepcache is not None:
-            self.deepcache.reset_counts()
-
-    def job_details(self) -> dict:
-        if self.deepcache is None:
-            return {"unet_calls": unet_calls_text(self.unet_calls)} if self.unet_calls else {}
-        cache = self.deepcache
-        return {"unet_calls": unet_calls_text(cache.calls), "unet_calls_full": cache.full_calls,
-                "unet_calls_shallow": cache.shallow_calls}
 
     def warmup(self, model, shapes: list[WarmupShape]) -> list[WarmupResult]:
         """Compile every graph at the shapes a job of each `shape` feeds it (see job_shapes)."""
