@@ -158,3 +158,17 @@ def test_the_probe_really_measures_and_a_damaged_answer_is_measured_again(tmp_pa
 def test_old_presets_with_a_boolean_int8_convolutions_still_load():
     assert Optimizations(int8_convolutions=True).int8_convolutions == "on"
     assert Optimizations(int8_convolutions=False).int8_convolutions == "off"
+
+
+def test_a_shallow_graph_missing_from_the_cache_is_calibrated_again(tmp_path):
+    """With the full graph cached and the shallow one not, calibration inputs were skipped, so the rebuilt
+    shallow graph silently got int8 weights only."""
+    from engine.runtimes.openvino.quantize import has_quantized_convolutions
+
+    options = Optimizations(int8_convolutions="on", deepcache_interval=2)
+    Engine(runtime="openvino", cache_dir=tmp_path, outputs_dir=None, optimizations=options).load("builtin:tiny")
+    for path in tmp_path.rglob("unet_shallow.*"):
+        path.unlink()
+    engine = Engine(runtime="openvino", cache_dir=tmp_path, outputs_dir=None, optimizations=options)
+    engine.load("builtin:tiny")
+    assert has_quantized_convolutions(engine.runtime._irs["unet_shallow"])

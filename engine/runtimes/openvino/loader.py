@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from ...errors import RuntimeUnavailable
-from .convert import PARTS_OF, UNET_PARTS, convert_part, is_meta
+from .convert import PARTS_OF, convert_part, is_meta
 from .ir_cache import IRCache
 from .quantize import calibration_inputs, can_calibrate, compress
 
@@ -57,8 +57,8 @@ class IRLoader:
         if not (self.hybrid and can_calibrate(pipe)):
             return []
         unet_id, text_id = identity_of("unet"), identity_of("text_encoder")
-        calibrated = [p for p in self.parts["unet"] if p in UNET_PARTS and p != "unet_shallow"]
-        if unet_id and all(self.ir_cache.valid(unet_id, self.variant, p) for p in calibrated):
+        # Every UNet graph is calibrated (DeepCache's shallow one too): skip only when all of them are cached.
+        if unet_id and all(self.ir_cache.valid(unet_id, self.variant, p) for p in self.parts["unet"]):
             return []
         return calibration_inputs(pipe, lambda ids: self._text_states(pipe.text_encoder, text_id, ids))
 
