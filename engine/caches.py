@@ -17,7 +17,9 @@ from typing import Any
 import torch
 
 log = logging.getLogger(__name__)
-DEFAULT_RESULTS_DIR = Path(os.environ.get("FASTSD_CACHE_DIR", Path.home() / ".cache" / "fast-sd")) / "results"
+# Where converted models (OpenVINO IR) and, by default, the result cache are kept.
+DEFAULT_CACHE_DIR = Path(os.environ.get("FASTSD_CACHE_DIR", Path.home() / ".cache" / "fast-sd"))
+DEFAULT_RESULTS_DIR = DEFAULT_CACHE_DIR / "results"
 DEFAULT_RESULTS_BYTES = 1 << 30
 TMP_PREFIX = ".partial-"
 

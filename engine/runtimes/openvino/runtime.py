@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from ... import devices
+from ...caches import DEFAULT_CACHE_DIR
 from ...errors import RuntimeUnavailable
 from ...hardware import HardwareReport
 from ...options import owned_elsewhere
@@ -27,7 +28,6 @@ from .quantize import has_quantized_convolutions
 
 LOW_MEMORY_BYTES = 8 << 30  # below this free RAM, "auto" keeps int8 convolutions even where they are slower
 log = logging.getLogger(__name__)
-DEFAULT_CACHE_DIR = Path(os.environ.get("FASTSD_CACHE_DIR", Path.home() / ".cache" / "fast-sd"))
 
 
 def threads_line(compiled, logical_cores: int) -> str:
