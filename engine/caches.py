@@ -16,12 +16,13 @@ from typing import Any
 
 import torch
 
+from .outputs import TMP_PREFIX  # one name for a write in progress, cleaned at start
+
 log = logging.getLogger(__name__)
 # Where converted models (OpenVINO IR) and, by default, the result cache are kept.
 DEFAULT_CACHE_DIR = Path(os.environ.get("FASTSD_CACHE_DIR", Path.home() / ".cache" / "fast-sd"))
 DEFAULT_RESULTS_DIR = DEFAULT_CACHE_DIR / "results"
 DEFAULT_RESULTS_BYTES = 1 << 30
-TMP_PREFIX = ".partial-"
 
 
 class LRU:
