@@ -3,9 +3,10 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-requirements
+SERVE_STAMP := $(VENV)/.installed-serve
 ARGS ?=
 
-.PHONY: run test venv clean-venv browser
+.PHONY: run test venv serve-deps clean-venv browser
 
 venv: $(STAMP)
 
@@ -13,6 +14,13 @@ $(STAMP): requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.txt
 	cp requirements.txt $(STAMP)
+
+# Ray Serve, for --replicas: optional for `make run`, always there for `make test`.
+serve-deps: $(SERVE_STAMP)
+
+$(SERVE_STAMP): $(STAMP) requirements-serve.txt
+	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements-serve.txt
+	cp requirements-serve.txt $(SERVE_STAMP)
 
 run: $(STAMP)
 	$(PY) app.py $(ARGS)
@@ -23,7 +31,7 @@ browser:
 		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) ; } || \
 		echo "chromium not installed: the browser test will be skipped"
 
-test: $(STAMP) browser
+test: $(STAMP) $(SERVE_STAMP) browser
 	$(PY) -m pytest -q tests
 
 clean-venv:

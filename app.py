@@ -147,7 +147,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning"],
                    help="debug also logs the cause (traceback) behind a one-line error (default: %(default)s)")
     p.add_argument("--queue-size", type=int, default=16, help="jobs that may wait for the device (default: %(default)s)")
+    ray = p.add_argument_group("replicas on Ray Serve (needs: pip install -r requirements-serve.txt)")
+    ray.add_argument("--replicas", type=int, default=0, metavar="N",
+                     help="run jobs on N engine replicas on Ray Serve (a local Ray instance, or --ray-address); each "
+                          "loads the model, prepares the runtime and warms the --warmup shapes once (default: 0, "
+                          "jobs run in this process)")
+    ray.add_argument("--ray-address", default=None,
+                     help="join this Ray cluster instead of starting a local one (auto, ray://HEAD:10001)")
+    ray.add_argument("--replica-cpus", type=float, default=None,
+                     help="CPU cores per replica; a CPU replica uses that many threads (default: this machine's "
+                          "cores split between the replicas, or 1 beside a GPU)")
+    ray.add_argument("--replica-gpus", type=float, default=None,
+                     help="GPUs per replica (default: 1 where this machine has CUDA, else 0)")
+    ray.add_argument("--serve-app", default=None, metavar="NAME",
+                     help="use the replicas of an application already deployed on the cluster (a RayService, "
+                          "`serve deploy`) instead of deploying --replicas of our own")
     return p
+
+
+def replica_pool(args, engine, optimizations, warmup, guidance: float):
+    """The ReplicaPool --replicas / --serve-app ask for (not started), its share of CPU and GPU per replica."""
+    from engine.serve import ReplicaConfig, ReplicaPool
+
+    replicas = args.replicas or 1
+    gpus = args.replica_gpus if args.replica_gpus is not None else (1.0 if engine.hardware.has_cuda else 0.0)
+    cores = engine.hardware.cpu.logical_cores
+    cpus = args.replica_cpus if args.replica_cpus is not None else (1.0 if gpus else max(1, cores // replicas))
+    config = ReplicaConfig(
+        model=args.model, model_config=args.model_config, runtime=args.runtime,
+        optimizations=(optimizations.model_dump() if optimizations is not None else {}),
+        models_dir=args.models_dir, cache_dir=args.cache_dir, taesd=args.taesd, warmup=tuple(warmup),
+        warmup_tasks=tuple(t.strip() for t in args.warmup_tasks.split(",") if t.strip()), guidance=guidance,
+        threads=None if gpus else max(1, int(cpus)))
+    return ReplicaPool(config, replicas, address=args.ray_address, cpus=cpus, gpus=gpus,
+                       app=args.serve_app or "fastsd", deploy=not args.serve_app)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -176,7 +209,14 @@ def main(argv: list[str] | None = None) -> int:
         overrides = option_overrides(args)
         if overrides:
             optimizations = (optimizations or Optimizations()).model_copy(update=overrides)
-        engine = Engine(runtime=args.runtime, optimizations=optimizations, models_dir=Path(args.models_dir),
+        replicas = bool(args.replicas or args.serve_app)
+        if replicas:
+            from engine.serve import ray_missing
+
+            if missing := ray_missing():
+                raise UserError(f"--replicas needs Ray Serve: {missing}")
+        # With replicas this process only validates requests: its model stays on eager PyTorch, unprepared.
+        engine = Engine(runtime="pytorch" if replicas else args.runtime, optimizations=optimizations, models_dir=Path(args.models_dir),
                         cache_dir=Path(args.cache_dir) if args.cache_dir else None,
                         outputs_dir=None if args.no_save else Path(args.outputs_dir), taesd=args.taesd,
                         styles_file=Path(args.styles),
@@ -188,7 +228,14 @@ def main(argv: list[str] | None = None) -> int:
             print(f"Not applied: {label} ({why})", flush=True)
         model = engine.load(args.model, config_dir=args.model_config)
         print(f"Model: {model.name} ({model.family}) loaded in {model.load_seconds:.1f} s", flush=True)
-        if warmup:
+        if replicas:
+            pool = replica_pool(args, engine, optimizations, warmup, defaults.get("guidance", 7.0))
+            print("Starting the replicas on Ray Serve (each loads the model, prepares its runtime and warms up)…",
+                  flush=True)
+            pool.start()
+            engine.use_replicas(pool)
+            print(f"Replicas: {pool.describe()}; runtime {pool.name} ({pool.precision})", flush=True)
+        elif warmup:
             tasks = tuple(t.strip() for t in args.warmup_tasks.split(",") if t.strip())
             for r in engine.warmup(warmup, guidance=defaults.get("guidance", 7.0), tasks=tasks):
                 print(f"Warm-up {r.width}x{r.height}: {r.state}, {r.seconds:.1f} s", flush=True)
@@ -225,9 +272,24 @@ def main(argv: list[str] | None = None) -> int:
                   flush=True)
         if generated:
             print(f"Login for the public link: user {SHARE_USER}, password {generated}", flush=True)
-    demo.block_thread()
+    try:
+        demo.block_thread()
+    finally:
+        if engine.pool is not None:
+            engine.pool.shutdown()
     return 0
 
 
+def _exit_on_sigterm() -> None:
+    """SIGTERM ends the process through Python's exit path, so a local Ray instance is shut down with it."""
+    import signal
+
+    def handler(signum, frame):
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, handler)
+
+
 if __name__ == "__main__":
+    _exit_on_sigterm()
     sys.exit(main())

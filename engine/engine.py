@@ -60,6 +60,20 @@ class Engine:
         self.jobs = JobRunner(outputs_dir, preview_every, history_size, result_cache_dir, result_cache_bytes)
         self._config_dir: str | Path | None = None
         self.styles = Styles(styles_file)
+        self.pool = None  # serve.ReplicaPool once use_replicas(): jobs run on Ray Serve replicas
+
+    def use_replicas(self, pool) -> None:
+        """Send jobs to `pool`'s replicas (engine/serve.py, started) from now on. This engine's own model stays
+        loaded only to validate requests and key the result cache; the model, runtime and options are the
+        replicas'."""
+        self.pool = pool
+
+    def _local_only(self, what: str) -> None:
+        if self.pool is not None:
+            raise UserError(f"{what} is not available with --replicas: the model, runtime and options are the "
+                            f"replicas' own, set by the command line at start ({self.pool.replicas} replicas of "
+                            f"{self.pool.info.get('model')} on {self.pool.info.get('runtime')}); restart with other "
+                            f"flags to change them.")
 
     live = property(lambda self: self.jobs.live, doc="LiveStatus of the running (or last) job")
     config_dir = property(lambda self: self._config_dir, doc="the configs folder the loaded model was given")
@@ -88,6 +102,7 @@ class Engine:
 
     def set_optimizations(self, wanted: Optimizations) -> Optimizations:
         """Apply a new set of options; those the runtime owns re-prepare the model. Returns what took effect."""
+        self._local_only("Changing the optimizations")
         now, _ = self.effective_options(wanted)
         if any(getattr(now, f) != getattr(self.runtime.optimizations, f) for f in RUNTIME_FIELDS):
             self.set_runtime(self.runtime_wish, wanted)
@@ -126,6 +141,7 @@ class Engine:
              vae: str | None = None) -> LoadedModel:
         """Load and prepare a model (with `vae` in place of its own VAE). On failure the previous model stays
         loaded, on its runtime."""
+        self._local_only("Loading another model")
         with self.jobs.lock:
             try:
                 model = self._prepared(self.runtime, source, allow_any_path, config_dir, vae=vae)
@@ -142,6 +158,7 @@ class Engine:
     def set_tiny_autoencoder(self, text: str | None, *, allow_any_path: bool = True) -> str | None:
         """Use another tiny autoencoder (None or "": none); the loaded model keeps serving. Returns why the tiny
         autoencoder option cannot act with the loaded model, or None when it can."""
+        self._local_only("Changing the tiny autoencoder")
         taesd = load_tiny_autoencoder(text, models_dir=self.models_dir, allow_any_path=allow_any_path) if text else None
         family = tiny_autoencoder_family(text, taesd.config.latent_channels) if taesd is not None else None
         with self.jobs.lock:
@@ -174,6 +191,7 @@ class Engine:
     def set_runtime(self, wish: str, optimizations: Optimizations | None = None) -> runtimes.Choice:
         """Switch runtime (and options); the loaded model is prepared again from its source. A failure
         leaves the old runtime and model serving."""
+        self._local_only("Switching the runtime")
         choice = runtimes.pick(self.hardware, wish)
         opts = optimizations or self.optimizations
         runtime = self._new_runtime(choice.cls, opts)
@@ -220,6 +238,11 @@ class Engine:
         return self.model
 
     def status(self) -> dict[str, Any]:
+        if self.pool is not None:  # what runs the jobs: the replicas (one replica's report stands for all)
+            info = self.pool.info
+            keys = ("model", "family", "runtime", "device", "precision", "reason", "skipped", "applied",
+                    "decisions", "not_applied", "loras")
+            return {**{k: info.get(k) for k in keys}, "replicas": self.pool.describe()}
         return {
             "model": self.model.name if self.model else None, "family": self.model.family if self.model else None,
             "runtime": self.runtime.name, "device": self.runtime.device, "precision": self.runtime.precision,
@@ -231,6 +254,7 @@ class Engine:
     def warmup(self, sizes: list[tuple[int, int]], batch_size: int = 1, guidance: float = 7.0,
                tasks: tuple[str, ...] = ("txt2img",)) -> list[WarmupResult]:
         """Compile ahead what `tasks` run at these (width, height) sizes; guidance <= 1 runs the UNet at batch 1."""
+        self._local_only("Warming up from the Engine tab (use --warmup at start)")
         model = self.require_model()
         shapes = warmup_shapes(model, sizes, batch_size, guidance, tuple(tasks))
         with self.jobs.lock:
@@ -238,21 +262,35 @@ class Engine:
 
     def queue_place(self, thread: int):
         """jobs.QueuePlace of the job a thread waits to run, or None once it runs (or never waited)."""
+        if self.pool is not None:
+            return self.jobs.remote_place(thread, self.pool.replicas)
         return self.jobs.queue_place(thread)
 
+    def live_of(self, thread: int):
+        """The LiveStatus of the job a thread runs: with replicas each job has its own; else the device's one."""
+        if self.pool is not None:
+            return self.jobs.remote_live.get(thread) or self.jobs.live
+        return self.jobs.live
+
     def stop(self) -> None:
-        """Ask the running job to end after its current step."""
+        """Ask the running job (with replicas: every running job) to end after its current step."""
+        if self.pool is not None:
+            self.pool.stop()
         self.jobs.stop()
 
     # ------------------------------------------------------------ tasks
 
     def run(self, task_cls: type[Task], request, image: Any = None,
-            progress: ProgressFn | None = None) -> GenerationResult:
-        """Validate, check memory, then run on the device. A runtime that compiles lazily and fails at its
-        first job is replaced by eager PyTorch once, and the job runs again there."""
+            progress: ProgressFn | None = None, *, expand_styles: bool = True) -> GenerationResult:
+        """Validate, check memory, then run on the device (or on a replica). A runtime that compiles lazily and
+        fails at its first job is replaced by eager PyTorch once, and the job runs again there. `expand_styles`
+        False: the prompt pair has its styles in already (a replica running what the front expanded)."""
         model = self.require_model()
-        request = self.styled(task_cls, request)
+        if expand_styles:
+            request = self.styled(task_cls, request)
         task = task_cls(model, request, image)
+        if self.pool is not None:  # the replica checks its own memory
+            return self.jobs.run_remote(task, self.pool, progress)
         need = task.memory_need()
         if need is not None:
             unet = getattr(model.pipe.unet, "config", None)
@@ -307,4 +345,5 @@ class Engine:
     def compare(self, request, axis: str, values, **options):
         """txt2img once per preset, runtime, step count or sampler, in one grid (engine/compare.py)."""
         from .compare import compare
+        self._local_only("Compare")
         return compare(self, request, axis, values, **options)

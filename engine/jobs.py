@@ -37,6 +37,7 @@ class GenerationResult:
     extra_images: dict[str, list] = field(default_factory=dict)  # e.g. hires fix's base images
     saved_paths: list[str] = field(default_factory=list)
     infotexts: list[str] = field(default_factory=list)  # each image's A1111 parameters text (saved PNGs, the API)
+    stopped: bool = False  # Stop ended it before its last step (such a result is not cached)
 
 
 @dataclass
@@ -50,6 +51,10 @@ class LiveStatus:
     running: bool = False
     preview: Any = None  # PIL image
     preview_step: int = 0
+    where: str = ""  # the replica running it (replica mode)
+    memory: str = ""  # that replica's memory line (replica mode; else the UI reads this machine's)
+
+    started_wait: float = field(default_factory=time.perf_counter)  # when it was sent (replica mode's queue order)
 
     @property
     def elapsed_s(self) -> float:
@@ -85,6 +90,7 @@ class QueuePlace:
     place: int  # 1: next once the running job ends
     ahead: list[str]  # tasks ahead of it, the running one first
     wait_s: float | None  # estimate before it starts; None until a job of each kind ahead has finished here
+    waits_for: str = "the device"
 
 
 class JobRunner:
@@ -103,6 +109,7 @@ class JobRunner:
         self._context: DenoiseContext | None = None
         self._turns = threading.Condition()
         self._waiting: list[Waiting] = []  # jobs in arrival order; only the first may take the lock
+        self.remote_live: dict[int, LiveStatus] = {}  # replica mode: thread ident -> its job's live status
 
     @contextmanager
     def turn(self, task: str):
@@ -186,10 +193,62 @@ class JobRunner:
         readout = Readout.of_job(ctx.timer, output, memory, runtime, model.name, runtime.shape_state(mark),
                                  details, notices)
         result = self._result(task, runtime, output, readout)
+        result.stopped = ctx.stopped and output.steps_run < output.steps_planned
         self._remember(task.name, readout)
-        if key is not None and result.images and not (ctx.stopped and output.steps_run < output.steps_planned):
+        if key is not None and result.images and not result.stopped:
             self.result_cache.put(key, result, time.strftime("%Y-%m-%d %H:%M:%S"))
         return result
+
+    def run_remote(self, task: Task, pool, progress: ProgressFn | None) -> GenerationResult:
+        """Run `task` on one of the pool's replicas (engine/serve.py); no device lock here, the replicas queue.
+        The front saves the images (each once, whichever replica made them) and keeps the one result cache."""
+        key = self._cache_key(task, pool) if task.model.options.result_cache else None
+        looked_up = time.perf_counter()
+        hit = self.result_cache.get(key) if key else None
+        if hit is not None:
+            return self._cached(hit, task.notices, looked_up)
+        thread, live = threading.get_ident(), LiveStatus(task=task.name)  # running from its first event
+
+        def on_event(event) -> None:
+            if not live.running:
+                live.started, live.running = time.perf_counter(), True
+            live.step, live.total, live.where, live.memory = event.step, event.total, event.replica, event.memory
+            if event.preview is not None:
+                live.preview, live.preview_step = event.preview, event.preview_step
+            if progress is not None and event.total:
+                progress(event.step, event.total)
+
+        self.remote_live[thread] = self.live = live
+        try:
+            result, replica, retried = pool.run(task.name, task.request.model_dump(), task.image, on_event)
+        finally:
+            live.running = False
+            self.remote_live.pop(thread, None)
+        readout = result.readout
+        readout.details["replica"] = replica
+        if retried:
+            readout.details["retried"] = retried
+            readout.notices.append(f"Retried: {retried}.")
+        result.notices = readout.notices
+        self._save(result)
+        self._remember(task.name, readout)
+        if key is not None and result.images and not result.stopped:
+            self.result_cache.put(key, result, time.strftime("%Y-%m-%d %H:%M:%S"))
+        return result
+
+    def remote_place(self, thread: int, replicas: int) -> QueuePlace | None:
+        """Replica mode: a job sent out but not started waits in Ray Serve's queue for a free replica."""
+        waiting = sorted((live.started_wait, t, live.task) for t, live in self._remote_waiting())
+        index = next((i for i, (_, t, _) in enumerate(waiting) if t == thread), None)
+        if index is None:
+            return None
+        ahead = [task for _, _, task in waiting[:index]]
+        typical = [self._typical_s(task) for task in ahead]
+        wait = None if None in typical else sum(typical) / max(1, replicas)
+        return QueuePlace(index + 1, ahead, wait, waits_for="a free replica")
+
+    def _remote_waiting(self):
+        return [(t, live) for t, live in list(self.remote_live.items()) if not live.running]
 
     # -- pieces of a run
 
@@ -265,12 +324,16 @@ class JobRunner:
                      for image, seed in zip(output.images, seeds)]
         result = GenerationResult(images=output.images, seeds=seeds, parameters=parameters, readout=readout,
                                   notices=readout.notices, extra_images=output.extra_images, infotexts=infotexts)
-        if self.outputs_dir is not None:
-            start = time.perf_counter()
-            for image, seed, text in zip(output.images, seeds, infotexts):
-                result.saved_paths.append(str(save_png(image, text, self.outputs_dir, seed)))
-            readout.stages_s["save"] = time.perf_counter() - start
+        self._save(result)
         return result
+
+    def _save(self, result: GenerationResult) -> None:
+        if self.outputs_dir is None:
+            return
+        start = time.perf_counter()
+        for image, seed, text in zip(result.images, result.seeds, result.infotexts):
+            result.saved_paths.append(str(save_png(image, text, self.outputs_dir, seed)))
+        result.readout.stages_s["save"] = time.perf_counter() - start
 
     def _remember(self, task_name: str, readout: Readout) -> None:
         self.history.appendleft({

@@ -48,13 +48,17 @@ def readout_markdown(readout: Readout, seeds: list[int], saved: list[str] | None
     return text
 
 
-def live_markdown(engine: Engine) -> str:
-    live = engine.live
+def live_markdown(engine: Engine, live=None) -> str:
+    """The running job's line; `live` is that job's LiveStatus (with replicas each job has its own)."""
+    live = live or engine.live
     if not live.running:
-        return "Waiting for the device (one job runs at a time)…"
+        return ("Sent to the replicas, starting…" if engine.pool is not None
+                else "Waiting for the device (one job runs at a time)…")
     eta = f"{live.eta_s:.1f} s" if live.eta_s is not None else "…"
+    memory = live.memory or live_memory(engine.runtime.device).text()  # a replica's own, where it runs there
+    where = f" · on replica {live.where}" if live.where else ""
     return (f"**{live.task}: step {live.step} of {live.total or '…'}** · elapsed {live.elapsed_s:.1f} s · "
-            f"{live.it_per_s:.2f} it/s · about {eta} left · {live_memory(engine.runtime.device).text()}")
+            f"{live.it_per_s:.2f} it/s · about {eta} left · {memory}{where}")
 
 
 def waiting_markdown(place) -> str:
@@ -63,7 +67,7 @@ def waiting_markdown(place) -> str:
     ahead = ", ".join(place.ahead) if place.ahead else "nothing (starting)"
     when = (f"about {place.wait_s:.0f} s before it starts" if place.wait_s is not None
             else "no estimate yet (a job of that kind has not finished here)")
-    return f"**Waiting for the device: {ordinal} in line** · ahead: {ahead} · {when}"
+    return f"**Waiting for {place.waits_for}: {ordinal} in line** · ahead: {ahead} · {when}"
 
 
 def engine_markdown(engine: Engine) -> str:
@@ -71,7 +75,9 @@ def engine_markdown(engine: Engine) -> str:
     lines = [f"**Runtime:** {s['runtime']} on {s['device']} ({s['precision']}) — {s['reason']}",
              f"**Model:** {s['model'] or 'none loaded'}" + (f" ({s['family']})" if s["family"] else "")
              + (f"; LoRAs fused: {', '.join(s['loras'])}" if s.get("loras") else "")]
-    lines += [f"- {name}: not used — {why}" for name, why in s["skipped"].items()]
+    if s.get("replicas"):
+        lines.append(f"**Replicas:** {s['replicas']}")
+    lines += [f"- {name}: not used — {why}" for name, why in (s["skipped"] or {}).items()]
     if s.get("decisions"):
         lines.append("**Chosen for this machine:**\n" + "\n".join(f"- {d}" for d in s["decisions"]))
     return "\n\n".join(lines)
@@ -81,7 +87,7 @@ def options_markdown(engine: Engine) -> str:
     s = engine.status()
     applied = ", ".join(s["applied"]) if s["applied"] else "no runtime-side optimizations"
     lines = [f"**In effect on {s['runtime']}:** {applied}"]
-    lines += [f"- **{label}** is ticked but not applied: {why}" for label, why in s["not_applied"].items()]
+    lines += [f"- **{label}** is ticked but not applied: {why}" for label, why in (s["not_applied"] or {}).items()]
     return "\n".join(lines)
 
 

@@ -64,14 +64,14 @@ def stream_job(engine: Engine, call: Callable, progress, shown: Callable | None 
             progress(0, desc=f"Waiting: number {place.place} in line")
             yield gr.skip(), waiting_markdown(place), gr.skip(), gr.skip()
             continue
-        live = engine.live
+        live = engine.live_of(thread.ident)
         if live.running and live.total:
             progress((live.step, live.total), desc=f"Step {live.step}/{live.total}")
         preview = gr.skip()
         if live.running and live.preview is not None and live.preview_step != last_preview:
             last_preview = live.preview_step
             preview = [(live.preview, f"preview, step {live.preview_step}")]
-        yield preview, live_markdown(engine), gr.skip(), gr.skip()
+        yield preview, live_markdown(engine, live), gr.skip(), gr.skip()
     if "error" in box:
         raise user_facing(box["error"], "Generation")
     result = box["result"]

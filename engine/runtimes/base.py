@@ -123,6 +123,13 @@ class Runtime(ABC):
         """Context every task runs inside (autocast and no_grad where needed)."""
         return contextlib.nullcontext()
 
+    def limit_threads(self, threads: int) -> None:
+        """Use at most `threads` CPU threads (a replica sharing the machine with others); said on the Engine tab."""
+        import torch
+
+        torch.set_num_threads(threads)
+        self.decisions.append(f"CPU threads limited to {threads} (this replica's share of the machine)")
+
     # -- per job
 
     def compile_mark(self) -> int:

@@ -5,4 +5,6 @@ from .img2img import Img2Img
 from .tiled_upscale import TiledUpscale
 from .txt2img import Txt2Img
 
-__all__ = ["HiresFix", "Img2Img", "Task", "TaskOutput", "TiledUpscale", "Txt2Img"]
+TASKS = {cls.name: cls for cls in (Txt2Img, Img2Img, HiresFix, TiledUpscale)}  # by name (a replica's job)
+
+__all__ = ["TASKS", "HiresFix", "Img2Img", "Task", "TaskOutput", "TiledUpscale", "Txt2Img"]

@@ -1,12 +1,14 @@
 """Converted IR on disk, checked before use."""
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import logging
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -61,6 +63,21 @@ class IRCache:
             log.warning("OpenVINO IR cache entry %s/%s unreadable (%s); rebuilding", folder, part, e)
             self.discard(identity, variant, part)
             return None
+
+    @contextmanager
+    def converting(self, identity: str, variant: str, part: str):
+        """Held while one process converts a part: another (a second replica on this machine) waits, then finds
+        the entry in the cache instead of converting it again."""
+        folder = self.folder(identity, variant)
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            lock = open(folder / f".{part}.lock", "a")
+        except OSError:  # a read-only cache: nothing to share
+            yield
+            return
+        with lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            yield
 
     def discard(self, identity: str, variant: str, part: str) -> None:
         folder = self.folder(identity, variant)

@@ -35,6 +35,13 @@ class IRLoader:
         model = self.ir_cache.load(self.core, identity, self.variant, part) if identity else None
         if model is not None:
             return model
+        if not identity:
+            return self._convert(None, part, component, calibration)
+        with self.ir_cache.converting(identity, self.variant, part):
+            model = self.ir_cache.load(self.core, identity, self.variant, part)  # converted while we waited?
+            return model if model is not None else self._convert(identity, part, component, calibration)
+
+    def _convert(self, identity: str | None, part: str, component, calibration) -> Any:
         if component is None or is_meta(component):
             raise RuntimeUnavailable(f"OpenVINO IR for {part} is missing from the cache and no weights are loaded; "
                                      f"load the model again.")

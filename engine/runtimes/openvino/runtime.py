@@ -90,6 +90,7 @@ class OpenVINORuntime(Runtime):
         self._convs_quantized = False  # whether the UNet's IR really has quantized convolutions
         self._last_part: str | None = None  # the part inferred last; its scratch is freed when another runs
         self._threads_noted = False
+        self._threads: int | None = None  # a limit (limit_threads); None: OpenVINO's own choice
 
     def _int8_convolutions(self, wish: str) -> bool:
         """Whether the UNet's convolutions are quantized: as asked ("on"/"off"), or for "auto" where the probe
@@ -193,8 +194,14 @@ class OpenVINORuntime(Runtime):
 
     # -- running
 
+    def limit_threads(self, threads: int) -> None:
+        self._threads = threads
+        super().limit_threads(threads)  # torch still runs the scheduler and the odd eager op
+
     def _config(self) -> dict:
         config = {"INFERENCE_PRECISION_HINT": self._hint, "PERFORMANCE_HINT": "LATENCY"}
+        if self._threads:
+            config["INFERENCE_NUM_THREADS"] = self._threads
         if not self.optimizations.compiled_blob_cache:
             return config
         try:

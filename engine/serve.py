@@ -1,0 +1,387 @@
+"""Engine replicas on Ray Serve: N engines, each in its own process (one per GPU, or a share of the CPU cores),
+behind the same UI and API.
+
+The front (app.py's process) keeps an Engine with the model loaded on eager PyTorch only to validate requests
+the same way (sizes, prompts, LoRA tags) and to key the result cache; the jobs run on the replicas:
+
+    Engine.run -> JobRunner.run_remote -> ReplicaPool.run -> Ray Serve routes the call to a replica with a free
+    slot (max_ongoing_requests=1: one job per replica, the rest wait in Serve's queue) -> Replica.run streams
+    progress events (step, preview, the replica's memory) and then the GenerationResult -> the front saves the
+    PNGs (only the front writes outputs, so each image is saved once), adds the history row and the cache entry.
+
+Stop reaches the replicas through a small actor (`StopBoard`) each running job polls. A replica process that
+dies mid-job (Ray raises ActorDiedError) is replaced by Serve; the job runs once more on another replica, or ends
+with one clear message. Ray is imported only here and only in replica mode: without `ray[serve]` the app runs
+as before and --replicas says what to install.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from .errors import UserError
+
+log = logging.getLogger(__name__)
+
+APP_NAME = "fastsd"
+INSTALL_HINT = "make serve-deps (or: pip install -r requirements-serve.txt)"
+POLL_S = 0.25
+READY_TIMEOUT_S = 900.0  # model load, conversion and warm-up on every replica
+
+
+def ray_missing() -> str | None:
+    """None when Ray Serve imports, else one line saying what to install."""
+    try:
+        import ray  # noqa: F401
+        from ray import serve  # noqa: F401
+    except ImportError as e:
+        return f"Ray Serve is not installed ({e}); {INSTALL_HINT}"
+    return None
+
+
+@dataclass(frozen=True)
+class ReplicaConfig:
+    """Everything a replica needs to build its Engine: plain values, so Ray can ship it (and a Serve config file
+    can write it as the application's arguments, `build_app`)."""
+
+    model: str = "builtin:shapes"
+    model_config: str | None = None
+    runtime: str = "auto"
+    optimizations: dict = field(default_factory=dict)  # Optimizations fields
+    models_dir: str | None = None
+    cache_dir: str | None = None
+    taesd: str | None = None
+    warmup: tuple[tuple[int, int], ...] = ()
+    warmup_tasks: tuple[str, ...] = ("txt2img",)
+    guidance: float = 7.0
+    threads: int | None = None  # CPU threads per replica; None: the runtime's own choice
+
+    @classmethod
+    def of(cls, values: dict) -> "ReplicaConfig":
+        values = dict(values)
+        values["warmup"] = tuple(tuple(size) for size in values.get("warmup", ()))
+        values["warmup_tasks"] = tuple(values.get("warmup_tasks", ("txt2img",)))
+        return cls(**values)
+
+
+@dataclass
+class ReplicaEvent:
+    """What a replica streams while a job runs (the last one carries the result)."""
+
+    replica: str
+    step: int = 0
+    total: int = 0
+    preview: Any = None  # PIL image, only when a new one was made
+    preview_step: int = 0
+    memory: str = ""  # the replica's own memory line
+    result: Any = None  # GenerationResult, in the last event
+
+
+class Replica:
+    """One Engine in a Ray Serve replica: loads the model once, prepares its runtime, warms its shapes, then runs
+    one job at a time. Its outputs are not saved here (the front saves them), and it keeps no result cache (the
+    front's is the one cache, whichever replica ran the job)."""
+
+    def __init__(self, config: dict):
+        from . import Engine
+        from .options import Optimizations
+
+        cfg = ReplicaConfig.of(config)
+        self.pid, self.host = os.getpid(), socket.gethostname()
+        self.id = _replica_id()
+        options = Optimizations(**{**cfg.optimizations, "result_cache": False})
+        self.engine = Engine(runtime=cfg.runtime, optimizations=options, models_dir=cfg.models_dir,
+                             cache_dir=cfg.cache_dir, outputs_dir=None, taesd=cfg.taesd, styles_file=None)
+        if cfg.threads:
+            self.engine.runtime.limit_threads(cfg.threads)
+        self.engine.load(cfg.model, config_dir=cfg.model_config)
+        self.warmed = [asdict(r) for r in self.engine.warmup(list(cfg.warmup), guidance=cfg.guidance,
+                                                              tasks=cfg.warmup_tasks)] if cfg.warmup else []
+        log.info("replica %s ready: %s on %s", self.name, self.engine.model.name, self.engine.runtime.name)
+
+    @property
+    def name(self) -> str:
+        return f"{self.id} (pid {self.pid} on {self.host})"
+
+    def status(self) -> dict:
+        return {**self.engine.status(), "replica": self.name, "pid": self.pid, "host": self.host,
+                "warmed": self.warmed}
+
+    def run(self, task: str, request: dict, image: Any, job: str, board):
+        """A generator: progress events while the job runs, then one event with the result. Errors propagate
+        (a UserError reaches the front as itself)."""
+        from . import devices
+        from .tasks import TASKS
+
+        engine = self.engine
+        box: dict[str, Any] = {}
+
+        def target():
+            try:
+                box["result"] = engine.run(TASKS[task], request, image, expand_styles=False)
+            except BaseException as e:  # raised again below, in Serve's thread
+                box["error"] = e
+
+        worker = threading.Thread(target=target, name=f"job-{job}", daemon=True)
+        worker.start()
+        sent_preview, stopped = -1, False
+        while worker.is_alive():
+            worker.join(POLL_S)
+            if not stopped and board is not None and _ask(board.stopped.remote(job)):
+                engine.stop()
+                stopped = True
+            live = engine.live
+            if not live.running:
+                continue
+            preview = None
+            if live.preview is not None and live.preview_step != sent_preview:
+                preview, sent_preview = live.preview, live.preview_step
+            yield ReplicaEvent(self.name, live.step, live.total, preview, live.preview_step,
+                               devices.live_memory(engine.runtime.device).text())
+        if "error" in box:
+            raise box["error"]
+        yield ReplicaEvent(self.name, result=box["result"])
+
+
+def _replica_id() -> str:
+    try:
+        from ray import serve
+
+        return serve.get_replica_context().replica_id.unique_id
+    except Exception:  # outside Serve (a test building a Replica by hand)
+        return uuid.uuid4().hex[:8]
+
+
+def _ask(ref, timeout: float = 5.0) -> bool:
+    import ray
+
+    try:
+        return bool(ray.get(ref, timeout=timeout))
+    except Exception:  # the front went away or is slow: keep running
+        return False
+
+
+def build_app(args: dict):
+    """A Serve application builder, for `serve deploy` / a RayService config (docs/ray/serve-config.yaml):
+    `engine.serve:build_app` with `args: {replicas, replica_cpus, replica_gpus, autoscaling, config}`, config being
+    ReplicaConfig's fields. Checked here, so a wrong config fails at deploy with its own message."""
+    config = ReplicaConfig.of(dict(args.get("config", {})))  # unknown fields fail here, not in every replica
+    return deployment(int(args.get("replicas", 1)), float(args.get("replica_cpus", 1)),
+                      float(args.get("replica_gpus", 0)), args.get("autoscaling")).bind(asdict(config))
+
+
+def deployment(replicas: int, cpus: float, gpus: float, autoscaling: dict | None = None):
+    from ray import serve
+
+    options: dict[str, Any] = {
+        "ray_actor_options": {"num_cpus": cpus, "num_gpus": gpus},
+        "max_ongoing_requests": 1,  # one job per replica at a time; the rest queue in Serve's router
+        "health_check_period_s": 10, "graceful_shutdown_timeout_s": 5,
+    }
+    if autoscaling:
+        options["autoscaling_config"] = autoscaling
+    else:
+        options["num_replicas"] = replicas
+    return serve.deployment(Replica, name="Replica", **options)
+
+
+def _stop_board():
+    import ray
+
+    @ray.remote(num_cpus=0)
+    class StopBoard:
+        """Jobs the front asked to stop; each running job polls it."""
+
+        def __init__(self):
+            self.jobs: set[str] = set()
+
+        def stop(self, jobs: list[str]) -> None:
+            self.jobs.update(jobs)
+
+        def stopped(self, job: str) -> bool:
+            return job in self.jobs
+
+        def forget(self, job: str) -> None:
+            self.jobs.discard(job)
+
+    return StopBoard.remote()
+
+
+@dataclass
+class RemoteJob:
+    """A job the front sent out: what the UI polls for it."""
+
+    job: str
+    task: str
+    since: float = field(default_factory=time.perf_counter)
+    replica: str = ""  # set by the first event: until then it waits for a free replica
+    live: Any = None  # jobs.LiveStatus
+
+
+class ReplicaPool:
+    """The front's side: starts (or joins) Ray, deploys the replicas, runs jobs on them with progress, stop and
+    one retry when a replica dies."""
+
+    def __init__(self, config: ReplicaConfig, replicas: int, *, address: str | None = None, cpus: float = 1,
+                 gpus: float = 0, app: str = APP_NAME, deploy: bool = True):
+        missing = ray_missing()
+        if missing:
+            raise UserError(f"--replicas needs Ray Serve: {missing}")
+        if replicas < 1 and deploy:
+            raise UserError(f"--replicas must be at least 1, got {replicas}")
+        self.config, self.replicas, self.address = config, replicas, address
+        self.cpus, self.gpus, self.app, self.deploy = cpus, gpus, app, deploy
+        self.handle = None
+        self.board = None
+        self.info: dict = {}  # one replica's status: its runtime, precision, decisions
+        self.started_s = 0.0
+        self.retries = 0
+        self._jobs: dict[int, RemoteJob] = {}  # thread ident -> its job
+        self._lock = threading.Lock()
+
+    # -- start and stop
+
+    def start(self) -> None:
+        """Start (or join) Ray, deploy the replicas and wait until one answers. A failure is one UserError line
+        (the log keeps Ray's own report)."""
+        try:
+            self._start()
+        except UserError:
+            raise
+        except Exception as e:
+            log.warning("Ray Serve did not start", exc_info=e)
+            self.shutdown()
+            raise UserError(f"The replicas did not start: {type(e).__name__}: {str(e).strip()[:400]}") from e
+
+    def _start(self) -> None:
+        import ray
+        from ray import serve
+
+        start = time.perf_counter()
+        if not ray.is_initialized():
+            # A local instance sized to this machine, or a cluster by address ("auto", "ray://head:10001").
+            kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False, "namespace": "fastsd"}
+            if self.address:
+                ray.init(address=self.address, **kwargs)  # the cluster's image has this app installed
+            else:
+                root = str(Path(__file__).resolve().parent.parent)  # replicas import engine/ from this checkout
+                ray.init(num_cpus=max(os.cpu_count() or 1, int(self.cpus * self.replicas + 0.999)),
+                         object_store_memory=256 << 20, runtime_env={"env_vars": {"PYTHONPATH": root}}, **kwargs)
+        if self.deploy:
+            serve.start(proxy_location="Disabled")  # the UI process is the ingress: no Serve HTTP proxy
+            app = deployment(self.replicas, self.cpus, self.gpus).bind(asdict(self.config))
+            self.handle = serve.run(app, name=self.app, route_prefix=None)
+        else:
+            self.handle = serve.get_app_handle(self.app)
+        self.board = _stop_board()
+        self.info = self.handle.status.remote().result(timeout_s=READY_TIMEOUT_S)
+        if not self.deploy:
+            self.replicas = sum(self.replica_states().values()) or 1
+        self.started_s = time.perf_counter() - start
+        log.info("%d replica(s) ready in %.1f s: %s on %s", self.replicas, self.started_s, self.info.get("model"),
+                 self.info.get("runtime"))
+
+    def shutdown(self) -> None:
+        try:
+            import ray
+            from ray import serve
+
+            if not ray.is_initialized():
+                return
+            if self.deploy and self.handle is not None:
+                serve.delete(self.app)
+            if not self.address:
+                serve.shutdown()  # our own local instance: Serve's controller goes with it
+            ray.shutdown()
+        except Exception as e:  # on the way out: say it, do not raise
+            log.warning("Ray Serve shutdown: %s", e)
+
+    # -- what the UI shows
+
+    name = property(lambda self: self.info.get("runtime", "?"), doc="the replicas' runtime (the result cache key)")
+    precision = property(lambda self: self.info.get("precision", "?"))
+
+    def replica_states(self) -> dict[str, int]:
+        """Replica state -> count, from Serve (RUNNING, STARTING, ...)."""
+        from ray import serve
+
+        try:
+            deployment_status = serve.status().applications[self.app].deployments["Replica"]
+            return {str(k): v for k, v in deployment_status.replica_states.items()}
+        except Exception as e:
+            log.debug("serve.status: %s", e)
+            return {}
+
+    def describe(self) -> str:
+        states = ", ".join(f"{n} {state.lower()}" for state, n in self.replica_states().items()) or "state unknown"
+        where = f"Ray cluster {self.address}" if self.address else "a local Ray instance"
+        share = f"{self.gpus:g} GPU" if self.gpus else f"{self.cpus:g} CPU"
+        return (f"{self.replicas} Ray Serve replicas ({states}) on {where}, {share} each, one job per replica at a "
+                f"time; started in {self.started_s:.0f} s")
+
+    def running(self) -> list[RemoteJob]:
+        with self._lock:
+            return list(self._jobs.values())
+
+    def job_of(self, thread: int) -> RemoteJob | None:
+        with self._lock:
+            return self._jobs.get(thread)
+
+    # -- jobs
+
+    def stop(self) -> None:
+        """Stop every running job (as Stop on one device stops the job that runs)."""
+        jobs = [j.job for j in self.running()]
+        if jobs and self.board is not None:
+            self.board.stop.remote(jobs)
+
+    def run(self, task: str, request: dict, image: Any, on_event: Callable[[ReplicaEvent], None]):
+        """Run one job on a replica; returns (GenerationResult, replica name, what a retry did or "")."""
+        from ray.exceptions import RayActorError, RayTaskError
+
+        job = RemoteJob(uuid.uuid4().hex, task)
+        with self._lock:
+            self._jobs[threading.get_ident()] = job
+        retried = ""
+        try:
+            for attempt in (1, 2):
+                try:
+                    result, replica = self._attempt(job, task, request, image, on_event)
+                    return result, replica, retried
+                except RayTaskError as e:  # the job itself failed on the replica: the same error, not Ray's wrapper
+                    cause = e.cause if getattr(e, "cause", None) is not None else e
+                    if isinstance(cause, UserError):
+                        raise UserError(str(cause)) from None
+                    raise RuntimeError(f"{type(cause).__name__}: {cause}") from None
+                except (RayActorError, ConnectionError) as e:  # the replica's process died (or was lost)
+                    died = job.replica or "a replica"
+                    log.warning("job %s: %s died (%s)", job.job, died, type(e).__name__)
+                    if attempt == 2:
+                        raise UserError(f"The replica running this job stopped ({died}), and so did the one it was "
+                                        f"tried again on; no image was saved. The other replicas keep serving: "
+                                        f"run it again.") from None
+                    self.retries += 1
+                    retried = f"{died} stopped mid-job; ran again on another replica"
+                    job.replica, job.live = "", None
+        finally:
+            with self._lock:
+                self._jobs.pop(threading.get_ident(), None)
+            if self.board is not None:
+                self.board.forget.remote(job.job)
+
+    def _attempt(self, job: RemoteJob, task: str, request: dict, image: Any, on_event) -> tuple[Any, str]:
+        stream = self.handle.options(method_name="run", stream=True).remote(task, request, image, job.job,
+                                                                           self.board)
+        for event in stream:
+            job.replica = event.replica
+            if event.result is not None:
+                return event.result, event.replica
+            on_event(event)
+        raise ConnectionError("the replica's stream ended without a result")

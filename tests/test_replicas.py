@@ -1,0 +1,215 @@
+"""Engine replicas on Ray Serve behind the UI (engine/serve.py): a local Ray instance on this machine with two CPU
+replicas of builtin:shapes, driven through the UI's own endpoint by several clients at once; then one replica's
+process killed mid-job. Ray Serve is installed by `make test` (requirements-serve.txt): these tests never skip."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import threading
+import time
+import urllib.request
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pytest
+from gradio_client import Client
+from PIL import Image
+
+from appserver import running_app
+from engine.metadata import parse_parameters
+from engine.outputs import TMP_PREFIX, read_parameters
+
+PROMPTS = ["a red circle on a blue background", "a yellow square on a black background",
+           "a green triangle on a white background", "a blue circle on a yellow background"]
+STEPS, SIZE = 6, 128
+
+
+@pytest.fixture(scope="module")
+def outputs(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("replica_outputs")
+
+
+@pytest.fixture(scope="module")
+def app(outputs):
+    with running_app("--model", "builtin:shapes", "--runtime", "pytorch", "--replicas", "2",
+                     "--outputs-dir", str(outputs), timeout_s=400) as (url, proc):
+        yield url, proc
+
+
+def replica_processes() -> dict[int, str]:
+    """pid -> process title of Ray Serve's replica workers of our application."""
+    found = {}
+    for p in psutil.process_iter(["pid", "cmdline"]):
+        title = " ".join(p.info["cmdline"] or [])
+        if "ServeReplica:fastsd:Replica" in title:
+            found[p.info["pid"]] = title
+    return found
+
+
+def txt2img(client: Client, prompt: str, seed: int, steps: int = STEPS):
+    return client.predict(prompt=prompt, negative_prompt="", width=SIZE, height=SIZE, batch_count=1, steps=steps,
+                          guidance=7.0, sampler="Euler", seed=seed, batch_size=1, api_name="/txt2img")
+
+
+def replica_of(readout: str) -> str:
+    row = next(line for line in readout.splitlines() if line.startswith("| Replica |"))
+    return row.split("|")[2].strip()
+
+
+def saved_pngs(outputs: Path) -> list[Path]:
+    return sorted(outputs.rglob("*.png"))
+
+
+def test_sixteen_jobs_from_four_clients_use_both_replicas_and_save_each_image_once(app, outputs):
+    url, _ = app
+    jobs = [(PROMPTS[i % 4], 1000 + i) for i in range(16)]
+    results: dict[int, tuple] = {}
+    errors: list[BaseException] = []
+
+    def client_run(which: int) -> None:
+        try:
+            client = Client(url, verbose=False)
+            for prompt, seed in jobs[which::4]:
+                results[seed] = (prompt, txt2img(client, prompt, seed))
+        except BaseException as e:  # reported below, with the others
+            errors.append(e)
+
+    threads = [threading.Thread(target=client_run, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=600)
+    assert not errors, errors
+    assert len(results) == 16
+    replicas = Counter(replica_of(readout) for _, (_, readout, _, _) in results.values())
+    assert len(replicas) == 2, replicas  # both replicas ran jobs
+    # Each image saved once, by the front, whole (no partial files), with its own seed and prompt.
+    pngs = saved_pngs(outputs)
+    assert len(pngs) == 16, pngs
+    assert not list(outputs.rglob(f"{TMP_PREFIX}*"))
+    saved = {}
+    for path in pngs:
+        with Image.open(path) as image:
+            params = parse_parameters(read_parameters(image))
+            saved[int(params["Seed"])] = (params["Prompt"] if "Prompt" in params else params.get("prompt"),
+                                          np.asarray(image.convert("RGB"), dtype=np.float32))
+    assert sorted(saved) == sorted(results)
+    # Correct pictures: the same request on an engine in this process gives the same image (threads differ, so
+    # the sums may round differently: within 1 level of 255 on average).
+    from engine import Engine
+
+    local = Engine(runtime="pytorch", preview_every=0)
+    local.load("builtin:shapes")
+    for seed, (prompt, (gallery, _, params, _)) in sorted(results.items())[::5]:
+        assert params["seed"] == seed and params["prompt"] == prompt
+        want = local.txt2img({"prompt": prompt, "width": SIZE, "height": SIZE, "steps": STEPS, "guidance": 7.0,
+                              "sampler": "Euler", "seed": seed})
+        got = saved[seed][1]
+        assert got.shape == (SIZE, SIZE, 3)
+        assert np.abs(got - np.asarray(want.images[0], dtype=np.float32)).mean() < 1.0, seed
+
+
+def test_readout_and_engine_tab_say_where_jobs_ran(app):
+    url, _ = app
+    client = Client(url, verbose=False)
+    _, readout, _, _ = txt2img(client, PROMPTS[0], 7)
+    assert "pid" in replica_of(readout)
+    # The Engine tab's summary (its initial value is in the page's config): how many replicas, on what.
+    with urllib.request.urlopen(url + "config", timeout=30) as response:
+        config = json.load(response)
+    texts = [str(c.get("props", {}).get("value", "")) for c in config["components"]]
+    assert any("2 Ray Serve replicas" in text and "pytorch" in text for text in texts)
+
+
+def test_what_replicas_cannot_change_is_refused_in_one_line(app):
+    url, _ = app
+    client = Client(url, verbose=False)
+    with pytest.raises(Exception, match="not available with --replicas"):
+        client.predict("pytorch", api_name="/set_runtime")
+
+
+def test_a_replica_killed_mid_job_is_replaced_and_no_job_is_lost(app, outputs):
+    url, proc = app
+    before = replica_processes()
+    assert len(before) == 2, before
+    done_before = len(saved_pngs(outputs))
+    clients = [Client(url, verbose=False) for _ in range(2)]
+    # Two long jobs, one on each replica; kill one replica once both are past their first steps.
+    running = [c.submit(prompt=PROMPTS[i], negative_prompt="", width=SIZE, height=SIZE, batch_count=1, steps=60,
+                        guidance=7.0, sampler="Euler", seed=500 + i, batch_size=1, api_name="/txt2img")
+               for i, c in enumerate(clients)]
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        stepping = [j for j in running if any("Step" in (u.desc or "") for u in (j.status().progress_data or []))]
+        if len(stepping) == 2:
+            break
+        time.sleep(0.3)
+    else:
+        pytest.fail("the two jobs did not both start")
+    victim = sorted(before)[0]
+    os.kill(victim, signal.SIGKILL)
+    outcomes = []
+    for job in running:
+        try:
+            _, readout, params, _ = job.result(timeout=300)
+            outcomes.append(("image", readout))
+        except Exception as e:  # a clear message is allowed too, never a hang
+            outcomes.append(("error", str(e)))
+    assert len(outcomes) == 2
+    for kind, text in outcomes:
+        assert kind == "image" or "replica" in text.lower(), text
+    retried = [text for kind, text in outcomes if kind == "image" and "Retried" in text]
+    assert len(retried) == 1 or any(kind == "error" for kind, _ in outcomes), outcomes
+    # Every image that came back was saved once; nothing half-written.
+    images = sum(kind == "image" for kind, _ in outcomes)
+    assert len(saved_pngs(outputs)) == done_before + images
+    assert not list(outputs.rglob(f"{TMP_PREFIX}*"))
+    # The server keeps serving, and Serve brings up a replacement replica.
+    _, readout, _, _ = txt2img(clients[0], PROMPTS[1], 42)
+    assert "Replica" in readout
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        now = replica_processes()
+        if len(now) == 2 and victim not in now:
+            break
+        time.sleep(1)
+    else:
+        pytest.fail(f"no replacement replica came up: {replica_processes()}")
+    assert proc.poll() is None
+
+
+def test_the_flag_says_what_to_install_without_ray(monkeypatch, capsys):
+    import app as app_module
+    from engine import serve
+
+    monkeypatch.setitem(sys.modules, "ray", None)  # import ray fails as if not installed
+    assert "requirements-serve.txt" in serve.ray_missing()
+    assert app_module.main(["--replicas", "2", "--model", "builtin:tiny", "--no-save"]) == 2
+    assert "requirements-serve.txt" in capsys.readouterr().err
+
+
+def test_the_documented_serve_configs_deploy_what_they_say():
+    """docs/ray/*.yaml parse as Ray Serve configs, and their application builds with the options they name."""
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    from engine.serve import build_app
+
+    root = Path(__file__).resolve().parent.parent / "docs" / "ray"
+    plain = yaml.safe_load((root / "serve-config.yaml").read_text())
+    service = yaml.safe_load((root / "rayservice.yaml").read_text())
+    assert service["kind"] == "RayService"
+    for config in (plain, yaml.safe_load(service["spec"]["serveConfigV2"])):
+        schema = ServeDeploySchema.model_validate(config)
+        (app,) = schema.applications
+        assert app.import_path == "engine.serve:build_app" and app.route_prefix is None
+        deployment = build_app(app.args)._bound_deployment
+        assert deployment.ray_actor_options["num_gpus"] == 1
+        assert deployment._deployment_config.max_ongoing_requests == 1
+        assert deployment._deployment_config.autoscaling_config.max_replicas == 100
+    with pytest.raises(TypeError):  # a misspelt field fails at deploy, before any replica starts
+        build_app({"config": {"modle": "x"}})
