@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import sys
 import threading
@@ -95,8 +96,7 @@ def test_sixteen_jobs_from_four_clients_use_both_replicas_and_save_each_image_on
     for path in pngs:
         with Image.open(path) as image:
             params = parse_parameters(read_parameters(image))
-            saved[int(params["Seed"])] = (params["Prompt"] if "Prompt" in params else params.get("prompt"),
-                                          np.asarray(image.convert("RGB"), dtype=np.float32))
+            saved[int(params["seed"])] = (params["prompt"], np.asarray(image.convert("RGB"), dtype=np.float32))
     assert sorted(saved) == sorted(results)
     # Correct pictures: the same request on an engine in this process gives the same image (threads differ, so
     # the sums may round differently: within 1 level of 255 on average).
@@ -108,8 +108,8 @@ def test_sixteen_jobs_from_four_clients_use_both_replicas_and_save_each_image_on
         assert params["seed"] == seed and params["prompt"] == prompt
         want = local.txt2img({"prompt": prompt, "width": SIZE, "height": SIZE, "steps": STEPS, "guidance": 7.0,
                               "sampler": "Euler", "seed": seed})
-        got = saved[seed][1]
-        assert got.shape == (SIZE, SIZE, 3)
+        saved_prompt, got = saved[seed]
+        assert saved_prompt == prompt and got.shape == (SIZE, SIZE, 3)
         assert np.abs(got - np.asarray(want.images[0], dtype=np.float32)).mean() < 1.0, seed
 
 
@@ -142,15 +142,18 @@ def test_a_replica_killed_mid_job_is_replaced_and_no_job_is_lost(app, outputs):
     running = [c.submit(prompt=PROMPTS[i], negative_prompt="", width=SIZE, height=SIZE, batch_count=1, steps=60,
                         guidance=7.0, sampler="Euler", seed=500 + i, batch_size=1, api_name="/txt2img")
                for i, c in enumerate(clients)]
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        stepping = [j for j in running if any("Step" in (u.desc or "") for u in (j.status().progress_data or []))]
-        if len(stepping) == 2:
-            break
-        time.sleep(0.3)
-    else:
-        pytest.fail("the two jobs did not both start")
-    victim = sorted(before)[0]
+    # The live line each job streams names its replica: "... on replica ID (pid N on HOST)".
+    deadline, pids = time.monotonic() + 120, {}
+    while time.monotonic() < deadline and len(pids) < 2:
+        for i, job in enumerate(running):
+            lines = [str(out[1]) for out in job.outputs() if len(out) > 1]
+            found = [re.search(r"on replica \S+ \(pid (\d+)", line) for line in lines]
+            if any(found):
+                pids[i] = int([m for m in found if m][-1].group(1))
+        time.sleep(0.2)
+    assert len(pids) == 2 and len(set(pids.values())) == 2, f"the two jobs did not both start: {pids}"
+    victim = pids[0]
+    assert victim in before
     os.kill(victim, signal.SIGKILL)
     outcomes = []
     for job in running:
@@ -159,11 +162,11 @@ def test_a_replica_killed_mid_job_is_replaced_and_no_job_is_lost(app, outputs):
             outcomes.append(("image", readout))
         except Exception as e:  # a clear message is allowed too, never a hang
             outcomes.append(("error", str(e)))
-    assert len(outcomes) == 2
-    for kind, text in outcomes:
-        assert kind == "image" or "replica" in text.lower(), text
-    retried = [text for kind, text in outcomes if kind == "image" and "Retried" in text]
-    assert len(retried) == 1 or any(kind == "error" for kind, _ in outcomes), outcomes
+    (killed_kind, killed_text), (other_kind, other_text) = outcomes
+    assert other_kind == "image" and "Retried" not in other_text, other_text
+    # The killed replica's job ran again elsewhere, or ended with one clear line (never a hang or a traceback).
+    assert (killed_kind == "image" and "Retried" in killed_text) or (
+        killed_kind == "error" and "replica" in killed_text.lower()), killed_text
     # Every image that came back was saved once; nothing half-written.
     images = sum(kind == "image" for kind, _ in outcomes)
     assert len(saved_pngs(outputs)) == done_before + images
