@@ -46,6 +46,7 @@ class Engine:
                  cache_dir: Path | None = None, outputs_dir: Path | None = None, preview_every: int = 2,
                  history_size: int = 20, taesd: str | None = None, styles_file: Path | None = STYLES_FILE,
                  result_cache_dir: Path | None = None, result_cache_bytes: int = DEFAULT_RESULTS_BYTES):
+        self.pool = None  # serve.ReplicaPool once use_replicas(): jobs run on Ray Serve replicas
         self.hardware = hardware or hardware_mod.detect()
         self.optimizations = optimizations or Optimizations()  # what the user asked for
         self.models_dir = Path(models_dir) if models_dir else None
@@ -60,7 +61,6 @@ class Engine:
         self.jobs = JobRunner(outputs_dir, preview_every, history_size, result_cache_dir, result_cache_bytes)
         self._config_dir: str | Path | None = None
         self.styles = Styles(styles_file)
-        self.pool = None  # serve.ReplicaPool once use_replicas(): jobs run on Ray Serve replicas
 
     def use_replicas(self, pool) -> None:
         """Send jobs to `pool`'s replicas (engine/serve.py, started) from now on. This engine's own model stays
@@ -84,6 +84,9 @@ class Engine:
 
     def option_reasons(self, runtime_cls=None, model: LoadedModel | None = None) -> dict[str, str]:
         """Option -> why it cannot act here (runtime and hardware, or the tiny autoencoder)."""
+        if self.pool is not None and runtime_cls is None and model is None:
+            return {name: "set for every replica at start by the command line (--preset and option flags); "
+                          "restart to change" for name in type(self.optimizations).model_fields}
         reasons = dict((runtime_cls or type(self.runtime)).option_reasons(self.hardware))
         model = model or self.model
         if self.taesd is None:

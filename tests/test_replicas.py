@@ -123,6 +123,12 @@ def test_readout_and_engine_tab_say_where_jobs_ran(app):
         config = json.load(response)
     texts = [str(c.get("props", {}).get("value", "")) for c in config["components"]]
     assert any("2 Ray Serve replicas" in text and "pytorch" in text for text in texts)
+    # What only a restart changes is shown but not offered: the option boxes, the runtime switch.
+    options = [c["props"] for c in config["components"] if str(c["props"].get("elem_id", "")).startswith("opt-")]
+    assert options and all(p["interactive"] is False and "every replica" in p["info"] for p in options)
+    buttons = {c["props"].get("value"): c["props"].get("interactive") for c in config["components"]
+               if c["type"] == "button"}
+    assert buttons["Use this runtime"] is False and buttons["Warm up"] is False and buttons["Load model"] is False
 
 
 def test_what_replicas_cannot_change_is_refused_in_one_line(app):

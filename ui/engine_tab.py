@@ -28,17 +28,23 @@ class EngineTab:
 def build(engine: Engine, d: dict[str, Any], guidance: gr.Slider) -> EngineTab:
     """`guidance` is the txt2img tab's slider: warm-up prepares the UNet for that guidance (<= 1: no CFG)."""
     info = gr.Markdown(engine_markdown(engine))
+    # With replicas the runtime, model and warm-up are the command line's, for every replica: shown, not offered.
+    fixed = {"interactive": False, "info": "set for every replica at start (--runtime, --model, --warmup)"} \
+        if engine.pool is not None else {}
     with gr.Row():
-        runtime = gr.Dropdown(list(CHOICES), value=engine.runtime_wish, label="Runtime")
-        use_runtime = gr.Button("Use this runtime")
+        runtime = gr.Dropdown(list(CHOICES), value=engine.status()["runtime"] if fixed else engine.runtime_wish,
+                              label="Runtime", **fixed)
+        use_runtime = gr.Button("Use this runtime", interactive=not fixed)
     with gr.Row():
         sizes_box = gr.Textbox(label="Warm up sizes (WIDTHxHEIGHT, comma separated)",
                                value=f"{d['width']}x{d['height']}", scale=3)
         tasks_box = gr.CheckboxGroup(list(WARMUP_TASKS), value=["txt2img"], label="Warm up for", scale=2,
                                      info="with the txt2img tab's guidance")
-        warmup_button = gr.Button("Warm up")
+        warmup_button = gr.Button("Warm up", interactive=not fixed)
     report = gr.Markdown("")
     pickers = model_pickers(engine)
+    if fixed:
+        pickers.load.interactive = pickers.use_taesd.interactive = False
     message = gr.Markdown("")
     gr.Textbox(str(engine.hardware), label="Hardware", lines=8, interactive=False)
 
