@@ -138,6 +138,20 @@ def test_what_replicas_cannot_change_is_refused_in_one_line(app):
         client.predict("pytorch", api_name="/set_runtime")
 
 
+def test_stop_reaches_the_job_on_its_replica(app):
+    url, _ = app
+    client = Client(url, verbose=False)
+    job = client.submit(prompt=PROMPTS[2], negative_prompt="", width=SIZE, height=SIZE, batch_count=1, steps=150,
+                        guidance=7.0, sampler="Euler", seed=77, batch_size=1, api_name="/txt2img")
+    deadline = time.monotonic() + 120
+    while not any("on replica" in str(out[1]) for out in job.outputs() if len(out) > 1):
+        assert time.monotonic() < deadline, "the job did not start"
+        time.sleep(0.2)
+    Client(url, verbose=False).predict(api_name="/stop")
+    _, readout, _, _ = job.result(timeout=120)
+    assert re.search(r"Stopped after \d+ of 150 steps", readout), readout
+
+
 def test_a_replica_killed_mid_job_is_replaced_and_no_job_is_lost(app, outputs):
     url, proc = app
     before = replica_processes()
