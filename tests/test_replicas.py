@@ -35,9 +35,11 @@ def outputs(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def app(outputs):
-    with running_app("--model", "builtin:shapes", "--runtime", "pytorch", "--replicas", "2",
-                     "--outputs-dir", str(outputs), timeout_s=400) as (url, proc):
+def app(outputs, tmp_path_factory):
+    presets = tmp_path_factory.mktemp("replica_presets")
+    (presets / "cached.toml").write_text("[optimizations]\nresult_cache = true\n")
+    with running_app("--model", "builtin:shapes", "--runtime", "pytorch", "--replicas", "2", "--presets-dir",
+                     str(presets), "--preset", "cached", "--outputs-dir", str(outputs), timeout_s=400) as (url, proc):
         yield url, proc
 
 
@@ -129,6 +131,16 @@ def test_readout_and_engine_tab_say_where_jobs_ran(app):
     buttons = {c["props"].get("value"): c["props"].get("interactive") for c in config["components"]
                if c["type"] == "button"}
     assert buttons["Use this runtime"] is False and buttons["Warm up"] is False and buttons["Load model"] is False
+
+
+def test_the_front_keeps_one_result_cache_for_all_replicas(app, outputs):
+    url, _ = app
+    client = Client(url, verbose=False)
+    before = len(saved_pngs(outputs))
+    first = txt2img(client, PROMPTS[3], 4242)
+    second = txt2img(client, PROMPTS[3], 4242)  # the same request: whichever replica is free, the front answers
+    assert "Replica" in first[1] and "result cache hit" in second[1], second[1]
+    assert len(saved_pngs(outputs)) == before + 1  # the hit is not saved again
 
 
 def test_what_replicas_cannot_change_is_refused_in_one_line(app):
