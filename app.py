@@ -153,7 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
                           "loads the model, prepares the runtime and warms the --warmup shapes once (default: 0, "
                           "jobs run in this process)")
     ray.add_argument("--ray-address", default=None,
-                     help="join this Ray cluster instead of starting a local one (auto, ray://HEAD:10001)")
+                     help="join the Ray cluster this machine is a node of (auto, or HEAD:6379) instead of starting a "
+                          "local one (Ray Client's ray:// cannot stream progress: refused)")
     ray.add_argument("--replica-cpus", type=float, default=None,
                      help="CPU cores per replica; a CPU replica uses that many threads (default: this machine's "
                           "cores split between the replicas, or 1 beside a GPU)")
@@ -165,13 +166,13 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def replica_pool(args, engine, optimizations, warmup, guidance: float):
+def replica_pool(args, hardware, optimizations, warmup, guidance: float):
     """The ReplicaPool --replicas / --serve-app ask for (not started), its share of CPU and GPU per replica."""
     from engine.serve import ReplicaConfig, ReplicaPool
 
     replicas = args.replicas or 1
-    gpus = args.replica_gpus if args.replica_gpus is not None else (1.0 if engine.hardware.has_cuda else 0.0)
-    cores = engine.hardware.cpu.logical_cores
+    gpus = args.replica_gpus if args.replica_gpus is not None else (1.0 if hardware.has_cuda else 0.0)
+    cores = hardware.cpu.logical_cores
     cpus = args.replica_cpus if args.replica_cpus is not None else (1.0 if gpus else max(1, cores // replicas))
     config = ReplicaConfig(
         model=args.model, model_config=args.model_config, runtime=args.runtime,
@@ -186,7 +187,10 @@ def replica_pool(args, engine, optimizations, warmup, guidance: float):
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    from dataclasses import replace
+
     from engine import Engine, UserError
+    from engine.hardware import detect
     from engine.options import PRESETS_DIR, Optimizations, load_preset
     from engine.requests import parse_sizes
 
@@ -198,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=getattr(logging, args.log_level.upper()), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     defaults = {}
-    optimizations = None
+    optimizations, engine = None, None
     presets_dir = Path(args.presets_dir) if args.presets_dir else PRESETS_DIR
     try:
         if args.preset:
@@ -215,8 +219,12 @@ def main(argv: list[str] | None = None) -> int:
 
             if missing := ray_missing():
                 raise UserError(f"--replicas needs Ray Serve: {missing}")
-        # With replicas this process only validates requests: its model stays on eager PyTorch, unprepared.
-        engine = Engine(runtime="pytorch" if replicas else args.runtime, optimizations=optimizations, models_dir=Path(args.models_dir),
+        # With replicas this process only validates requests: its model stays on eager PyTorch, on the CPU (the
+        # GPUs are the replicas').
+        hardware = detect()
+        front = replace(hardware, cuda_devices=(), mps_available=False) if replicas else hardware
+        engine = Engine(hardware=front, runtime="pytorch" if replicas else args.runtime, optimizations=optimizations,
+                        models_dir=Path(args.models_dir),
                         cache_dir=Path(args.cache_dir) if args.cache_dir else None,
                         outputs_dir=None if args.no_save else Path(args.outputs_dir), taesd=args.taesd,
                         styles_file=Path(args.styles),
@@ -229,11 +237,15 @@ def main(argv: list[str] | None = None) -> int:
         model = engine.load(args.model, config_dir=args.model_config)
         print(f"Model: {model.name} ({model.family}) loaded in {model.load_seconds:.1f} s", flush=True)
         if replicas:
-            pool = replica_pool(args, engine, optimizations, warmup, defaults.get("guidance", 7.0))
+            pool = replica_pool(args, hardware, optimizations, warmup, defaults.get("guidance", 7.0))
             print("Starting the replicas on Ray Serve (each loads the model, prepares its runtime and warms up)…",
                   flush=True)
             pool.start()
             engine.use_replicas(pool)
+            if pool.info.get("model") != model.name:  # --serve-app: the replicas were deployed with their own
+                raise UserError(f"The replicas run {pool.info.get('source')}, this front loaded {args.model}: start "
+                                f"it with --model {pool.info.get('source')} (and its --model-config), so requests "
+                                f"are checked against the model that runs them.")
             print(f"Replicas: {pool.describe()}; runtime {pool.name} ({pool.precision})", flush=True)
         elif warmup:
             tasks = tuple(t.strip() for t in args.warmup_tasks.split(",") if t.strip())
@@ -242,8 +254,18 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         logging.getLogger("app").debug("start-up failed", exc_info=e)  # the cause, for --log-level debug
         print(f"error: {e}", file=sys.stderr)
+        if engine is not None and engine.pool is not None:
+            engine.pool.shutdown()
         return 2
+    try:
+        return launch_ui(args, engine, model, defaults, presets_dir, auth)
+    finally:  # however serving ends (Ctrl-C, SIGTERM, a port in use): leave nothing deployed
+        if engine.pool is not None:
+            engine.pool.shutdown()
 
+
+def launch_ui(args, engine, model, defaults: dict, presets_dir: Path, auth) -> int:
+    """Build the page and the API around the engine, serve until stopped."""
     from ui import after_launch, build_ui, launch_kwargs, server_kwargs
 
     defaults.setdefault("prompt", EXAMPLE_PROMPT)
@@ -272,11 +294,7 @@ def main(argv: list[str] | None = None) -> int:
                   flush=True)
         if generated:
             print(f"Login for the public link: user {SHARE_USER}, password {generated}", flush=True)
-    try:
-        demo.block_thread()
-    finally:
-        if engine.pool is not None:
-            engine.pool.shutdown()
+    demo.block_thread()
     return 0
 
 

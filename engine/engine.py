@@ -15,7 +15,7 @@ from . import devices, lora, runtimes
 from . import hardware as hardware_mod
 from .caches import DEFAULT_RESULTS_BYTES
 from .errors import UserError
-from .jobs import GenerationResult, JobRunner
+from .jobs import GenerationResult, JobRunner, LiveStatus
 from .lora import LoraUse
 from .models import (LoadedModel, available_models, available_tiny_autoencoders, available_vaes, load_model,
                      load_tiny_autoencoder, tiny_autoencoder_family, tiny_autoencoder_mismatch)
@@ -271,8 +271,8 @@ class Engine:
 
     def live_of(self, thread: int):
         """The LiveStatus of the job a thread runs: with replicas each job has its own; else the device's one."""
-        if self.pool is not None:
-            return self.jobs.remote_live.get(thread) or self.jobs.live
+        if self.pool is not None:  # not another user's job: an empty status until this one is sent
+            return self.jobs.remote_live.get(thread) or LiveStatus()
         return self.jobs.live
 
     def stop(self) -> None:

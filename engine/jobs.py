@@ -210,6 +210,9 @@ class JobRunner:
         thread, live = threading.get_ident(), LiveStatus(task=task.name)  # running from its first event
 
         def on_event(event) -> None:
+            if event is None:  # its replica died: waiting for another
+                live.running, live.step, live.where, live.started_wait = False, 0, "", time.perf_counter()
+                return
             if not live.running:
                 live.started, live.running = time.perf_counter(), True
             live.step, live.total, live.where, live.memory = event.step, event.total, event.replica, event.memory
@@ -221,16 +224,18 @@ class JobRunner:
         self.remote_live[thread] = self.live = live
         try:
             result, replica, retried = pool.run(task.name, task.request.model_dump(), task.image, on_event)
+            readout = result.readout
+            readout.details["replica"] = replica
+            # What the front's validation said (a snapped size): the replica got the request already normalised.
+            readout.notices[:0] = [n for n in task.notices if n not in readout.notices]
+            if retried:
+                readout.details["retried"] = retried
+                readout.notices.append(f"Retried: {retried}.")
+            result.notices = readout.notices
+            self._save(result)
         finally:
             live.running = False
             self.remote_live.pop(thread, None)
-        readout = result.readout
-        readout.details["replica"] = replica
-        if retried:
-            readout.details["retried"] = retried
-            readout.notices.append(f"Retried: {retried}.")
-        result.notices = readout.notices
-        self._save(result)
         self._remember(task.name, readout)
         if key is not None and result.images and not result.stopped:
             self.result_cache.put(key, result, time.strftime("%Y-%m-%d %H:%M:%S"))

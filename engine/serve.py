@@ -112,7 +112,7 @@ class Replica:
 
     def status(self) -> dict:
         return {**self.engine.status(), "replica": self.name, "pid": self.pid, "host": self.host,
-                "warmed": self.warmed}
+                "warmed": self.warmed, "source": self.engine.model.source.text}
 
     def run(self, task: str, request: dict, image: Any, job: str, board):
         """A generator: progress events while the job runs, then one event with the result. Errors propagate
@@ -131,12 +131,13 @@ class Replica:
 
         worker = threading.Thread(target=target, name=f"job-{job}", daemon=True)
         worker.start()
-        sent_preview, stopped = -1, False
+        sent_preview = -1
         while worker.is_alive():
             worker.join(POLL_S)
-            if not stopped and board is not None and _ask(board.stopped.remote(job)):
+            # Asked again at every poll: a stop that comes before the job's first step (a LoRA being fused)
+            # would otherwise land on no job.
+            if board is not None and _ask(board.stopped.remote(job)):
                 engine.stop()
-                stopped = True
             live = engine.live
             if not live.running:
                 continue
@@ -183,7 +184,8 @@ def deployment(replicas: int, cpus: float, gpus: float, autoscaling: dict | None
     options: dict[str, Any] = {
         "ray_actor_options": {"num_cpus": cpus, "num_gpus": gpus},
         "max_ongoing_requests": 1,  # one job per replica at a time; the rest queue in Serve's router
-        "health_check_period_s": 10, "graceful_shutdown_timeout_s": 5,
+        # A replica removed by autoscaling or a redeploy finishes its job first (up to 10 minutes).
+        "health_check_period_s": 10, "graceful_shutdown_timeout_s": 600,
     }
     if autoscaling:
         options["autoscaling_config"] = autoscaling
@@ -239,6 +241,7 @@ class ReplicaPool:
         self.config, self.replicas, self.address = config, replicas, address
         self.cpus, self.gpus, self.app, self.deploy = cpus, gpus, app, deploy
         self.handle = None
+        self._deployed = False
         self.board = None
         self.info: dict = {}  # one replica's status: its runtime, precision, decisions
         self.started_s = 0.0
@@ -251,14 +254,23 @@ class ReplicaPool:
     def start(self) -> None:
         """Start (or join) Ray, deploy the replicas and wait until one answers. A failure is one UserError line
         (the log keeps Ray's own report)."""
+        if self.address and self.address.startswith("ray://"):
+            # Ray Client cannot stream a Serve response (what progress and previews need).
+            raise UserError(f"--ray-address {self.address}: Ray Client (ray://) cannot stream Serve responses. Run "
+                            f"this front on a node of the cluster (`ray start --address HEAD:6379`) and use "
+                            f"--ray-address auto.")
         try:
             self._start()
         except UserError:
+            self.shutdown()
             raise
         except Exception as e:
             log.warning("Ray Serve did not start", exc_info=e)
             self.shutdown()
             raise UserError(f"The replicas did not start: {type(e).__name__}: {str(e).strip()[:400]}") from e
+        except BaseException:  # SIGTERM or Ctrl-C while the replicas start: leave nothing deployed
+            self.shutdown()
+            raise
 
     def _start(self) -> None:
         import ray
@@ -266,7 +278,7 @@ class ReplicaPool:
 
         start = time.perf_counter()
         if not ray.is_initialized():
-            # A local instance sized to this machine, or a cluster by address ("auto", "ray://head:10001").
+            # A local instance sized to this machine, or the cluster this machine is a node of ("auto").
             kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False, "namespace": "fastsd"}
             if self.address:
                 ray.init(address=self.address, **kwargs)  # the cluster's image has this app installed
@@ -274,9 +286,18 @@ class ReplicaPool:
                 root = str(Path(__file__).resolve().parent.parent)  # replicas import engine/ from this checkout
                 ray.init(num_cpus=max(os.cpu_count() or 1, int(self.cpus * self.replicas + 0.999)),
                          object_store_memory=256 << 20, runtime_env={"env_vars": {"PYTHONPATH": root}}, **kwargs)
+        if self.deploy and self.gpus:
+            have = ray.cluster_resources().get("GPU", 0)
+            if have < self.gpus * self.replicas:
+                message = (f"{self.replicas} replicas of {self.gpus:g} GPU need {self.gpus * self.replicas:g} GPUs; "
+                           f"the cluster has {have:g} now")
+                if not self.address:  # nothing will add GPUs to a local instance: Serve would wait forever
+                    raise UserError(message + ". Use fewer --replicas or --replica-gpus.")
+                log.warning("%s; the replicas start as the autoscaler adds nodes", message)
         if self.deploy:
             serve.start(proxy_location="Disabled")  # the UI process is the ingress: no Serve HTTP proxy
             app = deployment(self.replicas, self.cpus, self.gpus).bind(asdict(self.config))
+            self._deployed = True  # from here a shutdown deletes the application, even one half started
             self.handle = serve.run(app, name=self.app, route_prefix=None)
         else:
             self.handle = serve.get_app_handle(self.app)
@@ -295,7 +316,7 @@ class ReplicaPool:
 
             if not ray.is_initialized():
                 return
-            if self.deploy and self.handle is not None:
+            if self.deploy and self._deployed:
                 serve.delete(self.app)
             if not self.address:
                 serve.shutdown()  # our own local instance: Serve's controller goes with it
@@ -337,8 +358,8 @@ class ReplicaPool:
     # -- jobs
 
     def stop(self) -> None:
-        """Stop every running job (as Stop on one device stops the job that runs)."""
-        jobs = [j.job for j in self.running()]
+        """Stop every running job (as Stop on one device stops the job that runs; waiting ones stay)."""
+        jobs = [j.job for j in self.running() if j.replica]
         if jobs and self.board is not None:
             self.board.stop.remote(jobs)
 
@@ -370,6 +391,7 @@ class ReplicaPool:
                     self.retries += 1
                     retried = f"{died} stopped mid-job; ran again on another replica"
                     job.replica, job.live = "", None
+                    on_event(None)  # waiting again: the live line says so until the next replica starts it
         finally:
             with self._lock:
                 self._jobs.pop(threading.get_ident(), None)

@@ -495,8 +495,8 @@ class SdApi:
                 "sd_checkpoint_hash": None, "sd_vae": "Automatic", "CLIP_stop_at_last_layers": 1,
                 "samples_save": engine.outputs_dir is not None,
                 "outdir_samples": str(engine.outputs_dir) if engine.outputs_dir else "",
-                "samples_format": "png", "fast_sd_runtime": engine.runtime.name,
-                "fast_sd_precision": engine.runtime.precision}
+                "samples_format": "png", "fast_sd_runtime": engine.status()["runtime"],
+                "fast_sd_precision": engine.status()["precision"]}  # with replicas: theirs
 
     def set_options(self, data: dict) -> None:
         if not isinstance(data, dict):
@@ -509,7 +509,7 @@ class SdApi:
         with self.engine.jobs.lock:  # compare and load in one hold: no job swaps the model in between
             if wanted is not None and model_name(wanted) != self.current_title():
                 self._load(wanted)
-            if runtime is not None and runtime != self.engine.runtime.name:
+            if runtime is not None and runtime != self.engine.status()["runtime"]:
                 self.engine.set_runtime(runtime)
         return None  # other settings are A1111's own; ignored, as A1111 ignores settings it does not know
 

@@ -76,7 +76,10 @@ class IRCache:
             yield
             return
         with lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX)
+            except OSError as e:  # a filesystem without locks (some NFS): convert without sharing
+                log.warning("no lock on %s (%s): another process may convert %s too", folder, e, part)
             yield
 
     def discard(self, identity: str, variant: str, part: str) -> None:

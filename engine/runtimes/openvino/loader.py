@@ -32,9 +32,11 @@ class IRLoader:
 
     def ir(self, identity: str | None, part: str, component, calibration: list[dict[str, np.ndarray]]) -> Any:
         """The part's ov.Model from the disk cache, or converted (and cached) from `component`."""
-        model = self.ir_cache.load(self.core, identity, self.variant, part) if identity else None
-        if model is not None:
-            return model
+        # Outside the lock only a complete entry is read: an incomplete one may be another process's write.
+        if identity and self.ir_cache.valid(identity, self.variant, part):
+            model = self.ir_cache.load(self.core, identity, self.variant, part)
+            if model is not None:
+                return model
         if not identity:
             return self._convert(None, part, component, calibration)
         with self.ir_cache.converting(identity, self.variant, part):
