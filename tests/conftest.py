@@ -1,7 +1,10 @@
 import os
+import shutil
 import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -40,3 +43,54 @@ def tiny_saved(tmp_path_factory):
     torch.save({"state_dict": state}, root / "tiny.ckpt")
     return {"model": model, "folder": root / "folder", "safetensors": root / "tiny.safetensors",
             "ckpt": root / "tiny.ckpt", "root": root}
+
+
+@dataclass
+class ConvertedCache:
+    """A cache folder a model was converted into on OpenVINO (once per session), and the engine that did it."""
+    folder: Path
+    engine: Any
+
+    def copy(self, dest: Path) -> Path:
+        """A private copy, valid as a cache (entries are keyed by model identity and variant, not by place)."""
+        shutil.copytree(self.folder, dest)
+        return dest
+
+
+def _convert(folder: Path, name: str, **options) -> ConvertedCache:
+    from engine import Engine
+    from engine.options import Optimizations
+
+    engine = Engine(runtime="openvino", cache_dir=folder, outputs_dir=None, optimizations=Optimizations(**options))
+    engine.load(name)
+    assert engine.runtime.conversions  # really converted here
+    return ConvertedCache(folder, engine)
+
+
+# Converting takes 10-30 s a model: tests whose subject is not the conversion copy these instead.
+@pytest.fixture(scope="session")
+def ov_tiny(tmp_path_factory):
+    """builtin:tiny on OpenVINO, fp32, default options."""
+    return _convert(tmp_path_factory.mktemp("ov-tiny"), "builtin:tiny")
+
+
+@pytest.fixture(scope="session")
+def ov_tiny_sdxl(tmp_path_factory):
+    """builtin:tiny-sdxl on OpenVINO, fp32, default options (the engine is not kept)."""
+    return ConvertedCache(_convert(tmp_path_factory.mktemp("ov-tiny-sdxl"), "builtin:tiny-sdxl").folder, None)
+
+
+@pytest.fixture(scope="session")
+def ov_tiny_int8h_deepcache(tmp_path_factory):
+    """builtin:tiny with int8 convolutions and DeepCache: the full and shallow UNet graphs, the VAE and the text
+    encoder, all in the -int8h variant (the engine is not kept)."""
+    cache = _convert(tmp_path_factory.mktemp("ov-tiny-int8h-dc"), "builtin:tiny", int8_convolutions="on",
+                     deepcache_interval=2)
+    assert {"unet_deep", "unet_shallow"} <= {part for part, _ in cache.engine.runtime.conversions}
+    return ConvertedCache(cache.folder, None)
+
+
+@pytest.fixture
+def tiny_ov_cache(ov_tiny, tmp_path):
+    """This test's own copy of a cache folder holding builtin:tiny converted (fp32, default options)."""
+    return ov_tiny.copy(tmp_path / "ov-cache")

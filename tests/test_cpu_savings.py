@@ -19,8 +19,9 @@ def pixels(result):
 
 
 @pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
-    return tmp_path_factory.mktemp("ov-savings")
+def cache_dir(tmp_path_factory, ov_tiny):
+    # builtin:tiny converted once (conftest); DeepCache's two UNet graphs are converted here
+    return ov_tiny.copy(tmp_path_factory.mktemp("ov-savings") / "cache")
 
 
 @pytest.fixture(scope="module")
@@ -91,18 +92,19 @@ def test_cfg_truncation_on_pytorch_counts_and_changes_the_picture(tiny_engine):
     assert with_guidance_off.readout.details["unet_calls"] == "6 x1" and "guided_steps" not in with_guidance_off.readout.details
 
 
-def test_cfg_truncation_on_sdxl_slices_its_pooled_and_time_inputs(tmp_path):
-    engine = Engine(runtime="openvino", cache_dir=tmp_path, outputs_dir=None,
+def test_cfg_truncation_on_sdxl_slices_its_pooled_and_time_inputs(ov_tiny_sdxl, tmp_path):
+    engine = Engine(runtime="openvino", cache_dir=ov_tiny_sdxl.copy(tmp_path / "cache"), outputs_dir=None,
                     optimizations=Optimizations(cfg_truncation=0.5))
     engine.load("builtin:tiny-sdxl")
     result = engine.txt2img({**REQ, "steps": 4})
     assert result.readout.details["unet_calls"] == "2 x2, 2 x1"
 
 
-def test_warmup_compiles_every_graph_the_balanced_preset_runs(tmp_path, monkeypatch):
+def test_warmup_compiles_every_graph_the_balanced_preset_runs(ov_tiny_int8h_deepcache, tmp_path, monkeypatch):
     monkeypatch.setattr(probe_module, "measure", lambda core, hint: Int8ConvProbe(1.5, 1.0, 1.5, hint))
     options = load_preset("balanced").optimizations
-    engine = Engine(runtime="openvino", cache_dir=tmp_path, outputs_dir=None, optimizations=options)
+    cache = ov_tiny_int8h_deepcache.copy(tmp_path / "cache")  # the graphs this preset runs, converted once
+    engine = Engine(runtime="openvino", cache_dir=cache, outputs_dir=None, optimizations=options)
     engine.load("builtin:tiny")
     engine.warmup([(64, 64)], guidance=7.0)
     compiled = {(part, dict(shape)["sample"][0]) for part, shape in (k for k in engine.runtime._compiled)
@@ -160,15 +162,18 @@ def test_old_presets_with_a_boolean_int8_convolutions_still_load():
     assert Optimizations(int8_convolutions=False).int8_convolutions == "off"
 
 
-def test_a_shallow_graph_missing_from_the_cache_is_calibrated_again(tmp_path):
+def test_a_shallow_graph_missing_from_the_cache_is_calibrated_again(ov_tiny_int8h_deepcache, tmp_path):
     """With the full graph cached and the shallow one not, calibration inputs were skipped, so the rebuilt
     shallow graph silently got int8 weights only."""
     from engine.runtimes.openvino.quantize import has_quantized_convolutions
 
     options = Optimizations(int8_convolutions="on", deepcache_interval=2)
-    Engine(runtime="openvino", cache_dir=tmp_path, outputs_dir=None, optimizations=options).load("builtin:tiny")
-    for path in tmp_path.rglob("unet_shallow.*"):
+    cache = ov_tiny_int8h_deepcache.copy(tmp_path / "cache")  # converted with these options (conftest)
+    shallow = list(cache.rglob("unet_shallow.*"))
+    assert shallow and any(cache.rglob("unet_deep.xml"))
+    for path in shallow:
         path.unlink()
-    engine = Engine(runtime="openvino", cache_dir=tmp_path, outputs_dir=None, optimizations=options)
+    engine = Engine(runtime="openvino", cache_dir=cache, outputs_dir=None, optimizations=options)
     engine.load("builtin:tiny")
+    assert [part for part, _ in engine.runtime.conversions] == ["unet_shallow"]
     assert has_quantized_convolutions(engine.runtime._irs["unet_shallow"])

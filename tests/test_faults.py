@@ -62,12 +62,12 @@ def test_failed_runtime_switch_keeps_the_old_runtime_and_model(tmp_path, monkeyp
     assert engine.txt2img(REQ).readout.runtime == "pytorch"
 
 
-def test_failed_load_whose_fallback_also_fails_keeps_the_old_model_on_its_runtime(tmp_path, monkeypatch):
+def test_failed_load_whose_fallback_also_fails_keeps_the_old_model_on_its_runtime(tiny_ov_cache, monkeypatch):
     from engine import ModelLoadError
     from engine import engine as engine_mod
     from engine.runtimes.openvino import OpenVINORuntime
 
-    engine = Engine(runtime="openvino", cache_dir=tmp_path)
+    engine = Engine(runtime="openvino", cache_dir=tiny_ov_cache)
     engine.load("builtin:tiny")
     before = engine.txt2img(REQ).images[0].tobytes()
     real_load, calls = engine_mod.load_model, []
@@ -86,11 +86,11 @@ def test_failed_load_whose_fallback_also_fails_keeps_the_old_model_on_its_runtim
     assert engine.txt2img(REQ).images[0].tobytes() == before
 
 
-def test_runtime_that_fails_at_its_first_job_falls_back_once_and_keeps_serving(tmp_path, monkeypatch):
+def test_runtime_that_fails_at_its_first_job_falls_back_once_and_keeps_serving(tiny_ov_cache, monkeypatch):
     """A lazily compiling runtime (OpenVINO compiles a shape at its first run) that breaks there."""
     from engine.runtimes.openvino import OpenVINORuntime
 
-    engine = Engine(runtime="openvino", cache_dir=tmp_path)
+    engine = Engine(runtime="openvino", cache_dir=tiny_ov_cache)
     engine.load("builtin:tiny")
     monkeypatch.setattr(OpenVINORuntime, "infer", lambda self, part, inputs: (_ for _ in ()).throw(
         RuntimeError("injected: compile of this shape failed")))
@@ -128,12 +128,12 @@ def test_torch_compile_that_fails_at_its_first_job_runs_eager(monkeypatch):
 
 
 
-def test_first_job_fallback_whose_reload_fails_keeps_the_old_model_on_its_runtime(tmp_path, monkeypatch):
+def test_first_job_fallback_whose_reload_fails_keeps_the_old_model_on_its_runtime(tiny_ov_cache, monkeypatch):
     from engine import ModelLoadError
     from engine import engine as engine_mod
     from engine.runtimes.openvino import OpenVINORuntime
 
-    engine = Engine(runtime="openvino", cache_dir=tmp_path)
+    engine = Engine(runtime="openvino", cache_dir=tiny_ov_cache)
     engine.load("builtin:tiny")
     with monkeypatch.context() as patch:
         patch.setattr(OpenVINORuntime, "infer", lambda self, part, inputs: (_ for _ in ()).throw(

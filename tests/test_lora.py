@@ -164,8 +164,8 @@ def test_prompt_syntax():
     assert without_tags("a cat <lora:x:0.8> <lora:y:1> on a mat", {"x"}) == "a cat <lora:y:1> on a mat"
 
 
-def test_openvino_runs_the_lora_like_pytorch_and_caches_the_fused_parts(engine, models_dir, tmp_path):
-    ov = Engine(runtime="openvino", models_dir=models_dir, cache_dir=tmp_path)
+def test_openvino_runs_the_lora_like_pytorch_and_caches_the_fused_parts(engine, models_dir, tiny_ov_cache):
+    ov = Engine(runtime="openvino", models_dir=models_dir, cache_dir=tiny_ov_cache)  # the plain parts are cached
     ov.load("builtin:tiny")
     ov.jobs.preview_every = 0
     lora_request = {**REQUEST, "prompt": "a red circle <lora:known-kohya:1>"}

@@ -16,8 +16,9 @@ def pixels(result):
 
 
 @pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
-    return tmp_path_factory.mktemp("ov-cache")
+def cache_dir(tmp_path_factory, ov_tiny):
+    # builtin:tiny already converted (conftest): tests here mutate the folder, so a copy of their own
+    return ov_tiny.copy(tmp_path_factory.mktemp("ov") / "cache")
 
 
 @pytest.fixture(scope="module")
@@ -79,12 +80,13 @@ def test_warmup_compiles_what_an_img2img_job_runs(ov_engine):
     assert runtime.warmup(ov_engine.model, [shape])[0].state == "already warm"
 
 
-def test_second_start_reuses_the_disk_cache(ov_engine, cache_dir):
-    engine = Engine(runtime="openvino", cache_dir=cache_dir)
+def test_second_start_reuses_the_disk_cache(ov_tiny):
+    engine = Engine(runtime="openvino", cache_dir=ov_tiny.folder)
     model = engine.load("builtin:tiny")
     assert engine.runtime.conversions == []
     assert {"unet", "vae", "text_encoder"} <= model.skeleton  # no PyTorch weights were built for them
-    assert np.array_equal(pixels(engine.txt2img(REQ)), pixels(ov_engine.txt2img(REQ)))
+    # the same pixels as the start that converted
+    assert np.array_equal(pixels(engine.txt2img(REQ)), pixels(ov_tiny.engine.txt2img(REQ)))
 
 
 def _replace(path, data: bytes):
@@ -122,27 +124,30 @@ def test_int8_weights_run_and_say_so(cache_dir, ov_engine):
     assert diff.mean() < 20  # compressed weights move the output a little, not into different noise
 
 
-def test_int8_convolutions_quantize_once_and_come_back_from_the_cache(tmp_path, ov_engine):
-    engine = Engine(runtime="openvino", cache_dir=tmp_path, optimizations=Optimizations(int8_convolutions=True))
+def test_int8_convolutions_quantize_once_and_come_back_from_the_cache(tmp_path, ov_engine, ov_tiny_int8h_deepcache):
+    # The -int8h text encoder and VAE come from a copied cache (its UNet graphs are DeepCache's, not "unet"):
+    # only the UNet is quantized here, calibrated through the cached text encoder.
+    cache = ov_tiny_int8h_deepcache.copy(tmp_path / "cache")
+    engine = Engine(runtime="openvino", cache_dir=cache, optimizations=Optimizations(int8_convolutions=True))
     engine.load("builtin:tiny")
-    assert "unet" in {part for part, _ in engine.runtime.conversions}
+    assert [part for part, _ in engine.runtime.conversions] == ["unet"]
     assert engine.runtime.variant.endswith("int8h")
     r = engine.txt2img(REQ)
     assert "int8 convolutions" in r.readout.precision
-    xml = next(tmp_path.rglob("*-int8h/unet.xml")).read_text()
+    xml = next(cache.rglob("*-int8h/unet.xml")).read_text()
     assert "FakeQuantize" in xml  # activations are quantized, not only weights
     diff = np.abs(pixels(r) - pixels(ov_engine.txt2img(REQ)))
     assert diff.mean() < 25  # quantized activations move the picture, not into different noise
-    again = Engine(runtime="openvino", cache_dir=tmp_path, optimizations=Optimizations(int8_convolutions=True))
+    again = Engine(runtime="openvino", cache_dir=cache, optimizations=Optimizations(int8_convolutions=True))
     again.load("builtin:tiny")
     assert not again.runtime.conversions  # nothing converted or calibrated again
     assert np.array_equal(pixels(again.txt2img(REQ)), pixels(r))
 
 
-def test_sdxl_runs_on_openvino(tmp_path):
+def test_sdxl_runs_on_openvino(ov_tiny_sdxl, tmp_path):
     pt = Engine(runtime="pytorch")
     pt.load("builtin:tiny-sdxl")
-    ov = Engine(runtime="openvino", cache_dir=tmp_path)
+    ov = Engine(runtime="openvino", cache_dir=ov_tiny_sdxl.copy(tmp_path / "cache"))  # converted once (conftest)
     ov.load("builtin:tiny-sdxl")
     diff = np.abs(pixels(pt.txt2img(REQ)) - pixels(ov.txt2img(REQ)))
     assert diff.max() <= 3
@@ -252,21 +257,21 @@ def test_dropping_mapped_pages_keeps_the_data_and_spares_writable_mappings(tmp_p
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
-def test_compiled_parts_do_not_keep_the_ir_resident(tmp_path):
-    engine = Engine(runtime="openvino", cache_dir=tmp_path)
-    engine.load("builtin:tiny")
+def test_compiled_parts_do_not_keep_the_ir_resident(tiny_ov_cache):
+    engine = Engine(runtime="openvino", cache_dir=tiny_ov_cache)
+    engine.load("builtin:tiny")  # from the cache: the IR is mapped from its files as after a conversion
     first = pixels(engine.txt2img(REQ))
-    ir_bytes = sum(p.stat().st_size for p in (tmp_path / "ir").rglob("*.bin"))
-    resident = _resident_bytes_under(tmp_path / "ir")
+    ir_bytes = sum(p.stat().st_size for p in (tiny_ov_cache / "ir").rglob("*.bin"))
+    resident = _resident_bytes_under(tiny_ov_cache / "ir")
     assert ir_bytes > 0 and resident < ir_bytes * 0.5, (resident, ir_bytes)  # measured 17%; 91% without the drop
     assert np.array_equal(pixels(engine.txt2img(REQ)), first)
 
 
-def test_a_load_that_fails_leaves_the_previous_model_working(tmp_path, monkeypatch):
+def test_a_load_that_fails_leaves_the_previous_model_working(tiny_ov_cache, monkeypatch):
     from engine.errors import RuntimeUnavailable
     from engine.runtimes.openvino import loader
 
-    engine = Engine(runtime="openvino", cache_dir=tmp_path)
+    engine = Engine(runtime="openvino", cache_dir=tiny_ov_cache)  # tiny cached; tiny-sdxl is not
     engine.load("builtin:tiny")
     before = pixels(engine.txt2img(REQ))
     real_convert = loader.convert_part
@@ -279,17 +284,18 @@ def test_a_load_that_fails_leaves_the_previous_model_working(tmp_path, monkeypat
     monkeypatch.setattr(loader, "convert_part", fail_at_the_vae)
     with pytest.raises(RuntimeUnavailable, match="injected"):
         engine.load("builtin:tiny-sdxl")
+    assert [part for part, _ in engine.runtime.conversions] == ["unet"]
     assert engine.model.name == "builtin:tiny" and engine.runtime.name == "openvino"
     assert np.array_equal(pixels(engine.txt2img(REQ)), before)
     assert engine.txt2img({**REQ, "width": 96, "steps": 1}).images  # a new shape compiles from the old IR
 
 
-def test_warmup_for_the_fastest_preset_and_img2img_means_no_compile_at_the_first_jobs(tmp_path):
+def test_warmup_for_the_fastest_preset_and_img2img_means_no_compile_at_the_first_jobs(tiny_ov_cache):
     """Warm-up used to assume guidance (UNet batch 2) and txt2img only: an LCM job (guidance 1) or an
     img2img job (VAE encoder) at a warmed size compiled again."""
     from PIL import Image
 
-    engine = Engine(runtime="openvino", cache_dir=tmp_path)
+    engine = Engine(runtime="openvino", cache_dir=tiny_ov_cache)
     engine.load("builtin:tiny")
     results = engine.warmup([(96, 96)], guidance=1.0, tasks=("txt2img", "img2img"))
     assert [r.state for r in results] == ["compiled", "compiled"]

@@ -20,8 +20,9 @@ def embeds(engine, prompt, negative="", guidance=7.0):
 
 
 @pytest.fixture(scope="module")
-def ov_engine(tmp_path_factory):
-    engine = Engine(runtime="openvino", cache_dir=tmp_path_factory.mktemp("ov-prompts"), outputs_dir=None)
+def ov_engine(tmp_path_factory, ov_tiny):
+    cache = ov_tiny.copy(tmp_path_factory.mktemp("ov-prompts") / "cache")  # converted once (conftest)
+    engine = Engine(runtime="openvino", cache_dir=cache, outputs_dir=None)
     engine.load("builtin:tiny")
     return engine
 
