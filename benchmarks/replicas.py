@@ -56,7 +56,8 @@ def run_config(name: str, extra: list[str], a, port: int) -> dict:
     from gradio_client import Client
 
     log = Path(tempfile.mkdtemp()) / f"app-{port}.log"
-    proc, startup_s = start_app(["--model", a.model, "--runtime", a.runtime, *extra], port, log)
+    cache = ["--cache-dir", a.cache_dir] if a.cache_dir else []
+    proc, startup_s = start_app(["--model", a.model, "--runtime", a.runtime, *cache, *extra], port, log)
     url = f"http://127.0.0.1:{port}/"
     request = {"negative_prompt": "", "width": a.size, "height": a.size, "batch_count": 1, "steps": a.steps,
                "guidance": 7.0, "sampler": a.sampler, "batch_size": 1}
@@ -104,6 +105,7 @@ def main(argv=None) -> int:
     ap.add_argument("--jobs", type=int, default=16)
     ap.add_argument("--clients", type=int, default=4)
     ap.add_argument("--configs", default=",".join(CONFIGS), help="comma separated: " + ", ".join(CONFIGS))
+    ap.add_argument("--cache-dir", default=None, help="converted models (a model converted before starts sooner)")
     ap.add_argument("--port", type=int, default=7931)
     ap.add_argument("--json", type=Path, default=None)
     a = ap.parse_args(argv)
