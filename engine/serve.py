@@ -218,13 +218,12 @@ def _stop_board():
 
 @dataclass
 class RemoteJob:
-    """A job the front sent out: what the UI polls for it."""
+    """A job the front sent out (what Stop reaches)."""
 
     job: str
     task: str
     since: float = field(default_factory=time.perf_counter)
     replica: str = ""  # set by the first event: until then it waits for a free replica
-    live: Any = None  # jobs.LiveStatus
 
 
 class ReplicaPool:
@@ -351,10 +350,6 @@ class ReplicaPool:
         with self._lock:
             return list(self._jobs.values())
 
-    def job_of(self, thread: int) -> RemoteJob | None:
-        with self._lock:
-            return self._jobs.get(thread)
-
     # -- jobs
 
     def stop(self) -> None:
@@ -390,7 +385,7 @@ class ReplicaPool:
                                         f"run it again.") from None
                     self.retries += 1
                     retried = f"{died} stopped mid-job; ran again on another replica"
-                    job.replica, job.live = "", None
+                    job.replica = ""
                     on_event(None)  # waiting again: the live line says so until the next replica starts it
         finally:
             with self._lock:
