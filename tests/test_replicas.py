@@ -150,7 +150,7 @@ def test_what_replicas_cannot_change_is_refused_in_one_line(app):
         client.predict("pytorch", api_name="/set_runtime")
 
 
-def test_stop_reaches_the_job_on_its_replica(app):
+def test_previews_and_stop_reach_the_job_on_its_replica(app):
     url, _ = app
     client = Client(url, verbose=False)
     job = client.submit(prompt=PROMPTS[2], negative_prompt="", width=SIZE, height=SIZE, batch_count=1, steps=150,
@@ -158,6 +158,10 @@ def test_stop_reaches_the_job_on_its_replica(app):
     deadline = time.monotonic() + 120
     while not any("on replica" in str(out[1]) for out in job.outputs() if len(out) > 1):
         assert time.monotonic() < deadline, "the job did not start"
+        time.sleep(0.2)
+    deadline = time.monotonic() + 60  # previews come from the replica too, every 2 steps
+    while not any("preview, step" in str(out[0]) for out in job.outputs() if out):
+        assert time.monotonic() < deadline, "no preview reached the page"
         time.sleep(0.2)
     Client(url, verbose=False).predict(api_name="/stop")
     _, readout, _, _ = job.result(timeout=120)
