@@ -53,7 +53,6 @@ class LiveStatus:
     preview_step: int = 0
     where: str = ""  # the replica running it (replica mode)
     memory: str = ""  # that replica's memory line (replica mode; else the UI reads this machine's)
-
     started_wait: float = field(default_factory=time.perf_counter)  # when it was sent (replica mode's queue order)
 
     @property
@@ -243,7 +242,8 @@ class JobRunner:
 
     def remote_place(self, thread: int, replicas: int) -> QueuePlace | None:
         """Replica mode: a job sent out but not started waits in Ray Serve's queue for a free replica."""
-        waiting = sorted((live.started_wait, t, live.task) for t, live in self._remote_waiting())
+        waiting = sorted((live.started_wait, t, live.task) for t, live in list(self.remote_live.items())
+                         if not live.running)
         index = next((i for i, (_, t, _) in enumerate(waiting) if t == thread), None)
         if index is None:
             return None
@@ -251,9 +251,6 @@ class JobRunner:
         typical = [self._typical_s(task) for task in ahead]
         wait = None if None in typical else sum(typical) / max(1, replicas)
         return QueuePlace(index + 1, ahead, wait, waits_for="a free replica")
-
-    def _remote_waiting(self):
-        return [(t, live) for t, live in list(self.remote_live.items()) if not live.running]
 
     # -- pieces of a run
 

@@ -222,7 +222,6 @@ class RemoteJob:
 
     job: str
     task: str
-    since: float = field(default_factory=time.perf_counter)
     replica: str = ""  # set by the first event: until then it waits for a free replica
 
 
@@ -244,7 +243,6 @@ class ReplicaPool:
         self.board = None
         self.info: dict = {}  # one replica's status: its runtime, precision, decisions
         self.started_s = 0.0
-        self.retries = 0
         self._jobs: dict[int, RemoteJob] = {}  # thread ident -> its job
         self._lock = threading.Lock()
 
@@ -383,7 +381,6 @@ class ReplicaPool:
                         raise UserError(f"The replica running this job stopped ({died}), and so did the one it was "
                                         f"tried again on; no image was saved. The other replicas keep serving: "
                                         f"run it again.") from None
-                    self.retries += 1
                     retried = f"{died} stopped mid-job; ran again on another replica"
                     job.replica = ""
                     on_event(None)  # waiting again: the live line says so until the next replica starts it
