@@ -490,13 +490,13 @@ class SdApi:
         self.engine.load(model_name(name), allow_any_path=False)
 
     def get_options(self, _query: dict) -> dict:
-        engine = self.engine
+        engine, status = self.engine, self.engine.status()  # once: with replicas it asks Ray Serve
         return {"sd_model_checkpoint": self.current_title(),
                 "sd_checkpoint_hash": None, "sd_vae": "Automatic", "CLIP_stop_at_last_layers": 1,
                 "samples_save": engine.outputs_dir is not None,
                 "outdir_samples": str(engine.outputs_dir) if engine.outputs_dir else "",
-                "samples_format": "png", "fast_sd_runtime": engine.status()["runtime"],
-                "fast_sd_precision": engine.status()["precision"]}  # with replicas: theirs
+                "samples_format": "png", "fast_sd_runtime": status["runtime"],
+                "fast_sd_precision": status["precision"]}  # with replicas: theirs
 
     def set_options(self, data: dict) -> None:
         if not isinstance(data, dict):
