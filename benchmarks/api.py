@@ -26,10 +26,11 @@ REQUEST = {"prompt": "a red circle on a blue background", "negative_prompt": "",
            "steps": 20, "guidance": 7.0, "sampler": "DPM++ 2M Karras", "batch_size": 1}
 
 
-def start_app(port: int, log: Path) -> subprocess.Popen:
-    proc = subprocess.Popen([sys.executable, str(ROOT / "app.py"), "--port", str(port), "--no-save"], cwd=ROOT,
-                            stdout=log.open("w"), stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 300
+def start_app(port: int, log: Path, *args: str, timeout_s: float = 300) -> subprocess.Popen:
+    """app.py on `port` (not saving images, with `args`), once its page answers; its output goes to `log`."""
+    proc = subprocess.Popen([sys.executable, str(ROOT / "app.py"), "--port", str(port), "--no-save", *args],
+                            cwd=ROOT, stdout=log.open("w"), stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(log.read_text()[-2000:])

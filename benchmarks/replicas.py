@@ -20,28 +20,11 @@ import sys
 import tempfile
 import threading
 import time
-import urllib.request
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from benchmarks.api import ROOT, start_app
+
 CONFIGS = {"in-process": [], "1 replica": ["--replicas", "1"], "2 replicas": ["--replicas", "2"]}
-
-
-def start_app(args: list[str], port: int, log: Path) -> tuple[subprocess.Popen, float]:
-    start = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, str(ROOT / "app.py"), "--port", str(port), "--no-save", *args],
-                            cwd=ROOT, stdout=log.open("w"), stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 900
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(log.read_text()[-3000:])
-        try:
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=2)
-            return proc, time.perf_counter() - start
-        except OSError:
-            time.sleep(0.5)
-    proc.kill()
-    raise TimeoutError(f"the app did not start: {log}")
 
 
 def stop_app(proc: subprocess.Popen) -> None:
@@ -57,7 +40,9 @@ def run_config(name: str, extra: list[str], a, port: int) -> dict:
 
     log = Path(tempfile.mkdtemp()) / f"app-{port}.log"
     cache = ["--cache-dir", a.cache_dir] if a.cache_dir else []
-    proc, startup_s = start_app(["--model", a.model, "--runtime", a.runtime, *cache, *extra], port, log)
+    started = time.perf_counter()
+    proc = start_app(port, log, "--model", a.model, "--runtime", a.runtime, *cache, *extra, timeout_s=900)
+    startup_s = time.perf_counter() - started
     url = f"http://127.0.0.1:{port}/"
     request = {"negative_prompt": "", "width": a.size, "height": a.size, "batch_count": 1, "steps": a.steps,
                "guidance": 7.0, "sampler": a.sampler, "batch_size": 1}
