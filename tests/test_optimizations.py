@@ -110,6 +110,32 @@ def test_deepcache_full_every_step_matches_plain_unet(baseline):
     assert np.array_equal(pixels(engine.txt2img(REQ)), pixels(baseline[1]))
 
 
+@pytest.mark.parametrize("down", [("CrossAttnDownBlock2D", "DownBlock2D"), ("DownBlock2D", "CrossAttnDownBlock2D")])
+def test_deepcache_shallow_branch_on_two_layers_per_block(down):
+    """SD 1.5's and SDXL's layout in miniature (two layers per block, the first block with or without
+    attention): the shallow branch runs one layer of the first down block, and fed the features the full
+    call kept it gives the full call's output exactly."""
+    from diffusers import UNet2DConditionModel
+
+    from engine.runtimes.deepcache import deep_channels, full_forward, shallow_forward
+
+    up = tuple(reversed([d.replace("Down", "Up") for d in down]))
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(sample_size=16, in_channels=4, out_channels=4, layers_per_block=2,
+                                block_out_channels=(32, 64), down_block_types=down, up_block_types=up,
+                                cross_attention_dim=32, attention_head_dim=4, norm_num_groups=8).eval()
+    x, t, ehs = torch.randn(2, 4, 16, 16), torch.tensor([500.0]), torch.randn(2, 7, 32)
+    calls = Calls(unet.down_blocks[0].resnets[1])  # the first down block's second layer: full calls only
+    with torch.no_grad():
+        plain = unet(x, t, ehs).sample
+        full, deep = full_forward(unet, x, t, ehs)
+        shallow = shallow_forward(unet, x, t, ehs, deep)
+    calls.close()
+    assert calls.n == 2  # diffusers' forward and ours; none in the shallow branch
+    assert deep.shape == (2, deep_channels(unet.config), 16, 16) and deep.shape[1] == 32  # after a layer of the last up block
+    assert torch.allclose(full, plain, atol=1e-5) and torch.allclose(shallow, full, atol=1e-5)
+
+
 def test_early_stop_reports_a_stop_step_below_the_maximum():
     request = {**REQ, "steps": 30}
     stopped = engine_with(Optimizations(early_stop_threshold=0.05)).txt2img(request)

@@ -1,9 +1,14 @@
 """DeepCache-style feature reuse for a diffusers UNet2DConditionModel, on PyTorch and OpenVINO.
 
 Between denoising steps the UNet's deep features change slowly (Ma et al., "DeepCache", 2023).
-Every `interval` calls the whole UNet runs and the input of its last up block is kept; the
-calls between run only conv_in, the first down block and that last up block, reusing the kept
-deep features. A new generation (the timestep goes up, or the batch shape changes) starts
+Every `interval` calls the whole UNet runs and keeps the features where the shallow branch joins
+it; the calls between run only the shallow branch: conv_in, the first layer (resnet and
+attention) of the first down block, and the last up block's layers that take its skips, reusing
+the kept features. That is DeepCache's smallest branch (layer 0, block 0): on SD 1.5 at 512x512
+it leaves out 2 of the 5 transformer blocks at full latent size, which hold most of its cost (the
+whole first block and last up block ran at 45% of a full call on OpenVINO). A model with one
+layer per block has no smaller branch: there the shallow call runs its whole first down block
+(its downsampler aside) and last up block. A new generation (the timestep goes up, or the batch shape changes) starts
 with a full call; a batch that halves (guidance dropped mid-pass by CFG truncation) keeps the
 conditional half of the kept features.
 
@@ -38,10 +43,48 @@ def _embed(unet, sample, timestep, encoder_hidden_states, class_labels, timestep
     return emb, ehs
 
 
-def _head(unet, h, emb, ehs, residuals, attention_mask, cross_attention_kwargs):
+SHALLOW_LAYERS = 1  # (resnet, attention) layers of the first down block that the shallow branch runs
+
+
+def _layers(config) -> tuple[int, int]:
+    """(layers of the first down block the shallow branch runs, layers of the last up block run before
+    the features are kept): the shallow branch runs the last up block's layers from the second on."""
+    per_block = config.layers_per_block
+    first = per_block if isinstance(per_block, int) else per_block[0]
+    down = min(SHALLOW_LAYERS, first)
+    return down, (first + 1) - (down + 1)
+
+
+def _attend(block, i, h, ehs, attention_mask, cross_attention_kwargs):
+    attentions = getattr(block, "attentions", None)
+    if not attentions:
+        return h
+    return attentions[i](h, encoder_hidden_states=ehs, cross_attention_kwargs=cross_attention_kwargs,
+                         attention_mask=attention_mask, return_dict=False)[0]
+
+
+def _down_layers(block, h, emb, ehs, count, attention_mask, cross_attention_kwargs):
+    """The first `count` layers of a down block, without its downsampler: (h, each layer's output)."""
+    outputs = ()
+    for i in range(count):
+        h = _attend(block, i, block.resnets[i](h, emb), ehs, attention_mask, cross_attention_kwargs)
+        outputs += (h,)
+    return h, outputs
+
+
+def _up_layers(block, h, emb, ehs, residuals, start, stop, attention_mask, cross_attention_kwargs):
+    """Layers start..stop-1 of an up block, each taking its skip from the end of `residuals`: (h, the rest)."""
+    for i in range(start, stop):
+        h = torch.cat([h, residuals[-1]], dim=1)
+        residuals = residuals[:-1]
+        h = _attend(block, i, block.resnets[i](h, emb), ehs, attention_mask, cross_attention_kwargs)
+    return h, residuals
+
+
+def _head(unet, h, emb, ehs, residuals, start, attention_mask, cross_attention_kwargs):
+    """The last up block from layer `start` (it has no upsampler), then the output layers."""
     last = unet.up_blocks[-1]
-    h = _block(last, h, emb, ehs, attention_mask, cross_attention_kwargs,
-               res_hidden_states_tuple=residuals[:len(last.resnets)], upsample_size=None)
+    h, _ = _up_layers(last, h, emb, ehs, residuals, start, len(last.resnets), attention_mask, cross_attention_kwargs)
     if unet.conv_norm_out is not None:
         h = unet.conv_act(unet.conv_norm_out(h))
     return unet.conv_out(h)
@@ -49,7 +92,7 @@ def _head(unet, h, emb, ehs, residuals, attention_mask, cross_attention_kwargs):
 
 def full_forward(unet, sample, timestep, encoder_hidden_states, class_labels=None, timestep_cond=None,
                  attention_mask=None, cross_attention_kwargs=None, added_cond_kwargs=None):
-    """The whole UNet: (noise prediction, deep features = the input of the last up block)."""
+    """The whole UNet: (noise prediction, deep features = where the shallow branch joins the last up block)."""
     emb, ehs = _embed(unet, sample, timestep, encoder_hidden_states, class_labels, timestep_cond, added_cond_kwargs)
     odd_size = any(d % 2 ** unet.num_upsamplers for d in sample.shape[-2:])
     h = unet.conv_in(sample)
@@ -68,23 +111,30 @@ def full_forward(unet, sample, timestep, encoder_hidden_states, class_labels=Non
         res, pending = pending[-len(block.resnets):], pending[:-len(block.resnets)]
         extra = {"upsample_size": pending[-1].shape[2:] if odd_size else None}
         h = _block(block, h, emb, ehs, attention_mask, cross_attention_kwargs, res_hidden_states_tuple=res, **extra)
-    return _head(unet, h, emb, ehs, pending, attention_mask, cross_attention_kwargs), h
+    last = unet.up_blocks[-1]
+    if last.upsamplers is not None or getattr(last, "b1", None):
+        raise ValueError("DeepCache needs a last up block without an upsampler, and FreeU off")
+    _, before = _layers(unet.config)
+    h, pending = _up_layers(last, h, emb, ehs, pending, 0, before, attention_mask, cross_attention_kwargs)
+    return _head(unet, h, emb, ehs, pending, before, attention_mask, cross_attention_kwargs), h
 
 
 def shallow_forward(unet, sample, timestep, encoder_hidden_states, deep, class_labels=None, timestep_cond=None,
                     attention_mask=None, cross_attention_kwargs=None, added_cond_kwargs=None):
-    """conv_in, the first down block and the last up block around kept deep features: the noise prediction."""
+    """The shallow branch around kept deep features: the noise prediction."""
     emb, ehs = _embed(unet, sample, timestep, encoder_hidden_states, class_labels, timestep_cond, added_cond_kwargs)
+    down, before = _layers(unet.config)
     h = unet.conv_in(sample)
-    residuals = (h,)
-    h, res = _block(unet.down_blocks[0], h, emb, ehs, attention_mask, cross_attention_kwargs)
-    residuals += res
-    return _head(unet, deep, emb, ehs, residuals, attention_mask, cross_attention_kwargs)
+    _, outputs = _down_layers(unet.down_blocks[0], h, emb, ehs, down, attention_mask, cross_attention_kwargs)
+    return _head(unet, deep, emb, ehs, (h,) + outputs, before, attention_mask, cross_attention_kwargs)
 
 
 def deep_channels(config) -> int:
-    """Channels of the deep features (the output of the second-to-last up block)."""
+    """Channels of the deep features: a layer of the last up block's output, or where none of its layers runs
+    before them, the second-to-last up block's output."""
     channels = list(config.block_out_channels)
+    if _layers(config)[1] > 0:
+        return channels[0]
     return channels[1] if len(channels) > 1 else channels[0]
 
 

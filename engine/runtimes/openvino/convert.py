@@ -9,7 +9,7 @@ import torch
 from ..base import WarmupShape
 from ..deepcache import deep_channels, full_forward, shallow_forward
 
-CONVERSION_VERSION = 1  # bump when what convert_part produces changes
+CONVERSION_VERSION = 2  # bump when what convert_part produces changes (2: DeepCache's smallest branch)
 TEXT_LENGTH = 77
 PARTS_OF = {  # pipeline component -> IR parts made from it
     "unet": ("unet",),
