@@ -57,7 +57,12 @@ class OpenVINORuntime(Runtime):
     @classmethod
     def option_reasons(cls, hardware: HardwareReport) -> dict[str, str]:
         why = "needs the PyTorch runtime (OpenVINO runs the UNet as one compiled graph)"
-        return {name: why for name in owned_elsewhere("openvino")}
+        reasons = {name: why for name in owned_elsewhere("openvino")}
+        # tomesd does convert into the graph, but its merge sizes are fixed per image size, and it buys little there.
+        reasons["token_merging_ratio"] = ("needs the PyTorch runtime: converted into OpenVINO's SD 1.5 UNet, ratio 0.5 "
+                                          "measured 1.00x (2-core EPYC) to 1.13x (16-core Xeon) at 512x512, and each "
+                                          "image size would need its own conversion (benchmarks/tome_openvino.py)")
+        return reasons
 
     def __init__(self, hardware, optimizations, cache_dir: Path | None = None, max_shapes: int = 4):
         super().__init__(hardware, optimizations, cache_dir)
