@@ -177,3 +177,9 @@ def test_a_shallow_graph_missing_from_the_cache_is_calibrated_again(ov_tiny_int8
     engine.load("builtin:tiny")
     assert [part for part, _ in engine.runtime.conversions] == ["unet_shallow"]
     assert has_quantized_convolutions(engine.runtime._irs["unet_shallow"])
+
+
+def test_engine_tab_says_how_openvino_uses_the_cores(plain):
+    plain.txt2img({**REQ, "steps": 2})
+    line = next(d for d in plain.status()["decisions"] if d.startswith("One image at a time"))
+    assert f"of {plain.hardware.cpu.logical_cores} logical cores" in line and "one after another" in line

@@ -26,6 +26,9 @@ from .loader import IRLoader
 from .probe import int8_convolution_probe
 from .quantize import has_quantized_convolutions
 
+# Two or four infer requests in flight against one after another, SD 1.5 at 512x512 (benchmarks/cores.py):
+# 1.07x / 1.13x on a 16-core Xeon (bf16), measured where each request holds its own activations.
+PARALLEL_GAIN = "1.13x"
 LOW_MEMORY_BYTES = 8 << 30  # below this free RAM, "auto" keeps int8 convolutions even where they are slower
 log = logging.getLogger(__name__)
 
@@ -37,7 +40,9 @@ def threads_line(compiled, logical_cores: int) -> str:
     except RuntimeError:
         return "OpenVINO did not report its threads"
     return (f"One image at a time on {threads} threads of {logical_cores} logical cores, {streams} stream "
-            f"(LATENCY hint: OpenVINO uses one thread per physical core)")
+            f"(LATENCY hint: OpenVINO uses one thread per physical core); a batch count runs its images one after "
+            f"another: parallel infer requests measured at most {PARALLEL_GAIN} the images per minute "
+            f"(benchmarks/cores.py), not worth their extra activation memory")
 
 
 class OpenVINORuntime(Runtime):
