@@ -165,6 +165,15 @@ def test_png_info_reads_saved_parameters(client, outputs):
     assert fields["seed"] == 77 and fields["width"] == 128 and fields["prompt"] == "a blue star, small"
 
 
+def test_engine_tab_reads_the_runtime_decisions_afresh(client):
+    """What the runtime decides as jobs run (OpenVINO's threads, at its first compile) shows when the tab opens."""
+    txt2img(client, width=64, height=64, steps=2)
+    summary = client.predict(api_name="/engine_summary")
+    assert summary.startswith("**Runtime:**") and "builtin:tiny" in summary
+    if "openvino on cpu" in summary:
+        assert "One image at a time on" in summary and "one after another" in summary
+
+
 def test_live_stream_updates_before_the_final_image(client):
     job = client.submit("a red circle", "", 256, 256, 1, 30, 7.0, "Euler", 3, 1, api_name="/txt2img")
     updates = list(job)  # every (gallery, readout, parameters, history) the handler yielded, in order

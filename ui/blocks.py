@@ -12,7 +12,7 @@ from engine.options import PRESETS_DIR
 from . import (compare_tab, engine_tab, hires_fix_tab, img2img_tab, optimizations_tab, png_info_tab,
                tiled_upscale_tab, txt2img_tab)
 from .components import UI_DEFAULTS
-from .formatting import HISTORY_COLUMNS, history_rows
+from .formatting import HISTORY_COLUMNS, engine_markdown, history_rows
 
 CSS_PATH = Path(__file__).resolve().parent.parent / "assets" / "style.css"
 
@@ -37,8 +37,11 @@ def build_ui(engine: Engine, defaults: dict[str, Any] | None = None, presets_dir
                 compare_tab.build(engine, d, history, presets_dir)
             with gr.Tab("PNG info", id="pnginfo"):
                 png_info_tab.build(engine, d, txt2img, tabs)
-            with gr.Tab("Engine", id="engine"):
+            with gr.Tab("Engine", id="engine") as engine_page:
                 engine_controls = engine_tab.build(engine, d, guidance=txt2img["guidance"])
+            # The runtime notes what it decides as jobs run (its threads at the first compile): read them afresh.
+            engine_page.select(lambda: engine_markdown(engine), outputs=[engine_controls.info], show_progress="hidden",
+                               queue=False, api_name="engine_summary")
             with gr.Tab("Optimizations", id="optimizations"):
                 options = optimizations_tab.build(engine, d, presets_dir, txt2img, engine_controls.info)
         engine_tab.wire_runtime(engine, engine_controls, options)
