@@ -49,8 +49,8 @@ SHALLOW_LAYERS = 1  # (resnet, attention) layers of the first down block that th
 
 
 def _layers(config) -> tuple[int, int]:
-    """(layers of the first down block the shallow branch runs, layers of the last up block run before
-    the features are kept): the shallow branch runs the last up block's layers from the second on."""
+    """(layers of the first down block the shallow branch runs, layers of the last up block the full call runs
+    before it keeps the features): the shallow branch runs the last up block's other layers, one per skip it has."""
     per_block = config.layers_per_block
     first = per_block if isinstance(per_block, int) else per_block[0]
     down = min(SHALLOW_LAYERS, first)
