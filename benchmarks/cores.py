@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import psutil
 
-ROOT = Path(__file__).resolve().parent.parent
+from benchmarks.runtimes import ROOT, time_calls
 
 
 def unet_feed(config, size: int, batch: int) -> dict[str, np.ndarray]:
@@ -54,14 +54,9 @@ def props(compiled) -> dict:
 
 
 def latency(compiled, feed, repeats: int) -> list[float]:
+    """Seconds of each of `repeats` calls on one infer request, after a first call that allocates."""
     request = compiled.create_infer_request()
-    request.infer(feed)  # first call allocates
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        request.infer(feed)
-        times.append(time.perf_counter() - start)
-    return times
+    return time_calls(lambda: request.infer(feed), repeats)[1]
 
 
 def throughput(compiled, feed, in_flight: int, calls: int) -> float:
