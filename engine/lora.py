@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from .errors import UserError
+from .tensors import full_precision
 
 BUILTIN_DIR = Path(__file__).resolve().parent.parent / "assets" / "lora"
 SUFFIX = ".safetensors"
@@ -481,4 +482,5 @@ def delta(layer: LoraLayer, weight: float, shape: torch.Size) -> torch.Tensor:
     """weight * (alpha/rank) * up @ down, shaped as the layer's weight (Linear, or Conv2d of any kernel)."""
     up = layer.up.float().reshape(layer.up.shape[0], -1)
     down = layer.down.float().reshape(layer.down.shape[0], -1)
-    return ((up @ down) * (weight * layer.scale)).reshape(shape)
+    with full_precision():  # fused into fp32 weights: a bf16 product under autocast would round the delta
+        return ((up @ down) * (weight * layer.scale)).reshape(shape)

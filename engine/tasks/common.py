@@ -12,6 +12,7 @@ from ..caches import PromptCache
 from ..lora import strip_tags
 from ..prompts import chunk_count, encode_chunks
 from ..schedulers import make_scheduler
+from ..tensors import to_numpy
 from ..tiling import Blender, Tile, grid
 from .context import DenoiseContext
 
@@ -152,7 +153,7 @@ def decode_latents(model, latents: torch.Tensor, tiled: bool = False) -> list[Im
         blender = Blender(lat_w * f, lat_h * f, 3, VAE_TILE_OVERLAP * f)
         for t in grid(lat_w, lat_h, VAE_TILE_LATENT, VAE_TILE_OVERLAP):
             part = one[None, :, t.y:t.y + t.height, t.x:t.x + t.width]
-            pixels = _vae_decode(vae, part)[0].permute(1, 2, 0).cpu().numpy()
+            pixels = to_numpy(_vae_decode(vae, part)[0].permute(1, 2, 0))
             blender.add(Tile(t.x * f, t.y * f, t.width * f, t.height * f), pixels)
         decoded = torch.from_numpy(blender.result()).permute(2, 0, 1)[None]
         images += pipe.image_processor.postprocess(decoded, output_type="pil")
@@ -181,8 +182,8 @@ def _encode_tiled(vae, x: torch.Tensor, f: int, generator: torch.Generator) -> t
     for t in grid(w, h, VAE_TILE_LATENT * f, VAE_TILE_OVERLAP * f):
         dist = vae.encode(x[:, :, t.y:t.y + t.height, t.x:t.x + t.width]).latent_dist
         lt = Tile(t.x // f, t.y // f, t.width // f, t.height // f)
-        means.add(lt, dist.mean[0].permute(1, 2, 0).detach().float().cpu().numpy())
-        stds.add(lt, dist.std[0].permute(1, 2, 0).detach().float().cpu().numpy())
+        means.add(lt, to_numpy(dist.mean[0].permute(1, 2, 0)))
+        stds.add(lt, to_numpy(dist.std[0].permute(1, 2, 0)))
     mean = torch.from_numpy(means.result()).permute(2, 0, 1)[None]
     std = torch.from_numpy(stds.result()).permute(2, 0, 1)[None]
     return mean + std * randn_tensor(mean.shape, generator=generator, dtype=mean.dtype)
