@@ -7,6 +7,7 @@ for an identical request when the result cache is on.
 """
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections import deque
@@ -25,6 +26,8 @@ from .preview import latents_to_rgb
 from .tasks.base import Task, TaskOutput
 from .tasks.context import CfgTruncation, DenoiseContext, EarlyStop, Preview, Progress, ProgressFn
 from .telemetry import Readout
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -193,9 +196,7 @@ class JobRunner:
                                  details, notices)
         result = self._result(task, runtime, output, readout)
         result.stopped = ctx.stopped and output.steps_run < output.steps_planned
-        self._remember(task.name, readout)
-        if key is not None and result.images and not result.stopped:
-            self.result_cache.put(key, result, time.strftime("%Y-%m-%d %H:%M:%S"))
+        self._keep(result, task.name, key)
         return result
 
     def run_remote(self, task: Task, pool, progress: ProgressFn | None) -> GenerationResult:
@@ -231,13 +232,10 @@ class JobRunner:
                 readout.details["retried"] = retried
                 readout.notices.append(f"Retried: {retried}.")
             result.notices = readout.notices
-            self._save(result)
         finally:
             live.running = False
             self.remote_live.pop(thread, None)
-        self._remember(task.name, readout)
-        if key is not None and result.images and not result.stopped:
-            self.result_cache.put(key, result, time.strftime("%Y-%m-%d %H:%M:%S"))
+        self._keep(result, task.name, key)
         return result
 
     def remote_place(self, thread: int, replicas: int) -> QueuePlace | None:
@@ -309,6 +307,9 @@ class JobRunner:
     @staticmethod
     def _job_notices(ctx: DenoiseContext, output: TaskOutput, options, not_applied: dict[str, str]) -> list[str]:
         notices = []
+        preview = ctx.find(Preview)
+        if preview is not None and preview.failed:
+            notices.append(f"Live preview failed ({preview.failed}); the job went on without previews.")
         if ctx.stopped and output.steps_run < output.steps_planned:
             notices.append(f"Stopped after {output.steps_run} of {output.steps_planned} steps.")
         early = ctx.find(EarlyStop)
@@ -326,8 +327,24 @@ class JobRunner:
                      for image, seed in zip(output.images, seeds)]
         result = GenerationResult(images=output.images, seeds=seeds, parameters=parameters, readout=readout,
                                   notices=readout.notices, extra_images=output.extra_images, infotexts=infotexts)
-        self._save(result)
         return result
+
+    def _keep(self, result: GenerationResult, task_name: str, key: str | None) -> None:
+        """The records of a finished job: its PNGs, its history row, its result-cache entry. Each is a side
+        feature: one that fails is logged and said in the readout, and the picture is still delivered."""
+        def cache() -> None:
+            if key is not None and result.images and not result.stopped:
+                self.result_cache.put(key, result, time.strftime("%Y-%m-%d %H:%M:%S"))
+
+        for what, act in (("Saving the images", lambda: self._save(result)),
+                          ("Adding the history row", lambda: self._remember(task_name, result.readout)),
+                          ("Keeping the result in the result cache", cache)):
+            try:
+                act()
+            except Exception as e:
+                log.warning("%s failed; the result is delivered", what, exc_info=True)
+                result.readout.notices.append(f"{what} failed ({type(e).__name__}: {e}); the picture is "
+                                              f"delivered all the same.")
 
     def _save(self, result: GenerationResult) -> None:
         if self.outputs_dir is None:

@@ -7,12 +7,15 @@ turns them into the one diffusers `callback_on_step_end` a pipeline takes.
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 
 from ..telemetry import StageTimer
+
+log = logging.getLogger(__name__)
 
 ProgressFn = Callable[[int, int], None]  # (step done, total steps)
 
@@ -48,14 +51,24 @@ class Progress(Extension):
 
 
 class Preview(Extension):
-    """Every `every` steps (and at the last), `show(step, total, latents)` makes a live preview."""
+    """Every `every` steps (and at the last), `show(step, total, latents)` makes a live preview.
+
+    A preview is a convenience: one that fails is logged once and turns previews off for the rest of the
+    job, which goes on; `failed` says why, for the readout."""
 
     def __init__(self, every: int, show: Callable[[int, int, torch.Tensor], None]):
         self.every, self.show = every, show
+        self.failed: str | None = None
 
     def on_step(self, step: Step) -> bool:
-        if step.latents is not None and (step.number % self.every == 0 or step.number == step.total):
-            self.show(step.number, step.total, step.latents)
+        if self.failed is None and step.latents is not None and (step.number % self.every == 0
+                                                                 or step.number == step.total):
+            try:
+                self.show(step.number, step.total, step.latents)
+            except Exception as e:
+                log.warning("live preview failed at step %d; the job goes on without previews", step.number,
+                            exc_info=True)
+                self.failed = f"{type(e).__name__}: {e}"
         return False
 
 
