@@ -148,7 +148,13 @@ def _apply_weights(z: torch.Tensor, weights: list[float]) -> torch.Tensor:
     full = torch.tensor([1.0, *weights, *([1.0] * (CHUNK + 1 - len(weights)))], dtype=z.dtype, device=z.device)
     before = z.mean()
     z = z * full.reshape(1, -1, 1)
-    return z * (before / z.mean())
+    after = z.mean()
+    # No mean to restore where it is ~0 (a final LayerNorm without bias): the ratio would be rounding noise, or NaN
+    # where a CPU's summation order makes it exactly 0.
+    floor = 1e-4 * z.abs().mean()
+    if after.abs() <= floor or before.abs() <= floor:
+        return z
+    return z * (before / after)
 
 
 def _encoders(pipe, sdxl: bool):

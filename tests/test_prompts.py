@@ -5,6 +5,7 @@ import torch
 
 from engine import Engine
 from engine.models import load_model
+from engine.options import Optimizations
 from engine.prompts import CHUNK, parse_weights, tokenize
 from engine.tasks.common import encode_prompt
 from engine.vocab import WORDS
@@ -22,7 +23,8 @@ def embeds(engine, prompt, negative="", guidance=7.0):
 @pytest.fixture(scope="module")
 def ov_engine(tmp_path_factory, ov_tiny):
     cache = ov_tiny.copy(tmp_path_factory.mktemp("ov-prompts") / "cache")  # converted once (conftest)
-    engine = Engine(runtime="openvino", cache_dir=cache, outputs_dir=None)
+    engine = Engine(runtime="openvino", cache_dir=cache, outputs_dir=None,
+                    optimizations=Optimizations(precision="fp32"))  # as tiny_engine, to compare the two
     engine.load("builtin:tiny")
     return engine
 
@@ -67,11 +69,15 @@ def test_short_prompts_encode_exactly_as_diffusers_does():
             assert torch.equal(ours[key], ref[key]), (name, key)
 
 
-def test_weight_scales_that_tokens_vector_and_keeps_the_mean(tiny_engine):
+def test_weight_scales_that_tokens_vector_and_keeps_the_mean(tiny_engine, monkeypatch):
     """(red:1.5): red's output vector is x1.5 relative to every other token's, and the chunk is rescaled so its
     mean is the unweighted one (A1111's method)."""
     tok = tiny_engine.model.pipe.tokenizer
     assert tokenize(tok, "a (red:1.5) circle").tokens == tokenize(tok, "a red circle").tokens
+    # builtin:tiny's final LayerNorm has no bias, so its outputs have a mean of ~0 and nothing to restore; a real
+    # CLIP's has one. Give it one for this test.
+    bias = tiny_engine.model.pipe.text_encoder.get_submodule("final_layer_norm").bias
+    monkeypatch.setattr(bias, "data", torch.full_like(bias, 0.3))
     plain = embeds(tiny_engine, "a red circle", guidance=1.0)["prompt_embeds"][0].double()
     weighted = embeds(tiny_engine, "a (red:1.5) circle", guidance=1.0)["prompt_embeds"][0].double()
     ratio = weighted / plain  # per token: c, and 1.5 c at "red" (BOS, a, red, ...)
@@ -81,6 +87,21 @@ def test_weight_scales_that_tokens_vector_and_keeps_the_mean(tiny_engine):
     assert torch.allclose(others, c.expand_as(others), rtol=1e-4)
     assert abs(c - 1) > 1e-3  # the mean correction really acted
     assert torch.isclose(weighted.mean(), plain.mean(), rtol=1e-5)
+
+
+def test_weighting_a_chunk_whose_mean_is_zero_scales_and_never_gives_nan():
+    """A final LayerNorm without bias gives outputs of mean ~0: on some CPUs exactly 0 after the weighting, and the
+    mean-restoring ratio was 0/0 = NaN (seen on a Zen 4). There is no mean to keep; the weights still apply."""
+    from engine.prompts import _apply_weights
+
+    z = torch.randn(1, CHUNK + 2, 8)
+    z = z - z.mean()  # mean exactly 0 before, ~0 after
+    weights = [1.0, 1.5] + [1.0] * (CHUNK - 2)
+    out = _apply_weights(z, weights)
+    assert torch.isfinite(out).all()
+    assert torch.allclose(out[0, 2], 1.5 * z[0, 2]) and torch.allclose(out[0, 1], z[0, 1])
+    biased = z + 0.3  # a real mean: restored as A1111 does
+    assert torch.isclose(_apply_weights(biased, weights).mean(), biased.mean(), rtol=1e-5)
 
 
 def test_sdxl_long_prompt_uses_both_encoders_in_chunks():
