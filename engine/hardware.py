@@ -48,6 +48,60 @@ class CpuInfo:
         """bf16 matmuls in hardware (AVX512-BF16 or AMX); elsewhere bf16 is emulated and slower than fp32."""
         return self.avx512_bf16 or self.amx_bf16
 
+    @property
+    def vnni(self) -> bool:
+        """int8 dot products in hardware (AVX512-VNNI, AVX-VNNI or AMX-INT8): what makes int8 convolutions pay."""
+        return bool({"avx512_vnni", "avx_vnni"} & set(self.flags)) or self.amx_int8
+
+    @property
+    def kind(self) -> str:
+        """The microarchitecture, where family/model name a known one ("Zen 4"); "" otherwise."""
+        family, model = _family_model(self.generation)
+        for vendor, fam, models, name in _KINDS:
+            if vendor == self.vendor and fam == family and model in models:
+                return name
+        return ""
+
+    def describe(self) -> str:
+        """One line for the Engine tab: which CPU, and what it has that the precision choices hinge on."""
+        family, model = _family_model(self.generation)
+        where = ", ".join(filter(None, (self.kind, f"family {family}, model {model}" if family is not None else "")))
+        simd = "AVX-512" if self.avx512 else "AVX2" if self.avx2 else "no AVX2"
+        has = [n for n, on in (("AVX512-BF16", self.avx512_bf16), ("VNNI", self.vnni),
+                               ("AMX", self.amx_bf16 or self.amx_int8)) if on]
+        lacks = [n for n, on in (("AVX512-BF16", self.avx512_bf16), ("VNNI", self.vnni),
+                                 ("AMX", self.amx_bf16 or self.amx_int8)) if not on]
+        bf16 = ("bf16 in hardware" if self.has_fast_bf16 else
+                "no hardware bf16 (bf16 runs emulated, slower than fp32)")
+        return (f"{self.model}" + (f" ({where})" if where else "") + f", {self.logical_cores} logical cores: {simd}"
+                + (f" with {', '.join(has)}" if has else "") + (f"; no {', '.join(lacks)}" if lacks else "")
+                + f"; {bf16}")
+
+
+def _family_model(generation: str) -> tuple[int | None, int | None]:
+    parts = generation.split("/")
+    try:
+        return int(parts[0]), int(parts[1])
+    except (IndexError, ValueError):
+        return None, None
+
+
+# (vendor, family, models, name): the server and desktop CPUs this engine is measured on and their neighbours.
+_KINDS = (
+    ("AMD", 23, {1, 8, 17, 24}, "Zen / Zen+"),
+    ("AMD", 23, {49, 96, 104, 113, 144, 160}, "Zen 2"),
+    ("AMD", 25, set(range(0, 16)) | set(range(32, 48)) | set(range(64, 96)), "Zen 3"),
+    ("AMD", 25, set(range(16, 32)) | set(range(96, 128)) | set(range(160, 176)), "Zen 4"),
+    ("AMD", 26, set(range(0, 256)), "Zen 5"),
+    ("Intel", 6, {85}, "Skylake-SP / Cascade Lake"),
+    ("Intel", 6, {106, 108}, "Ice Lake-SP"),
+    ("Intel", 6, {143}, "Sapphire Rapids"),
+    ("Intel", 6, {207}, "Emerald Rapids"),
+    ("Intel", 6, {173, 174}, "Granite Rapids"),
+    ("Intel", 6, {151, 154}, "Alder Lake"),
+    ("Intel", 6, {183, 186, 191}, "Raptor Lake"),
+)
+
 
 @dataclass(frozen=True)
 class HardwareReport:
@@ -77,8 +131,10 @@ class HardwareReport:
         c = self.cpu
         feats = [n for n, on in (("AVX2", c.avx2), ("AVX-512", c.avx512), ("AVX512-BF16", c.avx512_bf16),
                                  ("AMX-BF16", c.amx_bf16), ("AMX-INT8", c.amx_int8)) if on]
+        feats += ["VNNI"] if c.vnni and not c.amx_int8 else []
         lines = [
-            f"CPU: {c.model} ({c.vendor}{', family/model/stepping ' + c.generation if c.generation else ''}), "
+            f"CPU: {c.model} ({c.vendor}{', ' + c.kind if c.kind else ''}"
+            f"{', family/model/stepping ' + c.generation if c.generation else ''}), "
             f"{c.logical_cores} logical cores; features: {', '.join(feats) or 'none of note'}",
             f"RAM: {self.ram_total_bytes / gib:.1f} GiB",
         ]
