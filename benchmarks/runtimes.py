@@ -85,6 +85,16 @@ def matmul_gflops(dtype: torch.dtype, n: int = 2048, seconds: float = 2.0, windo
     return best
 
 
+def auto_choice(hw, cache_dir: Path) -> str:
+    """What `--runtime auto` with default options runs on this machine: the runtime, its precision and why."""
+    from engine import runtimes
+    from engine.options import Optimizations
+
+    choice = runtimes.pick(hw, "auto")
+    runtime = choice.cls(hw, Optimizations(), cache_dir)
+    return f"{choice.name} {runtime.precision} ({choice.reason}; {'; '.join(runtime.decisions)})"
+
+
 def run_child(config: str, size: int, steps: int, cache_dir: str) -> dict:
     """Fresh process: start, load, generate one image; report its own peak RSS."""
     start = time.perf_counter()
@@ -141,7 +151,10 @@ def main(argv=None) -> int:
     out_json.parent.mkdir(parents=True, exist_ok=True)
     hw = hardware.detect()
     print(hw, flush=True)
-    results: dict = {"size": args.size, "batch_for_guidance": 2, "hardware": str(hw), "unet_step_s": {},
+    auto = auto_choice(hw, Path(args.cache_dir))
+    print(f"auto picks: {auto}", flush=True)
+    results: dict = {"size": args.size, "batch_for_guidance": 2, "hardware": str(hw), "cpu": hw.cpu.describe(),
+                     "auto": auto, "unet_step_s": {},
                      "unet_step_all_s": {}, "precision_actual": {}, "conversion_s": {}, "peak_rss_bytes": {},
                      "end_to_end_s": {}, "startup_to_first_image_s": {}, "children": {}, "skipped": {}}
 
@@ -225,6 +238,7 @@ def main(argv=None) -> int:
 def markdown(r: dict) -> str:
     gib = 2**30
     lines = [f"## Runtimes, SD 1.5 architecture, {r['size']}x{r['size']}, UNet batch 2", "",
+             f"CPU: {r.get('cpu', r['hardware'].splitlines()[0])}", "", f"`--runtime auto` picks: {r.get('auto', '?')}", "",
              "| configuration | precision run | UNet s/step | vs floor | end-to-end s | start-up to image s | peak RSS GiB |",
              "|---|---|---|---|---|---|---|"]
     for c, step in r["unet_step_s"].items():

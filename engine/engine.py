@@ -244,7 +244,7 @@ class Engine:
         if self.pool is not None:  # what runs the jobs: the replicas (one replica's report stands for all)
             info = self.pool.info
             keys = ("model", "family", "runtime", "device", "precision", "reason", "skipped", "applied",
-                    "decisions", "not_applied", "loras")
+                    "decisions", "not_applied", "loras", "cpu")
             return {**{k: info.get(k) for k in keys}, "replicas": self.pool.describe()}
         return {
             "model": self.model.name if self.model else None, "family": self.model.family if self.model else None,
@@ -252,6 +252,7 @@ class Engine:
             "reason": self.choice.reason, "skipped": dict(self.choice.skipped), "applied": list(self.runtime.applied),
             "decisions": list(self.runtime.decisions), "not_applied": self.not_applied,
             "loras": [p.summary for p in self.model.loras.plans] if self.model else [],
+            "cpu": self.hardware.cpu.describe(),
         }
 
     def warmup(self, sizes: list[tuple[int, int]], batch_size: int = 1, guidance: float = 7.0,

@@ -75,6 +75,8 @@ def engine_markdown(engine: Engine) -> str:
     lines = [f"**Runtime:** {s['runtime']} on {s['device']} ({s['precision']}) — {s['reason']}",
              f"**Model:** {s['model'] or 'none loaded'}" + (f" ({s['family']})" if s["family"] else "")
              + (f"; LoRAs fused: {', '.join(s['loras'])}" if s.get("loras") else "")]
+    if s.get("cpu"):
+        lines.append(f"**CPU:** {s['cpu']}")
     if s.get("replicas"):
         lines.append(f"**Replicas:** {s['replicas']}")
     lines += [f"- {name}: not used — {why}" for name, why in (s["skipped"] or {}).items()]

@@ -61,13 +61,22 @@ class PyTorchRuntime(Runtime):
         self._precision = self._choose_precision(optimizations.precision)
 
     def _choose_precision(self, wish: str) -> str:
-        if wish == "auto":
-            if self._device in ("cuda", "mps"):
-                return "fp16"
-            return "bf16" if self.hardware.cpu.has_fast_bf16 else "fp32"
         if wish == "fp16" and self._device == "cpu":
             raise RuntimeUnavailable("fp16 needs a GPU; on CPU use bf16 or fp32.")
-        return wish
+        if self._device != "cpu":
+            chosen = "fp16" if wish == "auto" else wish
+            self.decisions.append(f"Precision {chosen} ({'auto' if wish == 'auto' else 'asked'}) on {self._device}")
+            return chosen
+        fast = self.hardware.cpu.has_fast_bf16
+        chosen = ("bf16" if fast else "fp32") if wish == "auto" else wish
+        if chosen == "bf16":
+            why = ("this CPU has hardware bf16, so matmuls and convolutions run in bf16 through autocast (weights "
+                   "stay fp32)" if fast else "emulated on this CPU (no AVX512-BF16 or AMX): expect it slower than fp32")
+        else:
+            why = ("this CPU has hardware bf16, which bf16 (auto) would use" if fast else
+                   "this CPU has no hardware bf16: emulated bf16 is slower than fp32")
+        self.decisions.append(f"Precision {chosen} ({'auto' if wish == 'auto' else 'asked'}): {why}")
+        return chosen
 
     @property
     def device(self) -> str:

@@ -82,6 +82,10 @@ class OpenVINORuntime(Runtime):
         # bf16 where the CPU has it in hardware; elsewhere OpenVINO would run f32 anyway.
         self._hint = "bf16" if wish == "bf16" or (wish == "auto" and hardware.cpu.has_fast_bf16) else "f32"
         self._precision = "bf16" if self._hint == "bf16" and hardware.cpu.has_fast_bf16 else "fp32"
+        self.decisions.append(
+            f"Precision {self._precision} ({'auto' if wish == 'auto' else 'asked'}, hint {self._hint}): "
+            + ("this CPU has hardware bf16" if hardware.cpu.has_fast_bf16 else
+               "no hardware bf16 on this CPU, so OpenVINO runs f32 whatever the hint"))
         self._hybrid = self._int8_convolutions(optimizations.int8_convolutions)
         self._int8 = optimizations.int8_weights or self._hybrid
         kind = "int8h" if self._hybrid else ("int8" if self._int8 else "f32")
