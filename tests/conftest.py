@@ -20,8 +20,10 @@ os.environ["FASTSD_CACHE_DIR"] = tempfile.mkdtemp(prefix="fastsd-test-cache-")
 @pytest.fixture(scope="session")
 def tiny_engine():
     from engine import Engine
+    from engine.options import Optimizations
 
-    engine = Engine(runtime="pytorch")
+    # fp32 on every CPU, so a test means the same wherever it runs; tests/test_precision.py forces each precision.
+    engine = Engine(runtime="pytorch", optimizations=Optimizations(precision="fp32"))
     engine.load("builtin:tiny")
     return engine
 

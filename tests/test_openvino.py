@@ -23,7 +23,8 @@ def cache_dir(tmp_path_factory, ov_tiny):
 
 @pytest.fixture(scope="module")
 def ov_engine(cache_dir):
-    engine = Engine(runtime="openvino", cache_dir=cache_dir)
+    # fp32 as tiny_engine, whatever this CPU would pick, so the two are compared like for like
+    engine = Engine(runtime="openvino", cache_dir=cache_dir, optimizations=Optimizations(precision="fp32"))
     engine.load("builtin:tiny")
     return engine
 
@@ -106,7 +107,7 @@ def test_corrupt_cache_entry_is_rebuilt(ov_engine, cache_dir):
     data[: len(data) // 2] = bytes(len(data) // 2)  # zero the first half, same size
     _replace(binf, bytes(data))
     _replace(folder / "vae_decoder.xml", b"<not xml")
-    engine = Engine(runtime="openvino", cache_dir=cache_dir)
+    engine = Engine(runtime="openvino", cache_dir=cache_dir, optimizations=Optimizations(precision="fp32"))
     model = engine.load("builtin:tiny")
     rebuilt = {part for part, _ in engine.runtime.conversions}
     assert {"unet", "vae_decoder"} <= rebuilt and "text_encoder" not in rebuilt
@@ -145,9 +146,11 @@ def test_int8_convolutions_quantize_once_and_come_back_from_the_cache(tmp_path, 
 
 
 def test_sdxl_runs_on_openvino(ov_tiny_sdxl, tmp_path):
-    pt = Engine(runtime="pytorch")
+    fp32 = Optimizations(precision="fp32")
+    pt = Engine(runtime="pytorch", optimizations=fp32)
     pt.load("builtin:tiny-sdxl")
-    ov = Engine(runtime="openvino", cache_dir=ov_tiny_sdxl.copy(tmp_path / "cache"))  # converted once (conftest)
+    ov = Engine(runtime="openvino", cache_dir=ov_tiny_sdxl.copy(tmp_path / "cache"),  # converted once (conftest)
+                optimizations=fp32)
     ov.load("builtin:tiny-sdxl")
     diff = np.abs(pixels(pt.txt2img(REQ)) - pixels(ov.txt2img(REQ)))
     assert diff.max() <= 3
