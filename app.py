@@ -134,6 +134,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="another name this server answers to (a reverse proxy's, a LAN name); '.example.com' allows "
                         "its subdomains, '*' turns the Host check off. Repeatable. Loopback names, the --host address "
                         "and the share link are always allowed")
+    p.add_argument("--allow-hub-ids", action="store_true",
+                   help="let users of the page and the API load Hugging Face hub ids (owner/name) they type; without "
+                        "it they may load only the built-ins and what is under --models-dir (the pickers' lists)")
+    p.add_argument("--max-upload-mb", type=int, default=50,
+                   help="largest file the page accepts as an upload, in MB (default: %(default)s)")
     p.add_argument("--no-api", action="store_true",
                    help="do not serve the AUTOMATIC1111-compatible API under /sdapi/v1 (served by default)")
     p.add_argument("--share", action="store_true", help="ask Gradio for a public link")
@@ -229,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
                         outputs_dir=None if args.no_save else Path(args.outputs_dir), taesd=args.taesd,
                         styles_file=Path(args.styles),
                         result_cache_dir=results_dir(args),
-                        result_cache_bytes=args.result_cache_mb << 20)
+                        result_cache_bytes=args.result_cache_mb << 20, remote_hub=args.allow_hub_ids)
         print(engine.hardware, flush=True)
         print(f"Runtime: {engine.runtime.describe()} — {engine.choice.reason}", flush=True)
         for label, why in engine.not_applied.items():
@@ -281,8 +286,9 @@ def launch_ui(args, engine, model, defaults: dict, presets_dir: Path, auth) -> i
     if args.share and args.share_no_auth and not auth:
         print("WARNING: --share-no-auth: anyone with the public link can use this machine.", flush=True)
     demo.launch(server_name=args.host, server_port=args.port, share=args.share, auth=auth,
-                show_error=True, prevent_thread_lock=True, allowed_paths=[] if engine.outputs_dir is None
-                else [str(engine.outputs_dir)], app_kwargs=app_kwargs, **launch_kwargs())
+                show_error=True, prevent_thread_lock=True, max_file_size=f"{args.max_upload_mb}mb",
+                allowed_paths=[] if engine.outputs_dir is None else [str(engine.outputs_dir)], app_kwargs=app_kwargs,
+                **launch_kwargs())
     after_launch(demo, hosts)
     print(f"Answers to: {hosts}" + ("" if args.no_api else f"; A1111 API at {demo.local_url.rstrip('/')}/sdapi/v1"),
           flush=True)

@@ -88,8 +88,10 @@ def is_out_of_memory(error: BaseException) -> bool:
 
 
 def release(device: str) -> None:
-    """Give back what a failed or finished job left: Python garbage, and the CUDA cache on a GPU."""
+    """Give back what a failed or finished job left: Python garbage, the C heap's free pages (glibc keeps them,
+    so a burst of large inputs left the process gigabytes bigger), and the CUDA cache on a GPU."""
     gc.collect()
+    trim_heap()
     if is_cuda(device):
         import torch
 
@@ -138,3 +140,13 @@ class PeakMemory:
             torch.cuda.synchronize()
             self.vram_allocated_bytes = int(torch.cuda.max_memory_allocated())
             self.vram_reserved_bytes = int(torch.cuda.max_memory_reserved())
+
+
+def trim_heap() -> None:
+    """Free pages of the C heap back to the system (glibc's malloc_trim; a no-op elsewhere)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc (macOS, Windows, musl)
+        pass

@@ -17,8 +17,8 @@ from .caches import DEFAULT_RESULTS_BYTES
 from .errors import UserError
 from .jobs import GenerationResult, JobRunner, LiveStatus
 from .lora import LoraUse
-from .models import (LoadedModel, available_models, available_tiny_autoencoders, available_vaes, load_model,
-                     load_tiny_autoencoder, tiny_autoencoder_family, tiny_autoencoder_mismatch)
+from .models import (LoadedModel, ModelSource, available_models, available_tiny_autoencoders, available_vaes,
+                     load_model, load_tiny_autoencoder, tiny_autoencoder_family, tiny_autoencoder_mismatch)
 from .options import RUNTIME_FIELDS, Optimizations, effective
 from .requests import parse_request
 from .styles import STYLES_FILE, Styles
@@ -45,12 +45,14 @@ class Engine:
                  optimizations: Optimizations | None = None, models_dir: Path | None = None,
                  cache_dir: Path | None = None, outputs_dir: Path | None = None, preview_every: int = 2,
                  history_size: int = 20, taesd: str | None = None, styles_file: Path | None = STYLES_FILE,
-                 result_cache_dir: Path | None = None, result_cache_bytes: int = DEFAULT_RESULTS_BYTES):
+                 result_cache_dir: Path | None = None, result_cache_bytes: int = DEFAULT_RESULTS_BYTES,
+                 remote_hub: bool = False):
         self.pool = None  # serve.ReplicaPool once use_replicas(): jobs run on Ray Serve replicas
         self.hardware = hardware or hardware_mod.detect()
         self.optimizations = optimizations or Optimizations()  # what the user asked for
         self.models_dir = Path(models_dir) if models_dir else None
         self.cache_dir = Path(cache_dir) if cache_dir else None
+        self.remote_hub = remote_hub  # may remote users (allow_any_path=False) name hub ids? the operator's choice
         self.taesd = load_tiny_autoencoder(taesd, models_dir=self.models_dir) if taesd else None
         self.taesd_family = tiny_autoencoder_family(taesd, self.taesd.config.latent_channels) if taesd else None
         self.taesd_name = taesd or None
@@ -121,9 +123,10 @@ class Engine:
     def _new_runtime(self, cls, optimizations: Optimizations) -> Runtime:
         return cls(self.hardware, self.effective_options(optimizations, cls)[0], self.cache_dir)
 
-    def _prepared(self, runtime: Runtime, source: str, allow_any_path: bool, config_dir,
-                  loras: tuple[LoraUse, ...] = (), vae: str | None = None) -> LoadedModel:
-        model = load_model(source, models_dir=self.models_dir, allow_any_path=allow_any_path, config_dir=config_dir,
+    def _prepared(self, runtime: Runtime, source: str | ModelSource, allow_any_path: bool, config_dir,
+                  loras: tuple[LoraUse, ...] = (), vae: str | ModelSource | None = None) -> LoadedModel:
+        model = load_model(source, models_dir=self.models_dir, allow_any_path=allow_any_path,
+                           allow_hub=allow_any_path or self.remote_hub, config_dir=config_dir,
                            skeleton_for=runtime.cached_components, loras=loras,
                            keep_lora_originals=runtime.fuses_in_place, vae=vae)
         runtime.prepare(model)
@@ -140,10 +143,11 @@ class Engine:
         gc.collect()
         log.info("loaded %s (%s) in %.2f s", model.name, model.family, model.load_seconds)
 
-    def load(self, source: str, *, allow_any_path: bool = True, config_dir: str | Path | None = None,
-             vae: str | None = None) -> LoadedModel:
+    def load(self, source: str | ModelSource, *, allow_any_path: bool = True, config_dir: str | Path | None = None,
+             vae: str | ModelSource | None = None) -> LoadedModel:
         """Load and prepare a model (with `vae` in place of its own VAE). On failure the previous model stays
-        loaded, on its runtime."""
+        loaded, on its runtime. allow_any_path=False: what a remote user may name (models_dir's lists; hub ids
+        only with remote_hub); a ModelSource (a model loaded before) is loaded again exactly."""
         self._local_only("Loading another model")
         with self.jobs.lock:
             try:
@@ -153,7 +157,7 @@ class Engine:
             except Exception as e:
                 if self.runtime.fallible is None:
                     raise  # eager PyTorch is the fallback: nothing to fall back to
-                model = self._fall_back(e, f"could not prepare {source}", source, allow_any_path, config_dir,
+                model = self._fall_back(e, f"could not prepare {getattr(source, 'text', source)}", source, allow_any_path, config_dir,
                                         vae=vae)
             self._install(model, config_dir)
             return model
@@ -162,7 +166,8 @@ class Engine:
         """Use another tiny autoencoder (None or "": none); the loaded model keeps serving. Returns why the tiny
         autoencoder option cannot act with the loaded model, or None when it can."""
         self._local_only("Changing the tiny autoencoder")
-        taesd = load_tiny_autoencoder(text, models_dir=self.models_dir, allow_any_path=allow_any_path) if text else None
+        taesd = load_tiny_autoencoder(text, models_dir=self.models_dir, allow_any_path=allow_any_path,
+                                      allow_hub=allow_any_path or self.remote_hub) if text else None
         family = tiny_autoencoder_family(text, taesd.config.latent_channels) if taesd is not None else None
         with self.jobs.lock:
             self.taesd, self.taesd_family, self.taesd_name = taesd, family, text or None
@@ -175,8 +180,8 @@ class Engine:
                 return reasons.get("tiny_vae")
         return None
 
-    def _fall_back(self, error: Exception, what: str, source: str, allow_any_path: bool, config_dir,
-                   loras: tuple[LoraUse, ...] = (), vae: str | None = None) -> LoadedModel:
+    def _fall_back(self, error: Exception, what: str, source: str | ModelSource, allow_any_path: bool, config_dir,
+                   loras: tuple[LoraUse, ...] = (), vae: str | ModelSource | None = None) -> LoadedModel:
         """`source` prepared on eager PyTorch, for a runtime (or torch.compile) that failed; the Engine tab says
         why. The engine takes the new runtime only once the model is ready on it."""
         from .runtimes.pytorch import PyTorchRuntime
@@ -199,8 +204,8 @@ class Engine:
         opts = optimizations or self.optimizations
         runtime = self._new_runtime(choice.cls, opts)
         with self.jobs.lock:  # no job may run between the prepare and the swap
-            model = (self._prepared(runtime, self.model.source.text, True, self._config_dir, self.model.loras.uses,
-                                    self.model.vae) if self.model else None)
+            model = (self._prepared(runtime, self.model.source, True, self._config_dir, self.model.loras.uses,
+                                    self.model.vae_source) if self.model else None)
             self.choice, self.runtime, self.optimizations, self.runtime_wish = choice, runtime, opts, wish
             if model is not None:
                 self._install(model, self._config_dir)
@@ -215,7 +220,7 @@ class Engine:
             model.loras.fuse(model.pipe, plans)
             return f"fused in {time.perf_counter() - start:.2f} s" if uses else "unfused"
         converted = len(getattr(self.runtime, "conversions", ()))
-        self._install(self._prepared(self.runtime, model.source.text, True, self._config_dir, uses, model.vae),
+        self._install(self._prepared(self.runtime, model.source, True, self._config_dir, uses, model.vae_source),
                       self._config_dir)
         how = ("converted" if len(getattr(self.runtime, "conversions", ())) > converted
                else "from cache" if hasattr(self.runtime, "conversions") else "reloaded")
@@ -316,8 +321,8 @@ class Engine:
                 if isinstance(e, UserError) or self.runtime.proven or not (self.runtime.compiles
                                                                            and self.runtime.fallible):
                     raise
-                self._install(self._fall_back(e, "failed at its first run", task.model.source.text, True,
-                                              self._config_dir, task.loras, task.model.vae), self._config_dir)
+                self._install(self._fall_back(e, "failed at its first run", task.model.source, True,
+                                              self._config_dir, task.loras, task.model.vae_source), self._config_dir)
                 details, task = task.details, task_cls(self.model, request, image)
                 task.details.update(details)
                 result = self.jobs.run(task, self.runtime, self.not_applied, progress)

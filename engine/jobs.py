@@ -189,6 +189,7 @@ class JobRunner:
                             f"low-memory preset. What the job held has been freed.") from e
         finally:
             self.live.running = False
+            devices.trim_heap()  # what the job (and jobs that ended while it ran) freed goes back to the system
         details = {**output.details, **runtime.job_details(), **self._details(ctx, model, prompt_counts),
                    **task.details}
         notices = task.notices + output.notices + self._job_notices(ctx, output, options, not_applied)

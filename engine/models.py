@@ -62,6 +62,7 @@ class LoadedModel:
     taesd_name: str | None = None  # which tiny autoencoder, for the result cache's key
     loras: Any = None  # lora.FusedLoras: what is fused into these weights
     vae: str | None = None  # a VAE loaded in place of the model's own (its name as given)
+    vae_source: ModelSource | None = None  # where it was loaded from: a reload loads exactly that
     vae_identity: str | None = None
 
     def __post_init__(self):
@@ -271,10 +272,13 @@ def tiny_autoencoder_mismatch(family: str, model: "LoadedModel") -> str | None:
             f"{names[wanted]}, or its colours come out wrong")
 
 
-def load_tiny_autoencoder(text: str, *, models_dir: Path | None = None, allow_any_path: bool = True):
+def load_tiny_autoencoder(text: str, *, models_dir: Path | None = None, allow_any_path: bool = True,
+                          allow_hub: bool = True):
     """An AutoencoderTiny from builtin:taesd[xl], a local diffusers folder, or a hub id (e.g. madebyollin/taesd)."""
     from diffusers import AutoencoderTiny
 
+    if text is not None and not isinstance(text, str):
+        raise ModelLoadError(f"A tiny autoencoder name must be text, not {type(text).__name__}.")
     text = (text or "").strip()
     if text.startswith("builtin:"):
         name = text.split(":", 1)[1]
@@ -284,11 +288,12 @@ def load_tiny_autoencoder(text: str, *, models_dir: Path | None = None, allow_an
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(BUILTIN_SEED + sum(map(ord, name)))
             return AutoencoderTiny().eval()
-    source = resolve_source(text, models_dir=models_dir, allow_any_path=allow_any_path)
+    source = resolve_source(text, models_dir=models_dir, allow_any_path=allow_any_path, allow_hub=allow_hub,
+                            listed=available_tiny_autoencoders)
     if source.kind == "file":
         raise ModelLoadError(f"{text!r}: a tiny autoencoder must be a diffusers folder or hub id, not a single file.")
     try:
-        return AutoencoderTiny.from_pretrained(source.value).eval()
+        return AutoencoderTiny.from_pretrained(_folder_of(source)).eval()
     except Exception as e:
         if _is_network_error(e):
             raise ModelLoadError(f"Could not download the tiny autoencoder {text!r}: no network, and it is not "
@@ -299,13 +304,20 @@ def load_tiny_autoencoder(text: str, *, models_dir: Path | None = None, allow_an
 # ---------------------------------------------------------------- resolving a source
 
 
-def resolve_source(text: str, *, models_dir: Path | None = None, allow_any_path: bool = True) -> ModelSource:
+def resolve_source(text: "str | ModelSource", *, models_dir: Path | None = None, allow_any_path: bool = True,
+                   allow_hub: bool = True, listed: Callable[[Path | None], list[str]] | None = None) -> ModelSource:
     """Decide what kind of source `text` names, without loading anything.
 
-    With allow_any_path=False (what remote UI users get) only builtins, hub ids and names
-    inside `models_dir` are accepted: no absolute paths, no `..`, no symlinks out of it.
+    A ModelSource (what was loaded before) comes back as it is: a reload never resolves a name again, so it
+    cannot land on another folder of that name. With allow_any_path=False (what remote users get) only the
+    names `listed(models_dir)` gives (default: the model picker's list) are accepted, by that exact name, and a
+    hub id only with allow_hub (the operator's choice); the error is the same whether or not a path exists.
     """
-    text = (text or "").strip()
+    if isinstance(text, ModelSource):
+        return text
+    if text is not None and not isinstance(text, (str, Path)):
+        raise ModelLoadError(f"A model name must be text, not {type(text).__name__}.")
+    text = str(text or "").strip()
     if not text:
         raise ModelLoadError("No model given: use builtin:tiny, a hub id, a diffusers folder or a .safetensors file.")
     if text.startswith("builtin:"):
@@ -322,12 +334,14 @@ def resolve_source(text: str, *, models_dir: Path | None = None, allow_any_path:
         return ModelSource("builtin", name, text)
 
     if not allow_any_path:
-        candidate = _inside_models_dir(text, models_dir)
-        if candidate is not None:
-            return _local_source(candidate, text)
-        if HUB_ID.match(text) and ".." not in text:
+        names = listed(models_dir) if listed is not None else [n for n, _ in available_models(models_dir)]
+        if text in names and not text.startswith("builtin:"):
+            return _local_source(_inside_models_dir(text, models_dir), text)
+        if allow_hub and HUB_ID.match(text) and ".." not in text:
             return ModelSource("hub", text, text)
-        raise ModelLoadError(f"{text!r} is neither a model under the models folder nor a hub id (owner/name).")
+        hub = " or a hub id (owner/name)" if allow_hub else ""
+        raise ModelLoadError(f"{text[:200]!r} is not one this server lists (the built-ins and what is in the models "
+                             f"folder); pick a name from the list{hub}.")
 
     path = Path(text).expanduser()
     if path.exists():
@@ -397,17 +411,16 @@ def available_tiny_autoencoders(models_dir: Path | None) -> list[str]:
         models_dir, TAESD_DIR, lambda p: p.is_dir() and (p / "config.json").is_file())
 
 
-def load_vae(text: str, like, *, models_dir: Path | None = None, allow_any_path: bool = True):
+def load_vae(text: "str | ModelSource", like, *, models_dir: Path | None = None, allow_any_path: bool = True,
+             allow_hub: bool = True):
     """(AutoencoderKL, identity) from a diffusers folder, a single file (A1111's .safetensors/.pt VAEs, in LDM or
     diffusers key names, read into `like`'s architecture) or a hub id."""
     from diffusers import AutoencoderKL
 
-    source = resolve_source(text, models_dir=models_dir, allow_any_path=allow_any_path)
+    source = resolve_vae(text, models_dir=models_dir, allow_any_path=allow_any_path, allow_hub=allow_hub)
     identity = model_identity(source) or f"hub-{source.value}"
-    if source.kind == "folder":
-        return _guarded(lambda: AutoencoderKL.from_pretrained(source.value).eval(), source), identity
-    if source.kind == "hub":
-        return _guarded(lambda: AutoencoderKL.from_pretrained(source.value).eval(), source), identity
+    if source.kind in ("folder", "hub"):
+        return _guarded(lambda: AutoencoderKL.from_pretrained(_folder_of(source)).eval(), source), identity
     if source.kind != "file":
         raise ModelLoadError(f"{text!r} is not a VAE: give a file or folder under {VAE_DIR}/, or a hub id.")
 
@@ -425,6 +438,29 @@ def load_vae(text: str, like, *, models_dir: Path | None = None, allow_any_path:
     return _guarded(read, source), identity
 
 
+def resolve_vae(text: "str | ModelSource", *, models_dir: Path | None = None, allow_any_path: bool = True,
+                allow_hub: bool = True) -> ModelSource:
+    """A VAE's source: for remote users, a name the VAE picker lists (or a hub id, where allowed)."""
+    return resolve_source(text, models_dir=models_dir, allow_any_path=allow_any_path, allow_hub=allow_hub,
+                          listed=available_vaes)
+
+
+def _folder_of(source: ModelSource) -> str:
+    """A folder to load a component from: a hub id goes to the hub (or its local cache), never to a folder of that
+    name relative to the working directory, which is what from_pretrained would try first."""
+    if source.kind != "hub":
+        return source.value
+    from huggingface_hub import snapshot_download
+
+    try:
+        return snapshot_download(source.value, allow_patterns=["*.json", "*.safetensors"])
+    except Exception as e:
+        if _is_network_error(e):
+            raise ModelLoadError(f"Could not download {source.value!r} from the Hugging Face hub: no network "
+                                 f"connection, and it is not in the local cache.") from e
+        raise ModelLoadError(f"Could not load {source.value!r} from the hub: {_one_line(e)}") from e
+
+
 def _state_dict(path: Path) -> dict:
     if path.suffix.lower() == ".safetensors":
         from safetensors.torch import load_file
@@ -433,22 +469,17 @@ def _state_dict(path: Path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=True)  # a pickle that would run code is refused
 
 
-def _inside_models_dir(text: str, models_dir: Path | None) -> Path | None:
-    if models_dir is None:
-        return None
-    if Path(text).is_absolute() or ".." in Path(text).parts:
-        raise ModelLoadError("Model names must be plain names inside the models folder (no absolute paths or '..').")
+def _inside_models_dir(text: str, models_dir: Path | None) -> Path:
+    """The real path of a name the lists gave (checked again: the folder may have changed since)."""
     root = Path(models_dir).resolve()
-    candidate = root / text
-    if not candidate.exists() and not candidate.is_symlink():
-        return None
-    real = candidate.resolve()
-    if real != root and root not in real.parents:
-        raise ModelLoadError(f"{text!r} points outside the models folder; refused.")
+    real = (root / text).resolve()
+    if Path(text).is_absolute() or ".." in Path(text).parts or not (real == root or root in real.parents):
+        raise ModelLoadError(f"{text[:200]!r} is not one this server lists; pick a name from the list.")
     return real
 
 
 def _local_source(path: Path, text: str) -> ModelSource:
+    path = path.absolute()  # a reload finds the same path whatever the working directory is then
     if path.is_dir():
         return ModelSource("folder", str(path), text)
     if path.suffix.lower() in SINGLE_FILE_SUFFIXES:
@@ -591,10 +622,11 @@ def _family_kwargs(family: str) -> dict:
     return {} if family == "sdxl" else {"safety_checker": None, "requires_safety_checker": False}
 
 
-def load_model(text: str, *, models_dir: Path | None = None, allow_any_path: bool = True,
-               config_dir: str | Path | None = None,
+def load_model(text: "str | ModelSource", *, models_dir: Path | None = None, allow_any_path: bool = True,
+               allow_hub: bool = True, config_dir: str | Path | None = None,
                skeleton_for: Callable[[Callable[[str], str | None]], frozenset[str]] | None = None,
-               loras: tuple = (), keep_lora_originals: bool = True, vae: str | None = None) -> LoadedModel:
+               loras: tuple = (), keep_lora_originals: bool = True,
+               vae: "str | ModelSource | None" = None) -> LoadedModel:
     """Load a model source as a pipeline on CPU in fp32, with `loras` (lora.LoraUse) fused; runtimes move and
     convert it.
 
@@ -605,13 +637,14 @@ def load_model(text: str, *, models_dir: Path | None = None, allow_any_path: boo
     """
     from . import lora
 
-    source = resolve_source(text, models_dir=models_dir, allow_any_path=allow_any_path)
+    source = resolve_source(text, models_dir=models_dir, allow_any_path=allow_any_path, allow_hub=allow_hub)
     start = time.perf_counter()
     identity = model_identity(source, config_dir)
     files = [(lora.read(u.name, lora.resolve(u.name, models_dir)), u.weight) for u in loras]
-    vae_identity = None
+    vae_identity = vae_source = None
     if vae:
-        vae_source = resolve_source(vae, models_dir=models_dir, allow_any_path=allow_any_path)  # refused early
+        vae_source = resolve_vae(vae, models_dir=models_dir, allow_any_path=allow_any_path,
+                                 allow_hub=allow_hub)  # refused before any loading
         vae_identity = model_identity(vae_source) or f"hub-{vae_source.value}"
 
     def identity_of(component: str) -> str | None:
@@ -637,10 +670,11 @@ def load_model(text: str, *, models_dir: Path | None = None, allow_any_path: boo
         pipe, family = _load_hub(source)
     pipe.set_progress_bar_config(disable=True)
     if vae and "vae" not in skeleton:  # in the skeleton: the runtime has this VAE's converted copy already
-        pipe.vae = load_vae(vae, pipe.vae, models_dir=models_dir, allow_any_path=allow_any_path)[0]
+        pipe.vae = load_vae(vae_source, pipe.vae, models_dir=models_dir)[0]
     model = LoadedModel(pipe=pipe, family=family, name=source.text, source=source, load_seconds=0.0,
                         scheduler_config=dict(pipe.scheduler.config), identity=identity, skeleton=skeleton,
-                        vae=vae or None, vae_identity=vae_identity)
+                        vae=vae_source.text if vae_source else None, vae_source=vae_source,
+                        vae_identity=vae_identity)
     if loras:
         model.loras.fuse(pipe, [lora.plan(pipe, family, u, models_dir) for u in loras], keep_lora_originals)
     model.load_seconds = time.perf_counter() - start
@@ -667,7 +701,10 @@ def _load_hub(source: ModelSource):
     from diffusers import DiffusionPipeline
 
     try:
-        pipe = DiffusionPipeline.from_pretrained(source.value, safety_checker=None)
+        # download() fetches (or finds in the hub cache) the hub's files; from_pretrained(hub id) would first
+        # load a folder of that name relative to the working directory.
+        folder = DiffusionPipeline.download(source.value)
+        pipe = DiffusionPipeline.from_pretrained(folder, safety_checker=None)
     except Exception as e:
         if _is_network_error(e):
             raise ModelLoadError(f"Could not download {source.value!r} from the Hugging Face hub: no network "

@@ -6,7 +6,9 @@ command-line flag); `OPTION_SPECS` reads it once, and the UI controls, the CLI f
 """
 from __future__ import annotations
 
+import os
 import re
+import tempfile
 import tomllib
 import typing
 from dataclasses import dataclass
@@ -35,7 +37,7 @@ def option(default, label: str, help: str, *, runtime: str | None = None, prepar
 
 
 class Optimizations(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     precision: Precision = option(
         "auto", "Precision", "auto: fp16 on CUDA, bf16 on CPUs with hardware bf16 (AVX512-BF16/AMX), else fp32",
@@ -168,7 +170,7 @@ def effective(wanted: Optimizations, reasons: dict[str, str]) -> tuple[Optimizat
 class GenerationDefaults(BaseModel):
     """What a preset pre-fills in the UI; a request still states its own values."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     sampler: str | None = None
     steps: int | None = None
@@ -178,7 +180,7 @@ class GenerationDefaults(BaseModel):
 class PresetLora(BaseModel):
     """What a few-step preset needs to draw the right picture, and the LoRA it adds on models it knows."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     needs: str = ""  # shown where the loaded model has no LoRA listed below
     by_model: dict[str, str] = {}  # model name (as loaded) -> LoRA name, added to the prompt at weight 1
@@ -195,7 +197,7 @@ class PresetLora(BaseModel):
 
 
 class Preset(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     name: str
     description: str = ""
@@ -258,16 +260,43 @@ def preset_toml(preset: Preset) -> str:
 
 
 def save_preset(preset: Preset, directory: Path = PRESETS_DIR, overwrite: bool = False) -> Path:
-    """Write presets/NAME.toml (name validated: no paths); refuses to replace a preset unless asked."""
+    """Write presets/NAME.toml (name validated: no paths); refuses to replace a preset unless asked. What is
+    written is read back first, and a new preset never replaces one saved at the same moment."""
     name = _check_name(preset.name)
+    preset = preset.model_copy(update={"name": name})
+    text = preset_toml(preset)
+    try:
+        if Preset.model_validate({"name": name, **tomllib.loads(text)}) != preset:
+            raise ValueError("it reads back differently")
+    except (tomllib.TOMLDecodeError, ValidationError, ValueError) as e:
+        raise UserError(f"Preset {name!r} not saved: it would not read back ({str(e)[:200]}).") from None
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / f"{name}.toml"
     if path.exists() and not overwrite:
         raise UserError(f"A preset named {name!r} exists already; pick another name.")
-    tmp = directory / f".{name}.toml.tmp"
-    tmp.write_text(preset_toml(preset.model_copy(update={"name": name})), encoding="utf-8")
-    tmp.replace(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=directory)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.chmod(tmp, 0o666 & ~_umask())
+        if overwrite:
+            os.replace(tmp, path)
+        else:
+            try:
+                os.link(tmp, path)  # fails where the name exists: two saves at once never overwrite each other
+            except FileExistsError:
+                raise UserError(f"A preset named {name!r} exists already; pick another name.") from None
+            except OSError:  # a filesystem without hard links: the check above stands
+                os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
     return path
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def preset_loras(presets_dir: Path, model_name: str | None) -> set[str]:

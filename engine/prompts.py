@@ -21,6 +21,7 @@ from .errors import UserError
 
 CHUNK = 75  # tokens per chunk between BOS and EOS
 MAX_CHUNKS = 20  # 1500 tokens: far beyond any real prompt, and bounds what one request can ask of the encoder
+MAX_CHARS = 20_000  # checked before parsing and tokenizing: 1500 tokens are rarely over 10 000 characters
 ROUND, SQUARE = 1.1, 1 / 1.1
 _TOKEN = re.compile(r"\\[()\[\]\\]|\(|\[|:\s*([+-]?[.\d]+)\s*\)|\)|\]|[^\\()\[\]:]+|:|\\")
 _BREAK = re.compile(r"\s*\bBREAK\b\s*")
@@ -93,6 +94,8 @@ class Chunks:
 
 def tokenize(tokenizer, prompt: str) -> Chunks:
     """The prompt's tokens in chunks of 75; BREAK closes a chunk early. An empty prompt is one empty chunk."""
+    if len(prompt) > MAX_CHARS:  # styles may have made it longer than the request's own limit
+        raise UserError(f"The prompt is {len(prompt)} characters (with its styles); the limit is {MAX_CHARS}.")
     tokens: list[list[int]] = [[]]
     weights: list[list[float]] = [[]]
     count = 0

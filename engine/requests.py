@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import random
+import threading
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
@@ -24,6 +25,12 @@ MAX_UPSCALE_SIZE = 4096  # tiled upscale output side
 MIN_IMAGE_SIDE = 8
 MAX_IMAGE_SIDE = 8192
 MAX_IMAGE_PIXELS = 8192 * 8192
+# Decoded bytes an input image may take, checked from its header before it is decoded: a 6000x4000 photo fits.
+MAX_IMAGE_BYTES = 96 << 20
+# Input images decoded at once, whatever the number of requests: a decode may take twice MAX_IMAGE_BYTES, and a
+# queue of jobs decoding together took the process to 3.7 GiB. A task decodes and shrinks its input under it.
+IMAGE_SLOTS = threading.BoundedSemaphore(2)
+MAX_PROMPT_CHARS = 20_000  # before styles; prompts.MAX_CHARS bounds the expanded prompt too
 ResizeMode = Literal["resize", "crop and resize", "resize and fill"]
 HiresUpscaler = Literal["latent (bicubic)", "latent (nearest-exact)", "Lanczos"]
 
@@ -33,8 +40,8 @@ class GenerationRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False, frozen=True)
 
-    prompt: str = ""
-    negative_prompt: str = ""
+    prompt: str = Field("", max_length=MAX_PROMPT_CHARS)
+    negative_prompt: str = Field("", max_length=MAX_PROMPT_CHARS)
     steps: int = Field(20, ge=1, le=MAX_STEPS)
     guidance: float = Field(7.0, ge=0.0, le=30.0)
     sampler: str = DEFAULT_SAMPLER
@@ -141,8 +148,19 @@ class TiledUpscaleRequest(GenerationRequest):
         return w, h, notices
 
 
-def load_image(value: Any):
-    """Whatever the UI or API sends -> an RGB PIL image, or one clear error."""
+# Bytes a pixel of each mode takes once decoded: Pillow keeps every mode not named here in 4 bytes a pixel
+# (RGB as RGBX), whatever the file's bits per sample.
+_PIXEL_BYTES = {"1": 1, "L": 1, "P": 1, "I;16": 2, "I;16B": 2, "I;16L": 2, "I;16N": 2}
+
+
+def decoded_bytes(image) -> int:
+    """What decoding `image` (opened, not yet loaded) takes, from its header: width x height x bytes a pixel."""
+    return image.size[0] * image.size[1] * _PIXEL_BYTES.get(image.mode, 4)
+
+
+def open_image(value: Any):
+    """Whatever the UI or API sends -> a PIL image opened but not decoded, its size and decoded bytes checked
+    from the header; or one clear error."""
     from PIL import Image, UnidentifiedImageError
 
     if value is None:
@@ -158,17 +176,33 @@ def load_image(value: Any):
             import numpy as np
 
             image = Image.fromarray(np.asarray(value))
-        w, h = image.size
-        if w < MIN_IMAGE_SIDE or h < MIN_IMAGE_SIDE:
-            raise UserError(f"The image is {w}x{h}; it must be at least {MIN_IMAGE_SIDE}x{MIN_IMAGE_SIDE} pixels.")
-        if w > MAX_IMAGE_SIDE or h > MAX_IMAGE_SIDE or w * h > MAX_IMAGE_PIXELS:
-            raise UserError(f"The image is {w}x{h}; the limit is {MAX_IMAGE_SIDE} pixels per side.")
-        image.load()
-    except UserError:
-        raise
     except Image.DecompressionBombError as e:
         raise UserError(f"The image is too large; the limit is {MAX_IMAGE_SIDE} pixels per side.") from e
     except (UnidentifiedImageError, OSError, ValueError, TypeError) as e:
+        raise UserError(f"That file is not an image that can be read ({type(e).__name__}).") from e
+    w, h = image.size
+    if w < MIN_IMAGE_SIDE or h < MIN_IMAGE_SIDE:
+        raise UserError(f"The image is {w}x{h}; it must be at least {MIN_IMAGE_SIDE}x{MIN_IMAGE_SIDE} pixels.")
+    if w > MAX_IMAGE_SIDE or h > MAX_IMAGE_SIDE or w * h > MAX_IMAGE_PIXELS:
+        raise UserError(f"The image is {w}x{h}; the limit is {MAX_IMAGE_SIDE} pixels per side.")
+    need = decoded_bytes(image)
+    if need > MAX_IMAGE_BYTES:
+        raise UserError(f"The image is {w}x{h} {image.mode}: {need >> 20} MiB once decoded; the limit is "
+                        f"{MAX_IMAGE_BYTES >> 20} MiB (about 5000x5000 in colour). Send a smaller image.")
+    return image
+
+
+def load_image(value: Any):
+    """Whatever the UI or API sends -> an RGB PIL image, or one clear error. Callers that keep only a smaller
+    copy decode under IMAGE_SLOTS (engine/tasks/base.py)."""
+    from PIL import Image, ImageOps
+
+    image = open_image(value)
+    try:
+        image.load()
+        if not isinstance(value, Image.Image):  # a phone photo's orientation, as Gradio's own loading applied it
+            image = ImageOps.exif_transpose(image)
+    except (OSError, ValueError, TypeError, SyntaxError) as e:  # a truncated or damaged file
         raise UserError(f"That file is not an image that can be read ({type(e).__name__}).") from e
     if image.mode == "RGBA" or (image.mode == "P" and "transparency" in image.info):
         background = Image.new("RGB", image.size, (255, 255, 255))

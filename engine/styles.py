@@ -7,11 +7,13 @@ the prompt the user typed plus the styles, and running it again expands to the s
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import logging
 import os
 import re
+import stat
 import tempfile
 import threading
 from dataclasses import dataclass
@@ -25,6 +27,7 @@ FIELDS = ("name", "prompt", "negative_prompt")
 PLACEHOLDER = "{prompt}"
 MAX_STYLES = 16  # per request
 MAX_NAME = 100
+MAX_TEXT = 20_000  # a style's prompt or negative prompt: the prompt limit, well under csv's field limit
 
 
 @dataclass(frozen=True)
@@ -60,11 +63,15 @@ def unmerge(style_text: str, expanded: str) -> str | None:
 
 
 class Styles:
-    """The styles file: read again when it changes on disk, written whole (temp file, then rename) on save."""
+    """The styles file: read again when it changes on disk, written whole (temp file, then rename) on save.
+
+    A save is one read-modify-write under this object's lock and an flock on a lock file beside the styles file
+    (replicas or a second app may share it). What is written is read back first: a save the reader could not
+    read is refused. A file that cannot be read is never written over, and the styles last read stay listed."""
 
     def __init__(self, path: Path | None = STYLES_FILE):
         self.path = Path(path) if path else None
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
         self._stamp: tuple | None = None
         self._styles: dict[str, Style] = {}
         self.error: str | None = None  # why the file could not be read, shown where styles are picked
@@ -85,7 +92,8 @@ class Styles:
                     self.error = None
                 except (OSError, UnicodeDecodeError, csv.Error) as e:
                     log.warning("styles file %s unreadable: %s", self.path, e)
-                    self._styles, self.error = {}, f"{self.path.name} could not be read ({type(e).__name__})"
+                    # the styles read before stay listed: a damaged file does not empty the page
+                    self.error = f"{self.path.name} could not be read ({type(e).__name__}: {str(e)[:120]})"
                 self._stamp = stamp
             return self._styles
 
@@ -126,26 +134,82 @@ class Styles:
     def save(self, name: str, prompt: str, negative: str) -> Style:
         """Add a style, or replace the one of that name (as A1111 does)."""
         name = (name or "").strip()
+        prompt, negative = prompt or "", negative or ""
         if not name or len(name) > MAX_NAME or any(c in name for c in "\r\n"):
             raise UserError(f"A style needs a name of 1-{MAX_NAME} characters on one line.")
-        if not (prompt or "").strip() and not (negative or "").strip():
+        if not prompt.strip() and not negative.strip():
             raise UserError("The prompt and negative prompt are both empty: there is nothing to save as a style.")
+        for what, text in (("name", name), ("prompt", prompt), ("negative prompt", negative)):
+            if len(text) > MAX_TEXT:
+                raise UserError(f"The style's {what} is {len(text)} characters; the limit is {MAX_TEXT}.")
+            if not _encodable(text):
+                raise UserError(f"The style's {what} has text that is not valid Unicode (a lone surrogate).")
         if self.path is None:
             raise UserError("No styles file is set (--styles FILE), so styles cannot be saved.")
-        styles = dict(self._load())
-        if self.error:
-            raise UserError(f"Not saved: {self.error}; fix or move it first, so its styles are not lost.")
-        style = Style(name, prompt or "", negative or "")
-        styles[name] = style
+        style = Style(name, prompt, negative)
+        with self._lock, self._file_lock():
+            self._stamp = None  # read what is on disk now: another process may have saved since
+            styles = dict(self._load())
+            if self.error:
+                raise UserError(f"Not saved: {self.error}; fix or move it first, so its styles are not lost.")
+            styles[name] = style
+            text = to_csv(styles.values())
+            try:  # never write what the reader cannot read back (the reader trims a field's leading spaces)
+                back = parse_csv(text)
+                if set(back) != set(styles) or any(
+                        (back[n].prompt.strip(), back[n].negative_prompt.strip())
+                        != (s.prompt.strip(), s.negative_prompt.strip()) for n, s in styles.items()):
+                    raise csv.Error("the rows do not read back as written")
+            except csv.Error as e:
+                raise UserError(f"Not saved: the styles file would not read back ({e}).") from None
+            self._write(text)
+            st = self.path.stat()
+            self._styles, self._stamp, self.error = styles, (st.st_mtime_ns, st.st_size), None
+        return style
+
+    @contextlib.contextmanager
+    def _file_lock(self):
+        """An exclusive flock on `.NAME.lock` beside the file, held for the read-modify-write."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        lock_path = self.path.with_name(f".{self.path.name}.lock")
+        with open(lock_path, "a") as lock:
+            try:
+                import fcntl
+            except ImportError:  # Windows: the threading lock alone
+                yield
+                return
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
+    def _write(self, text: str) -> None:
+        """Temp file in the same folder, then rename; the file keeps its permissions."""
+        try:
+            mode = stat.S_IMODE(self.path.stat().st_mode)
+        except FileNotFoundError:
+            umask = os.umask(0)
+            os.umask(umask)
+            mode = 0o666 & ~umask
         fd, tmp = tempfile.mkstemp(prefix=".styles-", suffix=".csv", dir=self.path.parent)
         try:
             with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-                f.write(to_csv(styles.values()))
+                f.write(text)
+                f.flush()
+                os.fsync(f.fileno())
+            os.chmod(tmp, mode)
             os.replace(tmp, self.path)
         finally:
             Path(tmp).unlink(missing_ok=True)
-        return style
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
 
 
 def parse_csv(text: str) -> dict[str, Style]:

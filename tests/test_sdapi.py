@@ -413,4 +413,4 @@ def test_no_api_flag_serves_no_routes(tiny_engine):
     with_api, _ = server_kwargs(tiny_engine, "127.0.0.1")
     without, hosts = server_kwargs(tiny_engine, "127.0.0.1", ["sd.lan"], api=False)
     assert any(r.path == "/sdapi/v1/txt2img" for r in with_api["routes"]) and "routes" not in without
-    assert hosts.allows("sd.lan") and len(without["middleware"]) == 1
+    assert hosts.allows("sd.lan") and len(without["middleware"]) == 2  # the Host guard and the login guard

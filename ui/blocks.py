@@ -19,7 +19,8 @@ CSS_PATH = Path(__file__).resolve().parent.parent / "assets" / "style.css"
 
 def build_ui(engine: Engine, defaults: dict[str, Any] | None = None, presets_dir: Path = PRESETS_DIR) -> gr.Blocks:
     d = {**UI_DEFAULTS, **(defaults or {})}
-    with gr.Blocks(title="Fast SD") as demo:
+    # Gradio keeps a copy of every shown image and upload in its temp folder: drop those over 2 hours old.
+    with gr.Blocks(title="Fast SD", delete_cache=(900, 7200)) as demo:
         gr.Markdown("## Fast SD — the runtime picked for your hardware, with the numbers beside every image")
         # Every generation tab updates it; it is placed under the tabs.
         history = gr.Dataframe(headers=HISTORY_COLUMNS, value=history_rows(engine) or None, interactive=False,
@@ -52,4 +53,8 @@ def build_ui(engine: Engine, defaults: dict[str, Any] | None = None, presets_dir
 
 def launch_kwargs() -> dict[str, Any]:
     """Arguments for demo.launch(): Gradio 6 takes the stylesheet there."""
-    return {"css": CSS_PATH.read_text(encoding="utf-8") if CSS_PATH.is_file() else None}
+    # Gradio keeps each session's component state (about 0.5 MB here) for its 10 000 most recent sessions, and
+    # every API call is a session of its own: a loop of calls grew the process by that much a call. 256 browser
+    # tabs or clients at once is far more than one device serves.
+    return {"css": CSS_PATH.read_text(encoding="utf-8") if CSS_PATH.is_file() else None,
+            "state_session_capacity": 256}

@@ -162,17 +162,20 @@ class ModelPickers:
 
 
 def model_pickers(engine: Engine) -> ModelPickers:
-    """Dropdowns of what is under --models-dir (models, VAEs, tiny autoencoders) with a refresh button; a model
-    or VAE box also takes a hub id typed in. Loading goes through the same name checks as before."""
+    """Dropdowns of what is under --models-dir (models, VAEs, tiny autoencoders) with a refresh button; with
+    --allow-hub-ids a model or VAE box also takes a hub id typed in. The engine checks every name it is sent
+    (a refresh may list new files, so the boxes take any text)."""
     model_now = engine.model.name if engine.model else "builtin:shapes"
+    hub = engine.remote_hub
     with gr.Row(elem_classes="model-pickers"):
         model = gr.Dropdown(_with(engine.model_names(), model_now), value=model_now, allow_custom_value=True,
                             label="Model", scale=3, elem_id="model-picker",
-                            info="builtin:NAME, a model under the models folder, or a hub id (owner/name)")
+                            info="builtin:NAME or a model under the models folder"
+                                 + (", or a hub id (owner/name)" if hub else ""))
         vae_now = (engine.model.vae if engine.model else None) or MODEL_OWN_VAE
         vae = gr.Dropdown(_with([MODEL_OWN_VAE, *engine.vae_names()], vae_now), value=vae_now,
                           allow_custom_value=True, label="VAE", scale=2, elem_id="vae-picker",
-                          info="<models-dir>/vae, or a hub id")
+                          info="<models-dir>/vae" + (", or a hub id" if hub else ""))
         with gr.Column(scale=1, min_width=120):
             load = gr.Button("Load model", variant="primary", size="sm")
             refresh = gr.Button("Refresh lists", size="sm")

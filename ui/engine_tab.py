@@ -65,7 +65,7 @@ def build(engine: Engine, d: dict[str, Any], guidance: gr.Slider) -> EngineTab:
         progress(0, desc=f"Loading {model}")
         vae = None if vae in (None, "", MODEL_OWN_VAE) else vae
         with reported("Loading the model"):
-            # Remote users may only name builtins, hub ids and models (and VAEs) under --models-dir.
+            # Remote users may only name what the pickers list (hub ids where the operator allows them).
             loaded = engine.load(model, allow_any_path=False, vae=vae)
         with_vae = f" with VAE {loaded.vae}" if loaded.vae else ""
         return (engine_markdown(engine),

@@ -15,7 +15,8 @@ from .jobs import stream_job
 
 def build(engine: Engine, d: dict[str, Any], history: gr.Dataframe) -> Controls:
     def controls() -> Controls:
-        image = gr.Image(label="Init image", type="pil", image_mode="RGB", height=300)
+        # a path: the engine checks its decoded size from the header before decoding it (Gradio would decode first)
+        image = gr.Image(label="Init image", type="filepath", image_mode=None, height=300)
         prompts = prompt_boxes(engine, d)
         styles = prompts.pop("styles")
         with gr.Row():

@@ -7,11 +7,13 @@ from pathlib import Path
 from typing import Any, Callable
 
 import gradio as gr
+from pydantic import ValidationError
 
-from engine import Engine
+from engine import Engine, UserError
 from engine.lora import with_tag, without_tags
 from engine.options import (OPTION_SPECS, OptionSpec, Optimizations, Preset, load_preset, preset_loras,
                             preset_names, save_preset)
+from engine.requests import describe_validation_error
 
 from .components import Controls
 from .formatting import engine_markdown, options_markdown
@@ -54,12 +56,11 @@ def option_updates(engine: Engine, values: Optimizations | None = None) -> list:
 
 
 def options_from(values) -> Optimizations:
-    data = {name: int(v) if spec.kind == "int" and v is not None else v
-            for (name, spec), v in zip(OPTION_SPECS.items(), values)}  # a slider may send 3.0 for an int
+    data = dict(zip(OPTION_SPECS, values))  # pydantic takes a slider's 3.0 for an int, and refuses NaN and 3.5
     try:
         return Optimizations.model_validate(data)
-    except Exception as e:
-        raise gr.Error(f"Invalid options: {e}") from None
+    except ValidationError as e:
+        raise gr.Error(f"Invalid options: {describe_validation_error(e, data)}") from None
 
 
 def with_option_parameters(fn: Callable, *leading: str) -> Callable:
@@ -125,10 +126,14 @@ def build(engine: Engine, d: dict[str, Any], presets_dir: Path, txt2img: Control
                   api_name="preset")
 
     def save_as(name, steps, guidance, sampler, *values):
+        optimizations = options_from(values)
         with reported("Saving the preset"):
-            new = Preset(name=(name or "").strip(), description="Saved from the UI.",
-                         optimizations=options_from(values),
-                         defaults={"steps": int(steps), "guidance": float(guidance), "sampler": sampler})
+            defaults = {"steps": steps, "guidance": guidance, "sampler": sampler}
+            try:  # the request models' rules: NaN, infinities and 20.5 steps are refused with the field named
+                new = Preset(name=(name or "").strip(), description="Saved from the UI.",
+                             optimizations=optimizations, defaults=defaults)
+            except ValidationError as e:
+                raise UserError(f"Not saved: {describe_validation_error(e, defaults)}") from None
             path = save_preset(new, presets_dir)
         return gr.update(choices=preset_names(presets_dir), value=new.name), f"Saved `{path.name}`."
 

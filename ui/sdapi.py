@@ -15,7 +15,6 @@ import io
 import json
 import logging
 import re
-import inspect
 import threading
 import time
 from contextlib import nullcontext
@@ -35,8 +34,10 @@ from engine.metadata import parse_parameters
 from engine.models import available_models
 from engine.outputs import parameters_info
 from engine.requests import (MAX_BATCH_COUNT, MAX_SIZE, HiresFixRequest, Img2ImgRequest, Txt2ImgRequest,
-                             describe_validation_error, load_image, parse_request)
+                             describe_validation_error, open_image, parse_request)
 from engine.schedulers import SAMPLER_NAMES, canonical_sampler
+
+from .auth import authorized
 
 log = logging.getLogger(__name__)
 PREFIX = "/sdapi/v1"
@@ -205,12 +206,15 @@ def decode_base64(text: Any, field: str) -> bytes:
         raise ApiError(422, f"{field}: not valid base64.") from None
 
 
-def decode_image(text: Any, field: str):
+def decode_image(text: Any, field: str) -> bytes:
+    """The image's bytes, checked from its header (readable, within the size limits); the engine decodes it when
+    the job is made, a few at a time."""
     raw = decode_base64(text, field)
     try:
-        return load_image(raw)
+        open_image(raw)
     except UserError as e:
         raise ApiError(422, f"{field}: {e}") from None
+    return raw
 
 
 def img2img_request(req: Img2ImgApi) -> tuple[dict[str, Any], Any]:
@@ -231,6 +235,32 @@ def img2img_request(req: Img2ImgApi) -> tuple[dict[str, Any], Any]:
               "strength": 0.75 if req.denoising_strength is None else req.denoising_strength}
     _checked(Img2ImgRequest, fields)
     return fields, image
+
+
+MAX_JSON_DEPTH = 32  # A1111's bodies nest 3 or 4 deep (alwayson_scripts args)
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def parse_body(raw: bytes | bytearray) -> Any:
+    """The body as JSON, or an ApiError 422 saying why not: not JSON, nested too deep, text that is not valid
+    Unicode (a lone surrogate, which JSON can carry and UTF-8 cannot)."""
+    try:
+        data = json.loads(raw or b"{}")
+    except RecursionError:
+        raise ApiError(422, f"The body is nested too deeply (the limit is {MAX_JSON_DEPTH} levels).") from None
+    except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError, and ints too long to convert
+        raise ApiError(422, f"The body is not valid JSON: {str(e)[:200]}.") from None
+    stack = [(data, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, (dict, list)):
+            if depth > MAX_JSON_DEPTH:
+                raise ApiError(422, f"The body is nested too deeply (the limit is {MAX_JSON_DEPTH} levels).")
+            items = [*value.keys(), *value.values()] if isinstance(value, dict) else value
+            stack.extend((item, depth + 1) for item in items)
+        elif isinstance(value, str) and _SURROGATE.search(value):
+            raise ApiError(422, "The body has text that is not valid Unicode (a lone UTF-16 surrogate).")
+    return data
 
 
 # ---------------------------------------------------------------- responses
@@ -287,38 +317,11 @@ class SdApi:
 
     # -- plumbing
 
-    async def authorized(self, request: Request) -> bool:
-        """No login set: open. Otherwise HTTP Basic (what A1111 clients send) or the UI's login cookie."""
-        app = request.app
-        if getattr(app, "auth_dependency", None) is not None:
-            return False  # a login we cannot check here: closed rather than open
-        accounts = getattr(app, "auth", None)
-        if not accounts:
-            return True
-        header = request.headers.get("authorization", "")
-        if header[:6].lower() == "basic ":
-            try:
-                user, sep, password = base64.b64decode(header[6:].strip(), validate=True).decode("utf-8").partition(":")
-            except (binascii.Error, UnicodeDecodeError, ValueError):
-                return False
-            if not sep:
-                return False
-            from gradio.route_utils import compare_passwords_securely
-
-            if callable(accounts):
-                ok = accounts(user, password)
-                return bool(await ok if inspect.isawaitable(ok) else ok)
-            return user in accounts and compare_passwords_securely(password, accounts[user])
-        cookie_id = getattr(app, "cookie_id", "")
-        token = request.cookies.get(f"access-token-{cookie_id}") or request.cookies.get(
-            f"access-token-unsecure-{cookie_id}")
-        return token is not None and token in getattr(app, "tokens", {})
-
     def endpoint(self, fn: Callable, *, body: bool = False, job: bool = False):
         """Wrap a handler: login, body parsing, errors as A1111-style JSON (422 for bad input, never a traceback)."""
 
         async def handle(request: Request):
-            if not await self.authorized(request):
+            if not await authorized(request):
                 return JSONResponse({"detail": "Not authenticated"}, status_code=401,
                                     headers={"WWW-Authenticate": 'Basic realm="fast-sd"'})
             queued = False
@@ -354,15 +357,12 @@ class SdApi:
         declared = request.headers.get("content-length", "")
         if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
             raise ApiError(413, f"The request body is {declared} bytes; the limit is {MAX_BODY_BYTES}.")
-        raw = b""
+        raw = bytearray()  # grows in place: `bytes +=` copied the whole body for every chunk, on the event loop
         async for chunk in request.stream():
             raw += chunk
             if len(raw) > MAX_BODY_BYTES:
                 raise ApiError(413, f"The request body is over the limit of {MAX_BODY_BYTES} bytes.")
-        try:
-            return json.loads(raw or b"{}")
-        except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError, and ints too long to convert
-            raise ApiError(422, f"The body is not valid JSON: {e}.") from None
+        return await run_in_threadpool(parse_body, raw)  # parsing megabytes stays off the event loop
 
     def router(self) -> APIRouter:
         router = APIRouter(prefix=PREFIX)
@@ -406,7 +406,7 @@ class SdApi:
         with self.engine.jobs.lock if wanted else nullcontext():
             before = self.engine.model.source if self.engine.model else None
             before_config = self.engine.config_dir
-            before_vae = self.engine.model.vae if self.engine.model else None
+            before_vae = self.engine.model.vae_source if self.engine.model else None
             switched = bool(wanted) and model_name(wanted) != self.current_title()
             if switched:
                 self._load(wanted)
@@ -415,9 +415,9 @@ class SdApi:
                 result = run()
             finally:
                 if switched and before is not None and req.override_settings_restore_afterwards:
-                    # The model that was loaded is trusted (the operator's --model, or a checked load): reload it
-                    # as it was given, with its configs, not through the remote-name check.
-                    self.engine.load(before.text, allow_any_path=True, config_dir=before_config, vae=before_vae)
+                    # Exactly the model that was loaded (the operator's --model, or a checked load), with its configs
+                    # and VAE: its resolved source, never its name resolved again.
+                    self.engine.load(before, config_dir=before_config, vae=before_vae)
         result.notices.extend(notices)
         return result, extra
 

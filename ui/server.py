@@ -1,4 +1,5 @@
-"""The HTTP server around the page: the Host/Origin guard on every response, and the A1111 API beside the UI."""
+"""The HTTP server around the page: the Host/Origin guard on every response, the login guard (failed logins
+throttled, the API schema behind the login), and the A1111 API beside the UI."""
 from __future__ import annotations
 
 from typing import Any, Iterable
@@ -7,6 +8,7 @@ from starlette.middleware import Middleware
 
 from engine import Engine
 
+from .auth import LoginGuard
 from .http_guard import AllowedHosts, HostGuard, guard_outermost
 from .sdapi import SdApi
 
@@ -16,7 +18,7 @@ def server_kwargs(engine: Engine, host: str, allowed: Iterable[str] = (), *, api
     """`app_kwargs` for demo.launch() (Gradio passes them to its FastAPI app: our routes come before its own),
     and the allowed hosts, which the launcher extends with the share link once it exists."""
     hosts = AllowedHosts.for_server(host, allowed)
-    kwargs: dict[str, Any] = {"middleware": [Middleware(HostGuard, hosts=hosts)]}
+    kwargs: dict[str, Any] = {"middleware": [Middleware(HostGuard, hosts=hosts), Middleware(LoginGuard)]}
     if api:
         kwargs["routes"] = list(SdApi(engine, max_waiting=queue_size).router().routes)
     return kwargs, hosts

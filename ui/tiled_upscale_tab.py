@@ -14,7 +14,7 @@ from .jobs import stream_job
 
 def build(engine: Engine, d: dict[str, Any], history: gr.Dataframe) -> Controls:
     def controls() -> Controls:
-        image = gr.Image(label="Image to upscale", type="pil", image_mode="RGB", height=300)
+        image = gr.Image(label="Image to upscale", type="filepath", image_mode=None, height=300)  # as img2img
         prompts = prompt_boxes(engine, d)
         styles = prompts.pop("styles")
         with gr.Row():

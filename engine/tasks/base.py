@@ -9,7 +9,7 @@ from typing import Any, ClassVar
 
 from ..lora import parse_prompt, strip_tags
 from ..prompts import CHUNK, tokenize
-from ..requests import GenerationRequest, load_image, parse_request
+from ..requests import IMAGE_SLOTS, GenerationRequest, load_image, parse_request
 from .context import DenoiseContext
 
 
@@ -35,8 +35,13 @@ class Task(ABC):
         self.model = model
         if isinstance(request, dict):
             request = parse_request(self.request_type, request)
-        self.image = load_image(image) if self.takes_image else None
-        request, self.notices = self.normalise(request)
+        self.image = None
+        if self.takes_image:
+            with IMAGE_SLOTS:  # decoded, then fitted by normalise: a waiting job keeps only what it will use
+                self.image = load_image(image)
+                request, self.notices = self.normalise(request)
+        else:
+            request, self.notices = self.normalise(request)
         self.request = request.with_seed()
         self.loras = parse_prompt(self.request.prompt)[1]  # <lora:name:weight> tags; the Engine fuses them
         self.details: dict[str, Any] = {}  # what the Engine did for this job (a LoRA change), for the readout

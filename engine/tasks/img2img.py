@@ -14,14 +14,17 @@ class Img2Img(Task):
     takes_image = True
 
     def normalise(self, request):
-        return request.sized_for(self.image.size, self.model.vae_scale_factor)
+        request, notices = request.sized_for(self.image.size, self.model.vae_scale_factor)
+        # Fitted now: a job waiting for the device holds the output-size image, not the upload (up to 96 MiB).
+        self.image = fit_image(self.image, request.width, request.height, request.resize_mode)
+        return request, notices
 
     def memory_need(self):
         return self.request.width, self.request.height, self.request.batch_size
 
     def run(self, runtime, ctx: DenoiseContext) -> TaskOutput:
         r, model = self.request, self.model
-        with ctx.timer.stage("resize"):  # 1. the input at the output size
+        with ctx.timer.stage("resize"):  # 1. the input at the output size (fitted when the job was made)
             fitted = fit_image(self.image, r.width, r.height, r.resize_mode)
         planned = steps_for_strength(r.steps, r.strength)
         if planned == 0:
