@@ -67,10 +67,9 @@ class CpuInfo:
         family, model = _family_model(self.generation)
         where = ", ".join(filter(None, (self.kind, f"family {family}, model {model}" if family is not None else "")))
         simd = "AVX-512" if self.avx512 else "AVX2" if self.avx2 else "no AVX2"
-        has = [n for n, on in (("AVX512-BF16", self.avx512_bf16), ("VNNI", self.vnni),
-                               ("AMX", self.amx_bf16 or self.amx_int8)) if on]
-        lacks = [n for n, on in (("AVX512-BF16", self.avx512_bf16), ("VNNI", self.vnni),
-                                 ("AMX", self.amx_bf16 or self.amx_int8)) if not on]
+        features = (("AVX512-BF16", self.avx512_bf16), ("VNNI", self.vnni), ("AMX", self.amx_bf16 or self.amx_int8))
+        has = [n for n, on in features if on]
+        lacks = [n for n, on in features if not on]
         bf16 = ("bf16 in hardware" if self.has_fast_bf16 else
                 "no hardware bf16 (bf16 runs emulated, slower than fp32)")
         return (f"{self.model}" + (f" ({where})" if where else "") + f", {self.logical_cores} logical cores: {simd}"

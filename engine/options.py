@@ -6,9 +6,7 @@ command-line flag); `OPTION_SPECS` reads it once, and the UI controls, the CLI f
 """
 from __future__ import annotations
 
-import os
 import re
-import tempfile
 import tomllib
 import typing
 from dataclasses import dataclass
@@ -18,6 +16,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from .errors import UserError
+from .outputs import write_text_atomically
 from .requests import describe_validation_error
 
 PRESETS_DIR = Path(__file__).resolve().parent.parent / "presets"
@@ -274,29 +273,11 @@ def save_preset(preset: Preset, directory: Path = PRESETS_DIR, overwrite: bool =
     path = directory / f"{name}.toml"
     if path.exists() and not overwrite:
         raise UserError(f"A preset named {name!r} exists already; pick another name.")
-    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.chmod(tmp, 0o666 & ~_umask())
-        if overwrite:
-            os.replace(tmp, path)
-        else:
-            try:
-                os.link(tmp, path)  # fails where the name exists: two saves at once never overwrite each other
-            except FileExistsError:
-                raise UserError(f"A preset named {name!r} exists already; pick another name.") from None
-            except OSError:  # a filesystem without hard links: the check above stands
-                os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
+    try:  # a new preset never replaces one saved at the same moment
+        write_text_atomically(path, text, overwrite=overwrite)
+    except FileExistsError:
+        raise UserError(f"A preset named {name!r} exists already; pick another name.") from None
     return path
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def preset_loras(presets_dir: Path, model_name: str | None) -> set[str]:

@@ -1,8 +1,10 @@
-"""Saving images to the outputs folder: PNG with parameters text, atomic, never overwriting."""
+"""Saving images to the outputs folder: PNG with parameters text, atomic, never overwriting; and the atomic
+text write the styles and presets files use."""
 from __future__ import annotations
 
 import os
 import re
+import stat
 import tempfile
 from datetime import datetime
 from pathlib import Path
@@ -10,6 +12,38 @@ from pathlib import Path
 from PIL import Image, PngImagePlugin
 
 TMP_PREFIX = ".partial-"
+
+
+def write_text_atomically(path: Path, text: str, *, overwrite: bool = True) -> None:
+    """`text` into a temp file beside `path`, flushed to disk, then renamed into place: a reader never sees half
+    a file. The file keeps the permissions it had (a new one gets the umask's). overwrite=False never replaces a
+    file, even one made at the same moment (FileExistsError)."""
+    try:
+        mode = stat.S_IMODE(path.stat().st_mode)
+    except FileNotFoundError:
+        umask = os.umask(0)
+        os.umask(umask)
+        mode = 0o666 & ~umask
+    fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, suffix=path.suffix, dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, mode)
+        if overwrite:
+            os.replace(tmp, path)
+            return
+        try:
+            os.link(tmp, path)  # fails where the name exists
+        except FileExistsError:
+            raise
+        except OSError:  # a filesystem without hard links
+            if path.exists():
+                raise FileExistsError(path) from None
+            os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
 
 
 def clean_partials(folder: Path) -> None:

@@ -11,15 +11,13 @@ import contextlib
 import csv
 import io
 import logging
-import os
 import re
-import stat
-import tempfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import UserError
+from .outputs import write_text_atomically
 
 log = logging.getLogger(__name__)
 STYLES_FILE = Path(__file__).resolve().parent.parent / "presets" / "styles.csv"
@@ -162,7 +160,7 @@ class Styles:
                     raise csv.Error("the rows do not read back as written")
             except csv.Error as e:
                 raise UserError(f"Not saved: the styles file would not read back ({e}).") from None
-            self._write(text)
+            write_text_atomically(self.path, text)  # permissions kept
             st = self.path.stat()
             self._styles, self._stamp, self.error = styles, (st.st_mtime_ns, st.st_size), None
         return style
@@ -183,25 +181,6 @@ class Styles:
                 yield
             finally:
                 fcntl.flock(lock, fcntl.LOCK_UN)
-
-    def _write(self, text: str) -> None:
-        """Temp file in the same folder, then rename; the file keeps its permissions."""
-        try:
-            mode = stat.S_IMODE(self.path.stat().st_mode)
-        except FileNotFoundError:
-            umask = os.umask(0)
-            os.umask(umask)
-            mode = 0o666 & ~umask
-        fd, tmp = tempfile.mkstemp(prefix=".styles-", suffix=".csv", dir=self.path.parent)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-                f.write(text)
-                f.flush()
-                os.fsync(f.fileno())
-            os.chmod(tmp, mode)
-            os.replace(tmp, self.path)
-        finally:
-            Path(tmp).unlink(missing_ok=True)
 
 
 def _encodable(text: str) -> bool:
