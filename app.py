@@ -84,7 +84,7 @@ def option_overrides(args: argparse.Namespace) -> dict:
 
 def results_dir(args: argparse.Namespace) -> Path | None:
     """The result cache's folder: --result-cache-dir, else results/ beside the converted models; None: memory."""
-    from engine.caches import DEFAULT_RESULTS_DIR
+    from engine.store.caches import DEFAULT_RESULTS_DIR
 
     if args.result_cache_dir:
         return None if args.result_cache_dir.lower() == "none" else Path(args.result_cache_dir)
@@ -93,8 +93,8 @@ def results_dir(args: argparse.Namespace) -> Path | None:
 
 def build_parser() -> argparse.ArgumentParser:
     from engine.runtimes import CHOICES
-    from engine.caches import DEFAULT_RESULTS_BYTES
-    from engine.styles import STYLES_FILE
+    from engine.store.caches import DEFAULT_RESULTS_BYTES
+    from engine.text.styles import STYLES_FILE
 
     p = argparse.ArgumentParser(description="Fast Stable Diffusion web UI: picks the runtime for your hardware "
                                             "and shows time and memory beside every image.")
@@ -173,7 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def replica_pool(args, hardware, optimizations, warmup, guidance: float):
     """The ReplicaPool --replicas / --serve-app ask for (not started), its share of CPU and GPU per replica."""
-    from engine.serve import ReplicaConfig, ReplicaPool
+    from engine.replicas.pool import ReplicaConfig, ReplicaPool
 
     replicas = args.replicas or 1
     gpus = args.replica_gpus if args.replica_gpus is not None else (1.0 if hardware.has_cuda else 0.0)
@@ -195,9 +195,9 @@ def main(argv: list[str] | None = None) -> int:
     from dataclasses import replace
 
     from engine import Engine, UserError
-    from engine.hardware import detect
     from engine.options import PRESETS_DIR, Optimizations, load_preset
     from engine.requests import parse_sizes
+    from engine.system.hardware import detect
 
     try:
         warmup = parse_sizes(args.warmup) if args.warmup else []
@@ -220,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
             optimizations = (optimizations or Optimizations()).model_copy(update=overrides)
         replicas = bool(args.replicas or args.serve_app)
         if replicas:
-            from engine.serve import ray_missing
+            from engine.replicas.pool import ray_missing
 
             if missing := ray_missing():
                 raise UserError(f"--replicas needs Ray Serve: {missing}")

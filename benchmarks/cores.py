@@ -88,10 +88,10 @@ def main(argv=None) -> int:
 
     import openvino as ov
 
-    from engine import hardware
-    from engine.models import load_model
+    from engine.models.loading import load_model
     from engine.options import Optimizations
     from engine.runtimes.openvino.runtime import OpenVINORuntime
+    from engine.system import hardware
 
     hw = hardware.detect()
     physical = psutil.cpu_count(logical=False) or hw.cpu.logical_cores

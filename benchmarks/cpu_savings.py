@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from engine.compare import psnr
+from engine.compare.run import psnr
 
 PROMPT = "a red circle on a blue background"
 CONFIGS = {  # name -> options (on OpenVINO, prompt cache off); "balanced" reads presets/balanced.toml

@@ -93,7 +93,7 @@ def make_rank16_lora(path: Path) -> int:
     import torch
     from safetensors.torch import save_file
 
-    from engine.models import load_model
+    from engine.models.loading import load_model
 
     unet = load_model("builtin:sd15").pipe.unet
     g, state = torch.Generator().manual_seed(0), {}
@@ -152,7 +152,7 @@ def main(argv=None) -> int:
     p.add_argument("--parts", default=",".join(PARTS))
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
-    from engine.hardware import detect
+    from engine.system.hardware import detect
 
     hw = detect()
     out: dict = {"cpu": f"{hw.cpu.model} ({cpu_family_model()})", "cores": hw.cpu.logical_cores,

@@ -23,7 +23,7 @@ import math
 import time
 from pathlib import Path
 
-from engine.compare import psnr
+from engine.compare.run import psnr
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMPT = "a red circle on a blue background"

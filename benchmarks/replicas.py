@@ -95,7 +95,7 @@ def main(argv=None) -> int:
     ap.add_argument("--json", type=Path, default=None)
     a = ap.parse_args(argv)
     sys.path.insert(0, str(ROOT))
-    from engine.hardware import detect
+    from engine.system.hardware import detect
 
     hw = detect()
     rows = []

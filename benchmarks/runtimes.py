@@ -59,7 +59,7 @@ def unet_flops(size: int) -> int:
     """FLOPs of one UNet call at batch 2, counted on the meta device (no weights, no compute)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from engine.models import build_builtin
+    from engine.models.loading import build_builtin
 
     _, pipe = build_builtin("sd15", frozenset({"unet", "vae", "text_encoder"}))
     sample, t, ehs = (x.to("meta") for x in unet_inputs(pipe.unet.config, size))
@@ -99,7 +99,7 @@ def run_child(config: str, size: int, steps: int, cache_dir: str) -> dict:
     """Fresh process: start, load, generate one image; report its own peak RSS."""
     start = time.perf_counter()
     from engine import Engine
-    from engine.devices import PeakMemory
+    from engine.system.devices import PeakMemory
 
     with PeakMemory("cpu") as rss:
         engine = Engine(cache_dir=Path(cache_dir), **engine_args(config))
@@ -142,9 +142,9 @@ def main(argv=None) -> int:
         print(json.dumps(run_child(args.child, args.size, args.steps, args.cache_dir)), flush=True)
         return 0
 
-    from engine import hardware
-    from engine.models import LoadedModel, load_model, pipeline_class
+    from engine.models.loading import LoadedModel, load_model, pipeline_class
     from engine.runtimes import runtime_class
+    from engine.system import hardware
 
     configs = [c for c in args.configs.split(",") if c]
     out_json = Path(args.json or ROOT / "benchmarks" / "results" / f"runtimes-{args.size}.json")

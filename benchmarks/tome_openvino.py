@@ -46,8 +46,8 @@ def main(argv=None) -> int:
     import openvino as ov
     import tomesd
 
-    from engine import hardware
-    from engine.models import load_model
+    from engine.models.loading import load_model
+    from engine.system import hardware
 
     pipe = load_model(args.model).pipe
     unet = pipe.unet.eval()

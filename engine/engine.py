@@ -11,21 +11,32 @@ import time
 from pathlib import Path
 from typing import Any
 
-from . import devices, lora, runtimes
-from . import hardware as hardware_mod
-from .caches import DEFAULT_RESULTS_BYTES
-from .errors import UserError
-from .jobs import GenerationResult, JobRunner, LiveStatus
-from .lora import LoraUse
-from .models import (LoadedModel, ModelSource, available_models, available_tiny_autoencoders, available_vaes,
-                     load_model, load_tiny_autoencoder, tiny_autoencoder_family, tiny_autoencoder_mismatch)
-from .options import RUNTIME_FIELDS, Optimizations, effective
-from .requests import parse_request
-from .styles import STYLES_FILE, Styles
-from .runtimes.base import Runtime, WarmupResult
-from .tasks import HiresFix, Img2Img, Task, TiledUpscale, Txt2Img
-from .tasks.context import ProgressFn
-from .warmup import warmup_shapes
+from engine import runtimes
+from engine.errors import UserError
+from engine.jobs.runner import GenerationResult, JobRunner, LiveStatus
+from engine.lora import core as lora
+from engine.lora.core import LoraUse
+from engine.models.loading import (
+    LoadedModel,
+    ModelSource,
+    available_models,
+    available_tiny_autoencoders,
+    available_vaes,
+    load_model,
+    load_tiny_autoencoder,
+    tiny_autoencoder_family,
+    tiny_autoencoder_mismatch,
+)
+from engine.options import RUNTIME_FIELDS, Optimizations, effective
+from engine.requests import parse_request
+from engine.runtimes.base import Runtime, WarmupResult
+from engine.runtimes.warmup import warmup_shapes
+from engine.store.caches import DEFAULT_RESULTS_BYTES
+from engine.system import devices
+from engine.system import hardware as hardware_mod
+from engine.tasks import HiresFix, Img2Img, Task, TiledUpscale, Txt2Img
+from engine.tasks.context import ProgressFn
+from engine.text.styles import STYLES_FILE, Styles
 
 log = logging.getLogger(__name__)
 try:  # diffusers warns on every from_pipe / dtype move about things that do not apply here
@@ -184,7 +195,7 @@ class Engine:
                    loras: tuple[LoraUse, ...] = (), vae: str | ModelSource | None = None) -> LoadedModel:
         """`source` prepared on eager PyTorch, for a runtime (or torch.compile) that failed; the Engine tab says
         why. The engine takes the new runtime only once the model is ready on it."""
-        from .runtimes.pytorch import PyTorchRuntime
+        from engine.runtimes.pytorch import PyTorchRuntime
 
         failed = self.runtime.fallible
         reason = f"{failed} {what} ({type(error).__name__}: {str(error)[:200]}); using eager PyTorch"
@@ -353,6 +364,6 @@ class Engine:
 
     def compare(self, request, axis: str, values, **options):
         """txt2img once per preset, runtime, step count or sampler, in one grid (engine/compare.py)."""
-        from .compare import compare
+        from engine.compare.run import compare
         self._local_only("Compare")
         return compare(self, request, axis, values, **options)

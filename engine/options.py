@@ -15,9 +15,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from .errors import UserError
-from .outputs import write_text_atomically
-from .requests import describe_validation_error
+from engine.errors import UserError
+from engine.requests import describe_validation_error
+from engine.store.outputs import write_text_atomically
 
 PRESETS_DIR = Path(__file__).resolve().parent.parent / "presets"
 PRESET_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,39}$")

@@ -13,8 +13,8 @@ from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from .errors import UserError
-from .schedulers import DEFAULT_SAMPLER, canonical_sampler
+from engine.errors import UserError
+from engine.models.samplers import DEFAULT_SAMPLER, canonical_sampler
 
 MIN_SIZE = 64
 MAX_SIZE = 2048

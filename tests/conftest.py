@@ -32,10 +32,10 @@ def tiny_engine():
 def tiny_saved(tmp_path_factory):
     """builtin:tiny saved as a diffusers folder and as original-format single files."""
     import torch
+    from ldm_export import pipeline_to_ldm
     from safetensors.torch import save_file
 
-    from engine.models import load_model
-    from ldm_export import pipeline_to_ldm
+    from engine.models.loading import load_model
 
     root = tmp_path_factory.mktemp("tiny_model")
     model = load_model("builtin:tiny")

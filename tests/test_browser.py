@@ -7,9 +7,8 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from PIL import Image
-
 from appserver import ROOT, running_app
+from PIL import Image
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 ARTIFACTS = ROOT / "tests" / "artifacts"

@@ -3,11 +3,11 @@ import subprocess
 import sys
 
 import pytest
+from appserver import ROOT
 
 from app import build_parser, option_overrides, parse_auth
 from engine.errors import UserError
 from engine.requests import parse_sizes
-from appserver import ROOT
 
 
 def run_app(*args, timeout=120):

@@ -6,8 +6,8 @@ import pytest
 from PIL import Image
 
 from engine import UserError
-from engine.metadata import parse_parameters
-from engine.outputs import read_parameters
+from engine.store.metadata import parse_parameters
+from engine.store.outputs import read_parameters
 
 REQUEST = {"prompt": "a red circle", "negative_prompt": "", "width": 64, "height": 64, "seed": 7, "steps": 4,
            "sampler": "Euler", "guidance": 7.0}

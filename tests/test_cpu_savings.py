@@ -137,7 +137,7 @@ def test_int8_convolution_probe_decides_and_the_engine_tab_says_why(tmp_path, mo
     forced = Engine(runtime="openvino", cache_dir=tmp_path, outputs_dir=None,
                     optimizations=Optimizations(int8_convolutions="on"))
     assert forced.runtime._hybrid and forced.runtime.variant.endswith("-int8h")
-    monkeypatch.setattr("engine.devices.free_bytes", lambda device: 2 << 30)
+    monkeypatch.setattr("engine.system.devices.free_bytes", lambda device: 2 << 30)
     short = Engine(runtime="openvino", cache_dir=tmp_path / "other", outputs_dir=None,
                    optimizations=Optimizations(int8_convolutions="auto"))
     assert short.runtime._hybrid and any("on for memory" in d for d in short.runtime.decisions)
@@ -146,7 +146,7 @@ def test_int8_convolution_probe_decides_and_the_engine_tab_says_why(tmp_path, mo
 def test_the_probe_really_measures_and_a_damaged_answer_is_measured_again(tmp_path):
     import openvino as ov
 
-    from engine.hardware import detect
+    from engine.system.hardware import detect
 
     cpu = detect().cpu
     first = probe_module.int8_convolution_probe(ov.Core(), cpu, "f32", tmp_path)

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from engine import Engine, ModelLoadError, UserError
-from engine.schedulers import SAMPLER_NAMES
+from engine.models.samplers import SAMPLER_NAMES
 
 
 def gen(engine, **kw):

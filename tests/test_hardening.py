@@ -18,9 +18,9 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
 from engine import Engine, UserError
-from engine.models import ModelLoadError
-from engine.styles import MAX_TEXT, Styles
-from ui.sdapi import SdApi
+from engine.models.loading import ModelLoadError
+from engine.text.styles import MAX_TEXT, Styles
+from ui.http.a1111.routes import SdApi
 
 # ---------------------------------------------------------------- 1. loading from outside --models-dir
 
@@ -149,8 +149,8 @@ def _png_claiming(width, height, color_type=6):
 
 
 def test_4_an_image_is_measured_from_its_header_and_a_prompt_by_its_length_before_any_work():
-    from engine.prompts import MAX_CHARS, tokenize
     from engine.requests import MAX_PROMPT_CHARS, Txt2ImgRequest, load_image, parse_request
+    from engine.text.prompts import MAX_CHARS, tokenize
 
     png = _png_claiming(6000, 6000)  # within the per-side limit; 137 MiB decoded
     assert len(png) < 1 << 20
@@ -198,7 +198,7 @@ def test_5_the_ui_handlers_name_the_field_for_nan():
     import gradio as gr
 
     from engine.options import OPTION_SPECS
-    from ui.optimizations_tab import options_from
+    from ui.tabs.optimizations import options_from
 
     values = [float("nan") if spec.kind in ("int", "float") else None for spec in OPTION_SPECS.values()]
     with pytest.raises(gr.Error) as e:
@@ -210,7 +210,7 @@ def test_5_the_ui_handlers_name_the_field_for_nan():
 
 
 def test_6_failed_logins_are_throttled_per_client():
-    from ui.auth import LoginThrottle
+    from ui.http.auth import LoginThrottle
 
     now = [0.0]
     throttle = LoginThrottle(burst=3, window_s=60, clock=lambda: now[0])
@@ -230,7 +230,7 @@ def test_6_failed_logins_are_throttled_per_client():
 
 
 def test_7_the_api_body_is_parsed_off_the_event_loop(tiny_engine, monkeypatch):
-    import ui.sdapi as sdapi
+    import ui.http.a1111.routes as sdapi
 
     threads = []
     real = sdapi.json.loads
@@ -282,10 +282,10 @@ def _http(url, path, *, method="GET", body=None, headers=None, auth=True, opener
 def test_fuzz_every_endpoint_never_a_5xx_and_the_app_keeps_serving(app, fuzz_report):
     """Malformed values for every field of every /sdapi/v1 route and every page endpoint (Gradio's HTTP API):
     never a 5xx, never an internal fault, and the app serves after; its RSS before and after is reported."""
+    import urllib.parse
+
     from hypothesis import HealthCheck, given, settings
     from hypothesis import strategies as st
-
-    import urllib.parse
 
     url, proc, styles = app
     page = _logged_in(url)  # the page's routes take its login cookie

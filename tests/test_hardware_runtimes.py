@@ -5,10 +5,11 @@ from importlib.machinery import ModuleSpec
 
 import pytest
 
-from engine import hardware, runtimes
+from engine import runtimes
 from engine.errors import RuntimeUnavailable
 from engine.options import Optimizations
 from engine.runtimes.pytorch import PyTorchRuntime
+from engine.system import hardware
 
 SPR = """processor\t: 0
 vendor_id\t: GenuineIntel
@@ -96,7 +97,7 @@ def openvino_does_not_import(monkeypatch):
 def test_openvino_that_does_not_import_is_not_called_not_installed(openvino_does_not_import, caplog):
     from engine.runtimes.openvino import OpenVINORuntime
 
-    with caplog.at_level(logging.WARNING, logger="engine.hardware"):
+    with caplog.at_level(logging.WARNING, logger="engine.system.hardware"):
         report = hardware.detect()
     assert report.openvino_version is None
     why = OpenVINORuntime.available(report)

@@ -3,9 +3,8 @@ import statistics
 import threading
 import time
 
-from gradio_client import Client
-
 from appserver import running_app
+from gradio_client import Client
 
 
 def rss_bytes(pid: int) -> int:

@@ -11,8 +11,8 @@ from safetensors.torch import save_file
 
 from engine import Engine
 from engine.errors import UserError
-from engine.lora import LoraUse, parse_prompt, with_tag, without_tags
-from engine.metadata import format_parameters, parse_parameters
+from engine.lora.core import LoraUse, parse_prompt, with_tag, without_tags
+from engine.store.metadata import format_parameters, parse_parameters
 
 RANK, ALPHA = 4, 2.0
 # (component, module): a Linear, a 3x3 Conv2d, a 1x1 Conv2d given a Linear-shaped LoRA, a text-encoder Linear
@@ -66,7 +66,7 @@ def save_peft(path, matrices):
 
 @pytest.fixture(scope="module")
 def models_dir(tmp_path_factory):
-    from engine.models import load_model
+    from engine.models.loading import load_model
 
     root = tmp_path_factory.mktemp("models")
     (root / "lora" / "sub").mkdir(parents=True)
@@ -188,8 +188,8 @@ def test_openvino_runs_the_lora_like_pytorch_and_caches_the_fused_parts(engine, 
 def test_kohya_sdxl_files_name_the_sgm_blocks_and_are_mapped(tmp_path):
     """kohya trains SDXL on the sgm UNet: input_blocks_3_1 is down_blocks.1.attentions.0 on this layout
     (one layer per block, two blocks); the expected names are worked out by hand from that layout."""
-    from engine import lora
-    from engine.models import load_model
+    from engine.lora import core as lora
+    from engine.models.loading import load_model
 
     model = load_model("builtin:tiny-sdxl")
     expected = {
@@ -220,8 +220,8 @@ def test_kohya_sdxl_files_name_the_sgm_blocks_and_are_mapped(tmp_path):
 def test_older_diffusers_names_and_rslora_scale(tmp_path):
     """attn processors' to_out_lora / to_q_lora (old diffusers files), CLIP's processor names, and rsLoRA's
     alpha/sqrt(rank) scale from the PEFT metadata."""
-    from engine import lora
-    from engine.models import load_model
+    from engine.lora import core as lora
+    from engine.models.loading import load_model
 
     pipe = load_model("builtin:tiny").pipe
     attn = "down_blocks.0.attentions.0.transformer_blocks.0.attn1"

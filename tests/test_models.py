@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from engine import Engine, ModelLoadError
-from engine.models import build_builtin, family_of_keys, load_model, resolve_source
+from engine.models.loading import build_builtin, family_of_keys, load_model, resolve_source
 
 
 def test_builtin_tiny_is_deterministic():

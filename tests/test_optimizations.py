@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from engine import Engine, hardware, runtimes
-from engine.options import (DEFAULTS, LABELS, Optimizations, Preset, load_preset, preset_names, preset_toml,
-                            save_preset)
+from engine import Engine, runtimes
 from engine.errors import UserError
+from engine.options import DEFAULTS, LABELS, Optimizations, Preset, load_preset, preset_names, preset_toml, save_preset
+from engine.system import hardware
 
 REQ = {"prompt": "a red circle", "negative_prompt": "", "width": 128, "height": 128, "steps": 6, "seed": 11,
        "sampler": "Euler", "guidance": 7.0}
@@ -267,7 +267,7 @@ def test_four_presets_ship_and_load():
 
 
 def test_fastest_preset_adds_the_shipped_lcm_lora_on_shapes_and_says_what_others_need():
-    from engine.lora import available
+    from engine.lora.core import available
 
     fastest = load_preset("fastest")
     name, line = fastest.lora.advice("builtin:shapes")

@@ -6,8 +6,8 @@ import pytest
 from PIL import Image
 
 from engine import Engine
-from engine.metadata import format_parameters, parse_parameters
-from engine.outputs import read_parameters, save_png
+from engine.store.metadata import format_parameters, parse_parameters
+from engine.store.outputs import read_parameters, save_png
 
 
 def test_parameters_round_trip():

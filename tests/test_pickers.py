@@ -3,12 +3,12 @@ leave the folder are refused."""
 import numpy as np
 import pytest
 import torch
+from ldm_export import vae_to_ldm
 from safetensors.torch import save_file
 
 from engine import Engine, UserError
-from engine.lora import available as available_loras
-from engine.models import available_models, available_tiny_autoencoders, available_vaes, load_model
-from ldm_export import vae_to_ldm
+from engine.lora.core import available as available_loras
+from engine.models.loading import available_models, available_tiny_autoencoders, available_vaes, load_model
 
 REQ = {"prompt": "a red circle", "width": 64, "height": 64, "steps": 1, "seed": 2, "sampler": "Euler"}
 

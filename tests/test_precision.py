@@ -13,12 +13,11 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from test_lora import known_matrices, save_kohya
 
 from engine import Engine
-from engine.hardware import HardwareReport, parse_cpuinfo
 from engine.options import Optimizations
-
-from test_lora import known_matrices, save_kohya
+from engine.system.hardware import HardwareReport, parse_cpuinfo
 
 CPUINFO = Path(__file__).parent / "data" / "cpuinfo"
 REQ = {"prompt": "a red circle on a blue background", "width": 64, "height": 64, "steps": 3, "seed": 5,
@@ -45,14 +44,14 @@ def noise_image(w=64, h=64, seed=0) -> Image.Image:
 
 
 def cpu_only() -> HardwareReport:
-    from engine.hardware import detect
+    from engine.system.hardware import detect
 
     return replace(detect(), cuda_devices=(), mps_available=False)
 
 
 @pytest.fixture(scope="module")
 def lora_dir(tmp_path_factory):
-    from engine.models import load_model
+    from engine.models.loading import load_model
 
     root = tmp_path_factory.mktemp("precision-models")
     (root / "lora").mkdir()
@@ -223,7 +222,7 @@ def test_failing_save_history_or_cache_still_delivers_the_image(tmp_path, monkey
     def fails(*args, **kwargs):
         raise OSError("No space left on device")
 
-    monkeypatch.setattr("engine.jobs.save_png", fails)
+    monkeypatch.setattr("engine.jobs.runner.save_png", fails)
     monkeypatch.setattr(engine.jobs.result_cache, "put", fails)
     result = engine.txt2img(REQ)
     assert result.images[0].size == (64, 64) and not result.saved_paths

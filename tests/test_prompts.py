@@ -4,11 +4,11 @@ import pytest
 import torch
 
 from engine import Engine
-from engine.models import load_model
+from engine.models.loading import load_model
 from engine.options import Optimizations
-from engine.prompts import CHUNK, parse_weights, tokenize
 from engine.tasks.common import encode_prompt
-from engine.vocab import WORDS
+from engine.text.prompts import CHUNK, parse_weights, tokenize
+from engine.text.vocab import WORDS
 
 LONG = " ".join(WORDS[i % len(WORDS)] for i in range(150))  # one token per word in the project's vocabulary
 FIRST = " ".join(LONG.split()[:CHUNK])
@@ -92,7 +92,7 @@ def test_weight_scales_that_tokens_vector_and_keeps_the_mean(tiny_engine, monkey
 def test_weighting_a_chunk_whose_mean_is_zero_scales_and_never_gives_nan():
     """A final LayerNorm without bias gives outputs of mean ~0: on some CPUs exactly 0 after the weighting, and the
     mean-restoring ratio was 0/0 = NaN (seen on a Zen 4). There is no mean to keep; the weights still apply."""
-    from engine.prompts import _apply_weights
+    from engine.text.prompts import _apply_weights
 
     z = torch.randn(1, CHUNK + 2, 8)
     z = z - z.mean()  # mean exactly 0 before, ~0 after

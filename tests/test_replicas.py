@@ -17,12 +17,12 @@ from pathlib import Path
 import numpy as np
 import psutil
 import pytest
+from appserver import running_app
 from gradio_client import Client
 from PIL import Image
 
-from appserver import running_app
-from engine.metadata import parse_parameters
-from engine.outputs import TMP_PREFIX, read_parameters
+from engine.store.metadata import parse_parameters
+from engine.store.outputs import TMP_PREFIX, read_parameters
 
 PROMPTS = ["a red circle on a blue background", "a yellow square on a black background",
            "a green triangle on a white background", "a blue circle on a yellow background"]
@@ -224,7 +224,7 @@ def test_a_replica_killed_mid_job_is_replaced_and_no_job_is_lost(app, outputs):
 
 def test_ray_client_addresses_are_refused_with_the_way_that_works():
     from engine import UserError
-    from engine.serve import ReplicaConfig, ReplicaPool
+    from engine.replicas.pool import ReplicaConfig, ReplicaPool
 
     with pytest.raises(UserError, match="--ray-address auto"):
         ReplicaPool(ReplicaConfig(), 2, address="ray://head:10001").start()
@@ -232,7 +232,7 @@ def test_ray_client_addresses_are_refused_with_the_way_that_works():
 
 def test_the_flag_says_what_to_install_without_ray(monkeypatch, capsys):
     import app as app_module
-    from engine import serve
+    from engine.replicas import pool as serve
 
     monkeypatch.setitem(sys.modules, "ray", None)  # import ray fails as if not installed
     assert "requirements-serve.txt" in serve.ray_missing()
@@ -245,7 +245,7 @@ def test_the_documented_serve_configs_deploy_what_they_say():
     import yaml
     from ray.serve.schema import ServeDeploySchema
 
-    from engine.serve import build_app
+    from engine.replicas.pool import build_app
 
     root = Path(__file__).resolve().parent.parent / "docs" / "ray"
     plain = yaml.safe_load((root / "serve-config.yaml").read_text())
@@ -254,7 +254,7 @@ def test_the_documented_serve_configs_deploy_what_they_say():
     for config in (plain, yaml.safe_load(service["spec"]["serveConfigV2"])):
         schema = ServeDeploySchema.model_validate(config)
         (app,) = schema.applications
-        assert app.import_path == "engine.serve:build_app" and app.route_prefix is None
+        assert app.import_path == "engine.replicas.pool:build_app" and app.route_prefix is None
         deployment = build_app(app.args)._bound_deployment
         assert deployment.ray_actor_options["num_gpus"] == 1
         assert deployment._deployment_config.max_ongoing_requests == 1

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 
 from engine import Engine
-from engine.caches import DiskResultCache
 from engine.options import Optimizations
+from engine.store.caches import DiskResultCache
 
 REQ = {"prompt": "a red circle", "width": 64, "height": 64, "steps": 1, "seed": 8}
 

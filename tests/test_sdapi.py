@@ -10,13 +10,13 @@ import urllib.request
 
 import pytest
 import webuiapi
+from appserver import running_app
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 from pydantic import BaseModel
 
-from appserver import running_app
-from engine.schedulers import SAMPLER_NAMES
+from engine.models.samplers import SAMPLER_NAMES
 
 USER, PASSWORD = "ann", "s3cret-pass"
 PROMPT = "a red circle on a blue background"
@@ -347,7 +347,7 @@ def _png_b64():
 
 
 def test_allowed_hosts():
-    from ui.http_guard import AllowedHosts, host_name
+    from ui.http.guard import AllowedHosts, host_name
 
     assert host_name("[::1]:7860") == "::1" and host_name("Example.COM.:80") == "example.com"
     assert host_name("[::1]evil.com") == "" and host_name("[::1].evil") == "" and host_name("[::1]:x") == ""
@@ -389,7 +389,7 @@ def test_override_restores_a_model_started_from_a_path(tiny_saved, tmp_path):
     from fastapi.testclient import TestClient
 
     from engine import Engine
-    from ui.sdapi import SdApi
+    from ui.http.a1111.routes import SdApi
 
     engine = Engine(runtime="pytorch", models_dir=tmp_path, outputs_dir=None)
     folder = str(tiny_saved["folder"])
@@ -408,7 +408,7 @@ def test_override_restores_a_model_started_from_a_path(tiny_saved, tmp_path):
 
 
 def test_no_api_flag_serves_no_routes(tiny_engine):
-    from ui.server import server_kwargs
+    from ui.http.server import server_kwargs
 
     with_api, _ = server_kwargs(tiny_engine, "127.0.0.1")
     without, hosts = server_kwargs(tiny_engine, "127.0.0.1", ["sd.lan"], api=False)

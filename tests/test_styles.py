@@ -3,10 +3,10 @@ import pytest
 from PIL import Image
 
 from engine import Engine, UserError
-from engine.metadata import parse_parameters
 from engine.options import Preset, load_preset, save_preset
-from engine.outputs import read_parameters
-from engine.styles import STYLES_FILE, Styles, merge, parse_csv, unmerge
+from engine.store.metadata import parse_parameters
+from engine.store.outputs import read_parameters
+from engine.text.styles import STYLES_FILE, Styles, merge, parse_csv, unmerge
 
 CSV = ('name,prompt,negative_prompt\n'
        'Framed,"a photo of {prompt}, sharp focus","blurry, {prompt} out of focus"\n'
@@ -55,7 +55,7 @@ def test_styles_round_trip_through_png_info(tmp_path, styles):
     assert again.infotexts == first.infotexts
     # What PNG info's "Send to txt2img" fills in; after the style changes, the full prompt without it.
     from ui.components import UI_DEFAULTS
-    from ui.png_info_tab import sent_fields
+    from ui.tabs.png_info import sent_fields
 
     values, note = sent_fields(engine, fields, UI_DEFAULTS)
     assert (values["prompt"], values["styles"], note) == ("a red circle", ["Framed", "Appended"], None)

@@ -4,7 +4,7 @@ import pytest
 from PIL import Image
 
 from engine import UserError
-from engine.tiling import feather_weights, grid
+from engine.tasks.tiling import feather_weights, grid
 
 
 def gradient(w, h):

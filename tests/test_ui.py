@@ -5,11 +5,10 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from appserver import running_app
 from gradio_client import Client
 from gradio_client.exceptions import AppError
 from PIL import Image
-
-from appserver import running_app
 
 
 @pytest.fixture(scope="module")
@@ -265,7 +264,7 @@ def test_boxes_the_runtime_cannot_use_are_disabled_with_the_reason(app, client):
 
 def test_a_user_error_is_one_line_on_the_page_and_its_cause_stays_in_the_log(caplog):
     from engine import ModelLoadError
-    from ui.jobs import user_facing
+    from ui.running import user_facing
 
     try:
         try:

@@ -1,4 +1,4 @@
-from engine.vocab import TOKENIZER_DIR, WORDS, load_tokenizer, tokenizer_files
+from engine.text.vocab import TOKENIZER_DIR, WORDS, load_tokenizer, tokenizer_files
 
 
 def test_shipped_tokenizer_matches_builder():

@@ -4,7 +4,7 @@ import pytest
 from engine import UserError
 from engine.options import Optimizations
 from engine.runtimes.base import WarmupShape
-from engine.warmup import warmup_shapes
+from engine.runtimes.warmup import warmup_shapes
 
 
 class Model:  # what warmup_shapes reads of a loaded model

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from engine.compare import psnr  # noqa: F401  (re-exported: one PSNR for the app, the tests and the benchmarks)
+from engine.compare.run import psnr  # noqa: F401  (re-exported: one PSNR for the app, the tests and the benchmarks)
 from tools.train_shapes import COLOURS
 
 NAMES = list(COLOURS)

@@ -8,11 +8,16 @@ import gradio as gr
 
 from engine import Engine
 from engine.options import PRESETS_DIR
-
-from . import (compare_tab, engine_tab, hires_fix_tab, img2img_tab, optimizations_tab, png_info_tab,
-               tiled_upscale_tab, txt2img_tab)
-from .components import UI_DEFAULTS
-from .formatting import HISTORY_COLUMNS, engine_markdown, history_rows
+from ui.components import UI_DEFAULTS
+from ui.formatting import HISTORY_COLUMNS, engine_markdown, history_rows
+from ui.tabs import compare as compare_tab
+from ui.tabs import engine as engine_tab
+from ui.tabs import hires_fix as hires_fix_tab
+from ui.tabs import img2img as img2img_tab
+from ui.tabs import optimizations as optimizations_tab
+from ui.tabs import png_info as png_info_tab
+from ui.tabs import tiled_upscale as tiled_upscale_tab
+from ui.tabs import txt2img as txt2img_tab
 
 CSS_PATH = Path(__file__).resolve().parent.parent / "assets" / "style.css"
 

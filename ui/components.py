@@ -10,11 +10,10 @@ import gradio as gr
 from pydantic import BaseModel
 
 from engine import Engine
-from engine.lora import with_tag
+from engine.lora.core import with_tag
+from engine.models.samplers import DEFAULT_SAMPLER, SAMPLER_NAMES
 from engine.requests import GenerationRequest, Txt2ImgRequest
-from engine.schedulers import DEFAULT_SAMPLER, SAMPLER_NAMES
-
-from .jobs import reported
+from ui.running import reported
 
 UI_DEFAULTS: dict[str, Any] = {"prompt": "", "negative_prompt": "", "styles": [], "width": 256, "height": 256,
                                "steps": 20, "guidance": 7.0, "sampler": DEFAULT_SAMPLER, "seed": -1, "batch_size": 1}

@@ -3,12 +3,12 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from engine.devices import GIB, live_memory
+from engine.system.devices import GIB, live_memory
 
 if TYPE_CHECKING:
     from engine import Engine
     from engine.runtimes.base import WarmupResult
-    from engine.telemetry import Readout
+    from engine.system.telemetry import Readout
 
 HISTORY_COLUMNS = ["time", "task", "size", "images", "steps", "runtime", "precision", "total_s", "it_per_s",
                    "peak_ram_gib", "shape"]

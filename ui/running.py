@@ -9,8 +9,7 @@ from typing import Any, Callable, Iterator
 import gradio as gr
 
 from engine import Engine, UserError
-
-from .formatting import history_rows, live_markdown, readout_markdown, waiting_markdown
+from ui.formatting import history_rows, live_markdown, readout_markdown, waiting_markdown
 
 log = logging.getLogger(__name__)
 POLL_S = 0.3

@@ -23,19 +23,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
-from . import runtimes
-from .devices import GIB
-from .errors import UserError
-from .lora import with_tag, without_tags
-from .metadata import format_parameters, format_value
-from .options import PRESETS_DIR, Optimizations, Preset, load_preset, preset_loras
-from .outputs import save_png
-from .requests import MAX_STEPS, Txt2ImgRequest, parse_request
-from .schedulers import canonical_sampler
+from engine import runtimes
+from engine.errors import UserError
+from engine.lora.core import with_tag, without_tags
+from engine.models.samplers import canonical_sampler
+from engine.options import PRESETS_DIR, Optimizations, Preset, load_preset, preset_loras
+from engine.requests import MAX_STEPS, Txt2ImgRequest, parse_request
+from engine.store.metadata import format_parameters, format_value
+from engine.store.outputs import save_png
+from engine.system.devices import GIB
 
 if TYPE_CHECKING:
-    from .engine import Engine
-    from .jobs import GenerationResult
+    from engine.engine import Engine
+    from engine.jobs.runner import GenerationResult
 
 log = logging.getLogger(__name__)
 

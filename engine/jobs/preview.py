@@ -5,7 +5,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .tensors import full_precision, host_float
+from engine.system.tensors import full_precision, host_float
 
 # Least-squares fits of latent -> RGB used by common SD UIs for their "approx" previews.
 SD_FACTORS = torch.tensor([[0.3512, 0.2297, 0.3227], [0.3250, 0.4974, 0.2350],

@@ -16,16 +16,16 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from . import devices
-from .caches import DEFAULT_RESULTS_BYTES, DiskResultCache, MemoryResultCache, result_key
-from .errors import UserError
-from .metadata import OPTION_LABELS, format_parameters
-from .options import is_on
-from .outputs import clean_partials, save_png
-from .preview import latents_to_rgb
-from .tasks.base import Task, TaskOutput
-from .tasks.context import CfgTruncation, DenoiseContext, EarlyStop, Preview, Progress, ProgressFn
-from .telemetry import Readout
+from engine.errors import UserError
+from engine.jobs.preview import latents_to_rgb
+from engine.options import is_on
+from engine.store.caches import DEFAULT_RESULTS_BYTES, DiskResultCache, MemoryResultCache, result_key
+from engine.store.metadata import OPTION_LABELS, format_parameters
+from engine.store.outputs import clean_partials, save_png
+from engine.system import devices
+from engine.system.telemetry import Readout
+from engine.tasks.base import Task, TaskOutput
+from engine.tasks.context import CfgTruncation, DenoiseContext, EarlyStop, Preview, Progress, ProgressFn
 
 log = logging.getLogger(__name__)
 
@@ -271,7 +271,7 @@ class JobRunner:
 
     def _preview(self, model, step: int, latents) -> None:
         if model.options.tiny_vae and model.taesd is not None:
-            from .tasks.common import decode_latents
+            from engine.tasks.common import decode_latents
 
             self.live.preview = decode_latents(model, latents[:1])[0]  # a real preview, for a few ms
         else:

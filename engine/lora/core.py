@@ -21,10 +21,10 @@ from typing import Any
 
 import torch
 
-from .errors import UserError
-from .tensors import full_precision
+from engine.errors import UserError
+from engine.system.tensors import full_precision
 
-BUILTIN_DIR = Path(__file__).resolve().parent.parent / "assets" / "lora"
+BUILTIN_DIR = Path(__file__).resolve().parents[2] / "assets" / "lora"
 SUFFIX = ".safetensors"
 MAX_LORAS = 8
 MAX_WEIGHT = 4.0

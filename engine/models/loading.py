@@ -17,7 +17,7 @@ from typing import Any, Callable
 
 import torch
 
-from .errors import ModelLoadError
+from engine.errors import ModelLoadError
 
 SD_SCHEDULER_CONFIG = {
     "num_train_timesteps": 1000,
@@ -66,9 +66,9 @@ class LoadedModel:
     vae_identity: str | None = None
 
     def __post_init__(self):
-        from .caches import PromptCache
-        from .lora import FusedLoras
-        from .options import Optimizations
+        from engine.lora.core import FusedLoras
+        from engine.options import Optimizations
+        from engine.store.caches import PromptCache
 
         if self.options is None:
             self.options = Optimizations()
@@ -79,7 +79,7 @@ class LoadedModel:
 
     def component_identity(self, component: str) -> str | None:
         """Cache identity of one component's weights as they are now (the LoRAs fused into it included)."""
-        from .lora import component_identity
+        from engine.lora.core import component_identity
 
         if component == "vae" and self.vae:
             return self.vae_identity
@@ -152,7 +152,7 @@ def _build_sd(size: str, skeleton: frozenset[str] = frozenset()):
     from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextModel
 
-    from .vocab import load_tokenizer
+    from engine.text.vocab import load_tokenizer
 
     make = _Maker(skeleton)
     tokenizer = load_tokenizer()
@@ -181,7 +181,7 @@ def _build_sdxl(size: str, skeleton: frozenset[str] = frozenset()):
     from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
-    from .vocab import load_tokenizer
+    from engine.text.vocab import load_tokenizer
 
     make = _Maker(skeleton)
     tokenizer = load_tokenizer()
@@ -227,7 +227,7 @@ BUILTINS: dict[str, tuple[str, Callable[[frozenset[str]], Any], str]] = {
 }
 BUILTIN_SEED = 0
 # Trained models shipped in assets/ (diffusers folders), addressed as builtin:NAME.
-ASSETS_MODELS = Path(__file__).resolve().parent.parent / "assets" / "models"
+ASSETS_MODELS = Path(__file__).resolve().parents[2] / "assets" / "models"
 SHIPPED = {
     "shapes": "SD 1.x pipeline trained here on drawn shapes: draws what the prompt says, 128x128 native (demo)",
 }
@@ -635,7 +635,7 @@ def load_model(text: "str | ModelSource", *, models_dir: Path | None = None, all
     has in its cache (identity_of(component) is the component's cache identity, LoRAs included): those
     are built without weights (builtins and folders), so no PyTorch copy is ever made.
     """
-    from . import lora
+    from engine.lora import core as lora
 
     source = resolve_source(text, models_dir=models_dir, allow_any_path=allow_any_path, allow_hub=allow_hub)
     start = time.perf_counter()

@@ -1,7 +1,7 @@
 """Sampler names as users know them (A1111 style) -> diffusers scheduler configs."""
 from __future__ import annotations
 
-from .errors import UserError
+from engine.errors import UserError
 
 # name -> (diffusers scheduler class name, config overrides); diffusers imports only when one is made.
 SAMPLERS: dict[str, tuple[str, dict]] = {

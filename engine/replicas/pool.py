@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from .errors import UserError
+from engine.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -90,8 +90,8 @@ class Replica:
     front's is the one cache, whichever replica ran the job)."""
 
     def __init__(self, config: dict):
-        from . import Engine
-        from .options import Optimizations
+        from engine import Engine
+        from engine.options import Optimizations
 
         cfg = ReplicaConfig.of(config)
         self.pid, self.host = os.getpid(), socket.gethostname()
@@ -117,8 +117,8 @@ class Replica:
     def run(self, task: str, request: dict, image: Any, job: str, board):
         """A generator: progress events while the job runs, then one event with the result. Errors propagate
         (a UserError reaches the front as itself)."""
-        from . import devices
-        from .tasks import TASKS
+        from engine.system import devices
+        from engine.tasks import TASKS
 
         engine = self.engine
         box: dict[str, Any] = {}
@@ -280,7 +280,7 @@ class ReplicaPool:
             if self.address:
                 ray.init(address=self.address, **kwargs)  # the cluster's image has this app installed
             else:
-                root = str(Path(__file__).resolve().parent.parent)  # replicas import engine/ from this checkout
+                root = str(Path(__file__).resolve().parents[2])  # replicas import engine/ from this checkout
                 ray.init(num_cpus=max(os.cpu_count() or 1, int(self.cpus * self.replicas + 0.999)),
                          object_store_memory=256 << 20, runtime_env={"env_vars": {"PYTHONPATH": root}}, **kwargs)
         if self.deploy and self.gpus:

@@ -4,9 +4,9 @@ from __future__ import annotations
 import importlib
 from dataclasses import dataclass, field
 
-from ..errors import RuntimeUnavailable
-from ..hardware import HardwareReport
-from .base import Runtime
+from engine.errors import RuntimeUnavailable
+from engine.runtimes.base import Runtime
+from engine.system.hardware import HardwareReport
 
 # name -> "module:Class"; modules import lazily so a missing optional backend costs nothing.
 RUNTIMES: dict[str, str] = {

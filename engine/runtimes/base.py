@@ -8,8 +8,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from ..hardware import HardwareReport
-from ..options import Optimizations, owned_elsewhere
+from engine.options import Optimizations, owned_elsewhere
+from engine.system.hardware import HardwareReport
 
 
 @dataclass(frozen=True)

@@ -6,9 +6,9 @@ on to PyTorch with fp16 + SDPA.
 """
 from __future__ import annotations
 
-from ..hardware import HardwareReport
-from .base import ShapeLog
-from .pytorch import PyTorchRuntime, _imports
+from engine.runtimes.base import ShapeLog
+from engine.runtimes.pytorch import PyTorchRuntime, _imports
+from engine.system.hardware import HardwareReport
 
 BACKENDS = ("nexfort", "oneflow")  # preferred first
 

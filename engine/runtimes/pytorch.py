@@ -10,10 +10,10 @@ import shutil
 
 import torch
 
-from ..errors import RuntimeUnavailable
-from ..hardware import HardwareReport
-from ..options import owned_elsewhere
-from .base import Runtime, ShapeLog
+from engine.errors import RuntimeUnavailable
+from engine.options import owned_elsewhere
+from engine.runtimes.base import Runtime, ShapeLog
+from engine.system.hardware import HardwareReport
 
 
 def _imports(module: str) -> bool:
@@ -134,7 +134,7 @@ class PyTorchRuntime(Runtime):
             tomesd.apply_patch(pipe, ratio=opts.token_merging_ratio)
             applied.append(f"token merging {opts.token_merging_ratio:g}")
         if opts.deepcache:
-            from .deepcache import DeepCache
+            from engine.runtimes.deepcache import DeepCache
 
             deepcache = DeepCache(pipe.unet, opts.deepcache_interval, opts.deepcache_start).install()
             applied.append(f"DeepCache every {opts.deepcache_interval}"

@@ -6,10 +6,10 @@ the VAE encoder; hires fix's second pass and tiled upscale's tiles run at sizes 
 """
 from __future__ import annotations
 
-from .errors import UserError
-from .requests import HiresFixRequest, TiledUpscaleRequest, Txt2ImgRequest, snap_size
-from .runtimes.base import WarmupShape
-from .tasks.tiled_upscale import tile_batch_size, tile_layout
+from engine.errors import UserError
+from engine.requests import HiresFixRequest, TiledUpscaleRequest, Txt2ImgRequest, snap_size
+from engine.runtimes.base import WarmupShape
+from engine.tasks.tiled_upscale import tile_batch_size, tile_layout
 
 TASKS = ("txt2img", "img2img", "hires_fix", "tiled_upscale")
 HIRES_FACTOR = HiresFixRequest.model_fields["factor"].default

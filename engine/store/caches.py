@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from .outputs import TMP_PREFIX  # one name for a write in progress, cleaned at start
+from engine.store.outputs import TMP_PREFIX  # one name for a write in progress, cleaned at start
 
 log = logging.getLogger(__name__)
 # Where converted models (OpenVINO IR) and, by default, the result cache are kept.
@@ -162,8 +162,8 @@ class DiskResultCache:
     def _read(self, path: Path, key: str) -> dict:
         from PIL import Image
 
-        from .jobs import GenerationResult
-        from .telemetry import Readout
+        from engine.jobs.runner import GenerationResult
+        from engine.system.telemetry import Readout
 
         meta = json.loads((path / "meta.json").read_text(encoding="utf-8"))
         if meta["key"] != key:

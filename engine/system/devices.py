@@ -43,7 +43,7 @@ def job_bytes(unet_width: int, width: int, height: int, batch: int) -> float:
 
 def check_job_fits(device: str, unet_width: int, width: int, height: int, batch: int) -> None:
     """Refuse, before any work, a job that clearly cannot fit in the memory free on its device."""
-    from .errors import UserError
+    from engine.errors import UserError
 
     need, free = job_bytes(unet_width, width, height, batch), free_bytes(device)
     if need > free:

@@ -1,9 +1,9 @@
 """One module per task; each validates its request, runs its own loop and returns a TaskOutput."""
-from .base import Task, TaskOutput
-from .hires_fix import HiresFix
-from .img2img import Img2Img
-from .tiled_upscale import TiledUpscale
-from .txt2img import Txt2Img
+from engine.tasks.base import Task, TaskOutput
+from engine.tasks.hires_fix import HiresFix
+from engine.tasks.img2img import Img2Img
+from engine.tasks.tiled_upscale import TiledUpscale
+from engine.tasks.txt2img import Txt2Img
 
 TASKS = {cls.name: cls for cls in (Txt2Img, Img2Img, HiresFix, TiledUpscale)}  # by name (a replica's job)
 

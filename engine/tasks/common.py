@@ -8,13 +8,13 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..caches import PromptCache
-from ..lora import strip_tags
-from ..prompts import chunk_count, encode_chunks
-from ..schedulers import make_scheduler
-from ..tensors import to_numpy
-from ..tiling import Blender, Tile, grid
-from .context import DenoiseContext
+from engine.lora.core import strip_tags
+from engine.models.samplers import make_scheduler
+from engine.store.caches import PromptCache
+from engine.system.tensors import to_numpy
+from engine.tasks.context import DenoiseContext
+from engine.tasks.tiling import Blender, Tile, grid
+from engine.text.prompts import chunk_count, encode_chunks
 
 VAE_TILE_LATENT = 64  # latent tile side for tiled VAE decode (512 px at the usual 8x)
 VAE_TILE_OVERLAP = 8

@@ -13,7 +13,7 @@ from typing import Callable
 
 import torch
 
-from ..telemetry import StageTimer
+from engine.system.telemetry import StageTimer
 
 log = logging.getLogger(__name__)
 

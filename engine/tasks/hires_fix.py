@@ -4,11 +4,18 @@ from __future__ import annotations
 import torch.nn.functional as F
 from PIL import Image
 
-from ..requests import HiresFixRequest
-from .base import Task, TaskOutput
-from .common import (decode_latents, denoise, derived_pipeline, encode_images, encode_request_prompt, generators,
-                     steps_for_strength)
-from .context import DenoiseContext
+from engine.requests import HiresFixRequest
+from engine.tasks.base import Task, TaskOutput
+from engine.tasks.common import (
+    decode_latents,
+    denoise,
+    derived_pipeline,
+    encode_images,
+    encode_request_prompt,
+    generators,
+    steps_for_strength,
+)
+from engine.tasks.context import DenoiseContext
 
 
 class HiresFix(Task):

@@ -1,11 +1,19 @@
 """img2img: fit the init image to the size, encode it, denoise round(steps x strength) steps, decode."""
 from __future__ import annotations
 
-from ..requests import Img2ImgRequest
-from .base import Task, TaskOutput
-from .common import (decode_latents, denoise, derived_pipeline, encode_images, encode_request_prompt, fit_image,
-                     generators, steps_for_strength)
-from .context import DenoiseContext
+from engine.requests import Img2ImgRequest
+from engine.tasks.base import Task, TaskOutput
+from engine.tasks.common import (
+    decode_latents,
+    denoise,
+    derived_pipeline,
+    encode_images,
+    encode_request_prompt,
+    fit_image,
+    generators,
+    steps_for_strength,
+)
+from engine.tasks.context import DenoiseContext
 
 
 class Img2Img(Task):

@@ -11,12 +11,19 @@ import time
 import numpy as np
 from PIL import Image
 
-from ..requests import TiledUpscaleRequest
-from ..tiling import Blender, Tile, grid
-from .base import Task, TaskOutput
-from .common import (decode_latents, denoise, derived_pipeline, encode_images, encode_request_prompt, generators,
-                     steps_for_strength)
-from .context import DenoiseContext
+from engine.requests import TiledUpscaleRequest
+from engine.tasks.base import Task, TaskOutput
+from engine.tasks.common import (
+    decode_latents,
+    denoise,
+    derived_pipeline,
+    encode_images,
+    encode_request_prompt,
+    generators,
+    steps_for_strength,
+)
+from engine.tasks.context import DenoiseContext
+from engine.tasks.tiling import Blender, Tile, grid
 
 MAX_TILE_BATCH = 4
 

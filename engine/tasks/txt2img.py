@@ -1,10 +1,10 @@
 """txt2img: encode the prompt once, then per batch: denoise from noise and decode. Each stage timed."""
 from __future__ import annotations
 
-from ..requests import Txt2ImgRequest
-from .base import Task, TaskOutput
-from .common import decode_latents, denoise, encode_request_prompt, generators
-from .context import DenoiseContext
+from engine.requests import Txt2ImgRequest
+from engine.tasks.base import Task, TaskOutput
+from engine.tasks.common import decode_latents, denoise, encode_request_prompt, generators
+from engine.tasks.context import DenoiseContext
 
 
 class Txt2Img(Task):

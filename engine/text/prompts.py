@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .errors import UserError
+from engine.errors import UserError
 
 CHUNK = 75  # tokens per chunk between BOS and EOS
 MAX_CHUNKS = 20  # 1500 tokens: far beyond any real prompt, and bounds what one request can ask of the encoder

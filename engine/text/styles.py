@@ -16,11 +16,11 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import UserError
-from .outputs import write_text_atomically
+from engine.errors import UserError
+from engine.store.outputs import write_text_atomically
 
 log = logging.getLogger(__name__)
-STYLES_FILE = Path(__file__).resolve().parent.parent / "presets" / "styles.csv"
+STYLES_FILE = Path(__file__).resolve().parents[2] / "presets" / "styles.csv"
 FIELDS = ("name", "prompt", "negative_prompt")
 PLACEHOLDER = "{prompt}"
 MAX_STYLES = 16  # per request

@@ -11,7 +11,7 @@ import json
 from functools import lru_cache
 from pathlib import Path
 
-TOKENIZER_DIR = Path(__file__).resolve().parent.parent / "assets" / "tokenizer"
+TOKENIZER_DIR = Path(__file__).resolve().parents[2] / "assets" / "tokenizer"
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 MAX_LENGTH = 77
 

@@ -7,10 +7,9 @@ from typing import Any, Iterable
 from starlette.middleware import Middleware
 
 from engine import Engine
-
-from .auth import LoginGuard
-from .http_guard import AllowedHosts, HostGuard, guard_outermost
-from .sdapi import SdApi
+from ui.http.a1111.routes import SdApi
+from ui.http.auth import LoginGuard
+from ui.http.guard import AllowedHosts, HostGuard, guard_outermost
 
 
 def server_kwargs(engine: Engine, host: str, allowed: Iterable[str] = (), *, api: bool = True,

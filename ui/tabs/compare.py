@@ -9,13 +9,12 @@ from typing import Any
 import gradio as gr
 
 from engine import Engine
-from engine.compare import AXES, MAX_COLUMNS, CompareProgress, Comparison, available_runtimes
+from engine.compare.run import AXES, MAX_COLUMNS, CompareProgress, Comparison, available_runtimes
+from engine.models.samplers import SAMPLER_NAMES
 from engine.options import preset_names
-from engine.schedulers import SAMPLER_NAMES
-
-from .components import common_controls, common_request, prompt_boxes, size_sliders
-from .formatting import history_rows, live_markdown
-from .jobs import POLL_S, run_in_thread, user_facing
+from ui.components import common_controls, common_request, prompt_boxes, size_sliders
+from ui.formatting import history_rows, live_markdown
+from ui.running import POLL_S, run_in_thread, user_facing
 
 STEP_CHOICES = ["1", "2", "4", "5", "8", "10", "15", "20", "25", "30", "40", "50"]
 NO_COLUMN = ("(no column)", "")

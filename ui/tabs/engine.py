@@ -9,12 +9,11 @@ import gradio as gr
 from engine import Engine
 from engine.requests import parse_sizes
 from engine.runtimes import CHOICES
-from engine.warmup import TASKS as WARMUP_TASKS
-
-from .components import MODEL_OWN_VAE, NO_TINY_AUTOENCODER, model_pickers
-from .formatting import engine_markdown, options_markdown, warmup_markdown
-from .jobs import reported
-from .optimizations_tab import OptionsTab, option_updates
+from engine.runtimes.warmup import TASKS as WARMUP_TASKS
+from ui.components import MODEL_OWN_VAE, NO_TINY_AUTOENCODER, model_pickers
+from ui.formatting import engine_markdown, options_markdown, warmup_markdown
+from ui.running import reported
+from ui.tabs.optimizations import OptionsTab, option_updates
 
 
 @dataclass

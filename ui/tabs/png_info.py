@@ -6,11 +6,10 @@ from typing import Any
 import gradio as gr
 
 from engine import Engine
-from engine.metadata import parse_parameters
-from engine.outputs import read_parameters
-from engine.schedulers import SAMPLER_NAMES
-
-from .components import Controls
+from engine.models.samplers import SAMPLER_NAMES
+from engine.store.metadata import parse_parameters
+from engine.store.outputs import read_parameters
+from ui.components import Controls
 
 SENT = ("prompt", "negative_prompt", "width", "height", "steps", "guidance", "sampler", "seed", "styles")  # txt2img
 

@@ -7,9 +7,8 @@ import gradio as gr
 
 from engine import Engine
 from engine.requests import TiledUpscaleRequest
-
-from .components import Controls, common_controls, common_request, field_slider, generation_tab, prompt_boxes
-from .jobs import stream_job
+from ui.components import Controls, common_controls, common_request, field_slider, generation_tab, prompt_boxes
+from ui.running import stream_job
 
 
 def build(engine: Engine, d: dict[str, Any], history: gr.Dataframe) -> Controls:

@@ -7,10 +7,16 @@ import gradio as gr
 
 from engine import Engine
 from engine.requests import Txt2ImgRequest
-
-from .components import (Controls, common_controls, common_request, field_slider, generation_tab, prompt_boxes,
-                         size_sliders)
-from .jobs import stream_job
+from ui.components import (
+    Controls,
+    common_controls,
+    common_request,
+    field_slider,
+    generation_tab,
+    prompt_boxes,
+    size_sliders,
+)
+from ui.running import stream_job
 
 
 def build(engine: Engine, d: dict[str, Any], history: gr.Dataframe) -> Controls:

@@ -11,13 +11,13 @@
 Nothing here imports openvino at module level: the picker imports this package to ask whether
 OpenVINO can run.
 """
-from .adapters import OVTextEncoder, OVUNet, OVVae
-from .compiled import CompiledModels, drop_mapped_pages, precision_name
-from .convert import CONVERSION_VERSION, PARTS_OF, TEXT_LENGTH, convert_part, job_shapes
-from .ir_cache import IRCache
-from .loader import IRLoader
-from .quantize import hybrid_quantize
-from .runtime import DEFAULT_CACHE_DIR, OpenVINORuntime
+from engine.runtimes.openvino.adapters import OVTextEncoder, OVUNet, OVVae
+from engine.runtimes.openvino.compiled import CompiledModels, drop_mapped_pages, precision_name
+from engine.runtimes.openvino.convert import CONVERSION_VERSION, PARTS_OF, TEXT_LENGTH, convert_part, job_shapes
+from engine.runtimes.openvino.ir_cache import IRCache
+from engine.runtimes.openvino.loader import IRLoader
+from engine.runtimes.openvino.quantize import hybrid_quantize
+from engine.runtimes.openvino.runtime import DEFAULT_CACHE_DIR, OpenVINORuntime
 
 __all__ = ["CONVERSION_VERSION", "DEFAULT_CACHE_DIR", "PARTS_OF", "TEXT_LENGTH", "CompiledModels", "IRCache",
            "IRLoader", "OVTextEncoder", "OVUNet", "OVVae", "OpenVINORuntime", "convert_part", "drop_mapped_pages",

@@ -7,7 +7,7 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
-from ...errors import RuntimeUnavailable
+from engine.errors import RuntimeUnavailable
 
 
 class _Adapter:

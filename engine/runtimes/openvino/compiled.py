@@ -10,8 +10,8 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Callable
 
-from ... import devices
-from ..base import CompileEvent
+from engine.runtimes.base import CompileEvent
+from engine.system import devices
 
 log = logging.getLogger(__name__)
 

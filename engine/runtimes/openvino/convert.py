@@ -6,8 +6,8 @@ from typing import Any
 
 import torch
 
-from ..base import WarmupShape
-from ..deepcache import deep_channels, full_forward, shallow_forward
+from engine.runtimes.base import WarmupShape
+from engine.runtimes.deepcache import deep_channels, full_forward, shallow_forward
 
 CONVERSION_VERSION = 2  # bump when what convert_part produces changes (2: DeepCache's smallest branch)
 TEXT_LENGTH = 77

@@ -9,10 +9,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from ...errors import RuntimeUnavailable
-from .convert import PARTS_OF, convert_part, is_meta
-from .ir_cache import IRCache
-from .quantize import calibration_inputs, can_calibrate, compress
+from engine.errors import RuntimeUnavailable
+from engine.runtimes.openvino.convert import PARTS_OF, convert_part, is_meta
+from engine.runtimes.openvino.ir_cache import IRCache
+from engine.runtimes.openvino.quantize import calibration_inputs, can_calibrate, compress
 
 log = logging.getLogger(__name__)
 

@@ -8,7 +8,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .convert import TEXT_LENGTH
+from engine.runtimes.openvino.convert import TEXT_LENGTH
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +59,7 @@ def compress(part: str, model, hybrid: bool, calibration: list[dict[str, np.ndar
 
 def with_deep_features(unet, samples: list[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
     """Each calibration sample plus the deep features the whole PyTorch UNet computes for it."""
-    from ..deepcache import full_forward
+    from engine.runtimes.deepcache import full_forward
 
     out = []
     with torch.no_grad():

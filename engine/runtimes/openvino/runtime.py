@@ -11,20 +11,20 @@ from typing import Any
 
 import numpy as np
 
-from ... import devices
-from ...caches import DEFAULT_CACHE_DIR
-from ...errors import RuntimeUnavailable
-from ...hardware import HardwareReport
-from ...options import owned_elsewhere
-from ..base import Runtime, WarmupResult, WarmupShape
-from .adapters import make_adapter
-from .compiled import CompiledModels
-from ..deepcache import Schedule
-from .convert import CONVERSION_VERSION, UNET_PARTS, job_shapes, parts_of
-from .ir_cache import IRCache
-from .loader import IRLoader
-from .probe import int8_convolution_probe
-from .quantize import has_quantized_convolutions
+from engine.errors import RuntimeUnavailable
+from engine.options import owned_elsewhere
+from engine.runtimes.base import Runtime, WarmupResult, WarmupShape
+from engine.runtimes.deepcache import Schedule
+from engine.runtimes.openvino.adapters import make_adapter
+from engine.runtimes.openvino.compiled import CompiledModels
+from engine.runtimes.openvino.convert import CONVERSION_VERSION, UNET_PARTS, job_shapes, parts_of
+from engine.runtimes.openvino.ir_cache import IRCache
+from engine.runtimes.openvino.loader import IRLoader
+from engine.runtimes.openvino.probe import int8_convolution_probe
+from engine.runtimes.openvino.quantize import has_quantized_convolutions
+from engine.store.caches import DEFAULT_CACHE_DIR
+from engine.system import devices
+from engine.system.hardware import HardwareReport
 
 # Two or four infer requests in flight against one after another, SD 1.5 at 512x512 (benchmarks/cores.py):
 # 1.07x / 1.13x on a 16-core Xeon (bf16), 1.12x / 1.17x on a 2-core EPYC (fp32); each holds its own activations.

@@ -24,20 +24,28 @@ from typing import Any, Callable
 import anyio
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
+from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.concurrency import run_in_threadpool
-from PIL import Image
 
 from engine import Engine, UserError
-from engine.lora import available as available_loras, resolve as resolve_lora
-from engine.metadata import parse_parameters
-from engine.models import available_models
-from engine.outputs import parameters_info
-from engine.requests import (MAX_BATCH_COUNT, MAX_SIZE, HiresFixRequest, Img2ImgRequest, Txt2ImgRequest,
-                             describe_validation_error, open_image, parse_request)
-from engine.schedulers import SAMPLER_NAMES, canonical_sampler
-
-from .auth import authorized
+from engine.lora.core import available as available_loras
+from engine.lora.core import resolve as resolve_lora
+from engine.models.loading import available_models
+from engine.models.samplers import SAMPLER_NAMES, canonical_sampler
+from engine.requests import (
+    MAX_BATCH_COUNT,
+    MAX_SIZE,
+    HiresFixRequest,
+    Img2ImgRequest,
+    Txt2ImgRequest,
+    describe_validation_error,
+    open_image,
+    parse_request,
+)
+from engine.store.metadata import parse_parameters
+from engine.store.outputs import parameters_info
+from ui.http.auth import authorized
 
 log = logging.getLogger(__name__)
 PREFIX = "/sdapi/v1"
@@ -556,9 +564,9 @@ class SdApi:
                 "parameters": parse_parameters(text) if text else {}}
 
     def memory(self, _query: dict) -> dict:
-        from engine import devices
-
         import psutil
+
+        from engine.system import devices
 
         vm = psutil.virtual_memory()
         return {"ram": {"free": vm.available, "used": vm.total - vm.available, "total": vm.total},
