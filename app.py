@@ -92,8 +92,8 @@ def results_dir(args: argparse.Namespace) -> Path | None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from engine.jobs.result_cache import DEFAULT_RESULTS_BYTES
     from engine.runtimes import CHOICES
-    from engine.store.caches import DEFAULT_RESULTS_BYTES
     from engine.text.styles import STYLES_FILE
 
     p = argparse.ArgumentParser(description="Fast Stable Diffusion web UI: picks the runtime for your hardware "
@@ -189,10 +189,49 @@ def replica_pool(args, hardware, optimizations, warmup, guidance: float):
                        app=args.serve_app or "fastsd", deploy=not args.serve_app)
 
 
+def load_and_warm(args, engine, warmup, guidance: float):
+    """The Engine's model, loaded and warmed up for the sizes --warmup names."""
+    s = engine.status()
+    print(f"Runtime: {s['runtime']} on {s['device']} ({s['precision']}) — {s['reason']}", flush=True)
+    for label, why in engine.not_applied.items():
+        print(f"Not applied: {label} ({why})", flush=True)
+    model = engine.load(args.model, config_dir=args.model_config)
+    print(f"Model: {model.name} ({model.family}) loaded in {model.load_seconds:.1f} s", flush=True)
+    if warmup:
+        tasks = tuple(t.strip() for t in args.warmup_tasks.split(",") if t.strip())
+        for r in engine.warmup(warmup, guidance=guidance, tasks=tasks):
+            print(f"Warm-up {r.width}x{r.height}: {r.state}, {r.seconds:.1f} s", flush=True)
+    return model
+
+
+def start_replicas(args, hardware, engine_args: dict, warmup, guidance: float):
+    """The replicas started, and the front that sends them the jobs (its own model on eager PyTorch on the CPU,
+    to check requests: the GPUs are the replicas')."""
+    from dataclasses import replace
+
+    from engine import UserError
+    from engine.replicas.front import ReplicaEngine
+
+    pool = replica_pool(args, hardware, engine_args["optimizations"], warmup, guidance)
+    print("Starting the replicas on Ray Serve (each loads the model, prepares its runtime and warms up)…", flush=True)
+    pool.start()
+    try:
+        if pool.info.get("source", args.model) != args.model:  # --serve-app: deployed with their own model
+            raise UserError(f"The replicas run {pool.info.get('source')}, this front was given {args.model}: start "
+                            f"it with --model {pool.info.get('source')} (and its --model-config), so requests "
+                            f"are checked against the model that runs them.")
+        front = replace(hardware, cuda_devices=(), mps_available=False)
+        engine = ReplicaEngine(pool, args.model, args.model_config, hardware=front, **engine_args)
+    except BaseException:
+        pool.shutdown()
+        raise
+    print(f"Replicas: {pool.describe()}; runtime {pool.name} ({pool.precision})", flush=True)
+    return engine
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    from dataclasses import replace
 
     from engine import Engine, UserError
     from engine.options import PRESETS_DIR, Optimizations, load_preset
@@ -224,49 +263,27 @@ def main(argv: list[str] | None = None) -> int:
 
             if missing := ray_missing():
                 raise UserError(f"--replicas needs Ray Serve: {missing}")
-        # With replicas this process only validates requests: its model stays on eager PyTorch, on the CPU (the
-        # GPUs are the replicas').
         hardware = detect()
-        front = replace(hardware, cuda_devices=(), mps_available=False) if replicas else hardware
-        engine = Engine(hardware=front, runtime="pytorch" if replicas else args.runtime, optimizations=optimizations,
-                        models_dir=Path(args.models_dir),
-                        cache_dir=Path(args.cache_dir) if args.cache_dir else None,
-                        outputs_dir=None if args.no_save else Path(args.outputs_dir), taesd=args.taesd,
-                        styles_file=Path(args.styles),
-                        result_cache_dir=results_dir(args),
-                        result_cache_bytes=args.result_cache_mb << 20, remote_hub=args.allow_hub_ids)
-        print(engine.hardware, flush=True)
-        print(f"Runtime: {engine.runtime.describe()} — {engine.choice.reason}", flush=True)
-        for label, why in engine.not_applied.items():
-            print(f"Not applied: {label} ({why})", flush=True)
-        model = engine.load(args.model, config_dir=args.model_config)
-        print(f"Model: {model.name} ({model.family}) loaded in {model.load_seconds:.1f} s", flush=True)
+        engine_args = dict(optimizations=optimizations, models_dir=Path(args.models_dir),
+                           cache_dir=Path(args.cache_dir) if args.cache_dir else None,
+                           outputs_dir=None if args.no_save else Path(args.outputs_dir), taesd=args.taesd,
+                           styles_file=Path(args.styles), result_cache_dir=results_dir(args),
+                           result_cache_bytes=args.result_cache_mb << 20, remote_hub=args.allow_hub_ids)
+        print(hardware, flush=True)
         if replicas:
-            pool = replica_pool(args, hardware, optimizations, warmup, defaults.get("guidance", 7.0))
-            print("Starting the replicas on Ray Serve (each loads the model, prepares its runtime and warms up)…",
-                  flush=True)
-            pool.start()
-            engine.use_replicas(pool)
-            if pool.info.get("model") != model.name:  # --serve-app: the replicas were deployed with their own
-                raise UserError(f"The replicas run {pool.info.get('source')}, this front loaded {args.model}: start "
-                                f"it with --model {pool.info.get('source')} (and its --model-config), so requests "
-                                f"are checked against the model that runs them.")
-            print(f"Replicas: {pool.describe()}; runtime {pool.name} ({pool.precision})", flush=True)
-        elif warmup:
-            tasks = tuple(t.strip() for t in args.warmup_tasks.split(",") if t.strip())
-            for r in engine.warmup(warmup, guidance=defaults.get("guidance", 7.0), tasks=tasks):
-                print(f"Warm-up {r.width}x{r.height}: {r.state}, {r.seconds:.1f} s", flush=True)
+            engine = start_replicas(args, hardware, engine_args, warmup, defaults.get("guidance", 7.0))
+            model = engine.model
+        else:
+            engine = Engine(hardware=hardware, runtime=args.runtime, **engine_args)
+            model = load_and_warm(args, engine, warmup, defaults.get("guidance", 7.0))
     except UserError as e:
         logging.getLogger("app").debug("start-up failed", exc_info=e)  # the cause, for --log-level debug
         print(f"error: {e}", file=sys.stderr)
-        if engine is not None and engine.pool is not None:
-            engine.pool.shutdown()
         return 2
     try:
         return launch_ui(args, engine, model, defaults, presets_dir, auth)
     finally:  # however serving ends (Ctrl-C, SIGTERM, a port in use): leave nothing deployed
-        if engine.pool is not None:
-            engine.pool.shutdown()
+        engine.close()
 
 
 def launch_ui(args, engine, model, defaults: dict, presets_dir: Path, auth) -> int:

@@ -51,7 +51,7 @@ def speed(args, out: dict, save) -> None:
     from engine import Engine
 
     engine = Engine(runtime="openvino", cache_dir=args.cache_dir, outputs_dir=None)
-    engine.jobs.preview_every = 0
+    engine.preview_every = 0
     out["machine"] = str(engine.hardware).splitlines()[0]
     request = {"prompt": PROMPT, "negative_prompt": "", "width": args.size, "height": args.size, "steps": args.steps,
                "guidance": 7.5, "sampler": "DPM++ 2M Karras", "seed": 1}
@@ -84,7 +84,7 @@ def quality(args, out: dict, save) -> None:
     from tools.shapes_score import PROMPTS, SEEDS, colours_right, prompt_text
 
     engine = Engine(runtime="openvino", cache_dir=args.cache_dir, outputs_dir=None)
-    engine.jobs.preview_every = 0
+    engine.preview_every = 0
     out["machine"] = str(engine.hardware).splitlines()[0]
     plain, rows = None, out.setdefault("rows", {})
     for name in args.names.split(","):

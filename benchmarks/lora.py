@@ -32,7 +32,7 @@ def shapes_engine(runtime: str, optimizations=None):
     from engine import Engine
 
     engine = Engine(runtime=runtime, optimizations=optimizations, outputs_dir=None)
-    engine.jobs.preview_every = 0
+    engine.preview_every = 0
     engine.load("builtin:shapes")
     return engine
 
@@ -120,7 +120,7 @@ def switch(out: dict) -> None:
         tagged = {**request, "prompt": "a photo <lora:r16:0.8>"}
         for runtime in ("pytorch", "openvino"):
             engine = Engine(runtime=runtime, models_dir=root, cache_dir=root / "cache", outputs_dir=None)
-            engine.jobs.preview_every = 0
+            engine.preview_every = 0
             start = time.perf_counter()
             engine.load("builtin:sd15")
             first = engine.txt2img(request)  # the plain model, compiled

@@ -61,7 +61,7 @@ class Bench:
 
         self.size, self.steps = size, steps
         self.engine = Engine(runtime="pytorch", cache_dir=cache_dir, taesd=taesd, outputs_dir=None)
-        self.engine.jobs.preview_every = 0
+        self.engine.preview_every = 0
         self.runtime = None
         self.loaded = False
 

@@ -26,7 +26,7 @@ def main(argv=None) -> int:
     out = {"model": "builtin:shapes", "steps": args.steps, "runtimes": {}}
     for name in args.runtimes.split(","):
         engine = Engine(runtime=name, outputs_dir=None)
-        engine.jobs.preview_every = 0
+        engine.preview_every = 0
         model = engine.load("builtin:shapes")
         size = model.native_size
         request = {"prompt": "a red circle on a blue background", "width": size, "height": size,

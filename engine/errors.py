@@ -11,3 +11,9 @@ class ModelLoadError(UserError):
 
 class RuntimeUnavailable(UserError):
     """A runtime the user asked for cannot run here; the message says why."""
+
+
+def one_line(e: BaseException) -> str:
+    """An exception as one line of at most ~300 characters, for a message that wraps it."""
+    text = " ".join(str(e).split())
+    return (text[:300] + "...") if len(text) > 300 else (text or type(e).__name__)

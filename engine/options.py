@@ -7,12 +7,12 @@ command-line flag); `OPTION_SPECS` reads it once, and the UI controls, the CLI f
 from __future__ import annotations
 
 import re
-import tomllib
 import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+import tomllib
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from engine.errors import UserError

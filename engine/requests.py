@@ -14,7 +14,7 @@ from typing import Any, Literal, TypeVar
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from engine.errors import UserError
-from engine.models.samplers import DEFAULT_SAMPLER, canonical_sampler
+from engine.samplers import DEFAULT_SAMPLER, canonical_sampler
 
 MIN_SIZE = 64
 MAX_SIZE = 2048

@@ -1,6 +1,5 @@
 import os
 import shutil
-import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -8,9 +7,7 @@ from typing import Any
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+ROOT = Path(__file__).resolve().parent.parent  # the repository and tests/ are on sys.path: pyproject.toml's pytest pythonpath
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 # Converted models and compiled blobs go to a per-run folder, not the user's cache (inherited by app processes).
@@ -22,7 +19,7 @@ def tiny_engine():
     from engine import Engine
     from engine.options import Optimizations
 
-    # fp32 on every CPU, so a test means the same wherever it runs; tests/test_precision.py forces each precision.
+    # fp32 on every CPU, so a test means the same wherever it runs; tests/engine/runtimes/test_precision.py forces each precision.
     engine = Engine(runtime="pytorch", optimizations=Optimizations(precision="fp32"))
     engine.load("builtin:tiny")
     return engine

@@ -2,7 +2,6 @@
 as it numbers them, and a fuzz test over every public endpoint of a running app."""
 import base64
 import csv
-import io
 import json
 import os
 import shutil
@@ -10,7 +9,6 @@ import stat
 import struct
 import threading
 import zlib
-from pathlib import Path
 
 import psutil
 import pytest
@@ -230,7 +228,7 @@ def test_6_failed_logins_are_throttled_per_client():
 
 
 def test_7_the_api_body_is_parsed_off_the_event_loop(tiny_engine, monkeypatch):
-    import ui.http.a1111.routes as sdapi
+    import ui.http.a1111.schemas as sdapi
 
     threads = []
     real = sdapi.json.loads

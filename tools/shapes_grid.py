@@ -30,7 +30,7 @@ def main(argv=None) -> int:
     from engine import Engine
 
     engine = Engine(runtime="pytorch", outputs_dir=None)
-    engine.jobs.preview_every = 0
+    engine.preview_every = 0
     engine.load("builtin:shapes")
     cell, caption_w = 128, 330
     grid = Image.new("RGB", (caption_w + cell * args.seeds, cell * len(PROMPTS)), "white")

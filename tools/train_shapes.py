@@ -227,7 +227,7 @@ def encode_set(work: Path, vae, count: int, seed: int):
 def train_unet(work: Path, steps: int, seed: int, batch: int = UNET_BATCH, lr: float = 8e-4, offset: float = 0.2):
     from diffusers import DDPMScheduler
 
-    from engine.models.loading import SD_SCHEDULER_CONFIG
+    from engine.models.builtin import SD_SCHEDULER_CONFIG
 
     torch.manual_seed(seed + 3)
     data = torch.load(work / "latents.pt")
@@ -293,7 +293,7 @@ def assemble(work: Path, out: Path, args: argparse.Namespace, seconds: dict):
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
-    from engine.models.loading import SD_SCHEDULER_CONFIG
+    from engine.models.builtin import SD_SCHEDULER_CONFIG
 
     vae = AutoencoderKL.from_pretrained(work / "vae")
     vae.register_to_config(scaling_factor=json.loads((work / "scaling.json").read_text())["scaling_factor"])

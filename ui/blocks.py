@@ -7,10 +7,10 @@ from typing import Any
 import gradio as gr
 
 from engine import Engine
+from ui.tabs import compare as compare_tab
 from engine.options import PRESETS_DIR
 from ui.components import UI_DEFAULTS
 from ui.formatting import HISTORY_COLUMNS, engine_markdown, history_rows
-from ui.tabs import compare as compare_tab
 from ui.tabs import engine as engine_tab
 from ui.tabs import hires_fix as hires_fix_tab
 from ui.tabs import img2img as img2img_tab

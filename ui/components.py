@@ -10,9 +10,9 @@ import gradio as gr
 from pydantic import BaseModel
 
 from engine import Engine
-from engine.lora.core import with_tag
-from engine.models.samplers import DEFAULT_SAMPLER, SAMPLER_NAMES
+from engine.lora.tags import with_tag
 from engine.requests import GenerationRequest, Txt2ImgRequest
+from engine.samplers import DEFAULT_SAMPLER, SAMPLER_NAMES
 from ui.running import reported
 
 UI_DEFAULTS: dict[str, Any] = {"prompt": "", "negative_prompt": "", "styles": [], "width": 256, "height": 256,
@@ -179,7 +179,7 @@ def model_pickers(engine: Engine) -> ModelPickers:
             load = gr.Button("Load model", variant="primary", size="sm")
             refresh = gr.Button("Refresh lists", size="sm")
     with gr.Row():
-        taesd_now = engine.taesd_name or NO_TINY_AUTOENCODER
+        taesd_now = engine.tiny.name or NO_TINY_AUTOENCODER
         taesd = gr.Dropdown(_with([NO_TINY_AUTOENCODER, *engine.tiny_autoencoder_names()], taesd_now),
                             value=taesd_now, label="Tiny autoencoder", scale=3, elem_id="taesd-picker",
                             info="fast decodes and real previews when the option is on; <models-dir>/taesd")

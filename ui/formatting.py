@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from engine.system.devices import GIB, live_memory
+from engine.system.devices import GIB
 
 if TYPE_CHECKING:
     from engine import Engine
@@ -50,12 +50,11 @@ def readout_markdown(readout: Readout, seeds: list[int], saved: list[str] | None
 
 def live_markdown(engine: Engine, live=None) -> str:
     """The running job's line; `live` is that job's LiveStatus (with replicas each job has its own)."""
-    live = live or engine.live
+    live = live or engine.live()
     if not live.running:
-        return ("Sent to the replicas, starting…" if engine.pool is not None
-                else "Waiting for the device (one job runs at a time)…")
+        return engine.waiting_text
     eta = f"{live.eta_s:.1f} s" if live.eta_s is not None else "…"
-    memory = live.memory or live_memory(engine.runtime.device).text()  # a replica's own, where it runs there
+    memory = engine.memory_text(live)  # where it runs: this machine, or a replica
     where = f" · on replica {live.where}" if live.where else ""
     return (f"**{live.task}: step {live.step} of {live.total or '…'}** · elapsed {live.elapsed_s:.1f} s · "
             f"{live.it_per_s:.2f} it/s · about {eta} left · {memory}{where}")

@@ -63,7 +63,7 @@ def stream_job(engine: Engine, call: Callable, progress, shown: Callable | None 
             progress(0, desc=f"Waiting: number {place.place} in line")
             yield gr.skip(), waiting_markdown(place), gr.skip(), gr.skip()
             continue
-        live = engine.live_of(thread.ident)
+        live = engine.live(thread.ident)
         if live.running and live.total:
             progress((live.step, live.total), desc=f"Step {live.step}/{live.total}")
         preview = gr.skip()

@@ -1,0 +1,1 @@
+"""Models: where they come from, loading them, their VAEs, tiny autoencoders and samplers."""

@@ -1,0 +1,1 @@
+"""The machine: hardware detection, device memory, tensors leaving the model, timers and readouts."""

@@ -72,6 +72,20 @@ def live_memory(device: str) -> LiveMemory:
     return LiveMemory(process_rss_bytes(), vram)
 
 
+def machine_memory(device: str) -> tuple[dict[str, int], dict[str, int] | None]:
+    """This machine's RAM {free, used, total} in bytes, and the CUDA device's (None where `device` is not CUDA)."""
+    import psutil
+
+    vm = psutil.virtual_memory()
+    ram = {"free": vm.available, "used": vm.total - vm.available, "total": vm.total}
+    if not is_cuda(device):
+        return ram, None
+    import torch
+
+    free, total = torch.cuda.mem_get_info()
+    return ram, {"free": int(free), "used": int(total - free), "total": int(total)}
+
+
 def is_out_of_memory(error: BaseException) -> bool:
     if isinstance(error, MemoryError):
         return True

@@ -7,7 +7,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from engine.lora.core import parse_prompt, strip_tags
+from engine.lora.tags import parse_prompt, strip_tags
 from engine.requests import IMAGE_SLOTS, GenerationRequest, load_image, parse_request
 from engine.tasks.context import DenoiseContext
 from engine.text.prompts import CHUNK, tokenize

@@ -8,8 +8,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from engine.lora.core import strip_tags
-from engine.models.samplers import make_scheduler
+from engine.lora.tags import strip_tags
+from engine.samplers import make_scheduler
 from engine.store.caches import PromptCache
 from engine.system.tensors import to_numpy
 from engine.tasks.context import DenoiseContext

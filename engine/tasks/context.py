@@ -30,6 +30,8 @@ class Step:
 
 
 class Extension:
+    tensor_inputs: tuple[str, ...] = ()  # pipeline tensors it reads or changes at a step end, beyond the latents
+
     def reset(self) -> None:
         """A new denoising pass begins."""
 
@@ -39,6 +41,14 @@ class Extension:
 
     def adjust(self, pipe, step: Step, tensors: dict) -> None:
         """A step ended: change what the pipeline carries into the next one (`tensors`, in place)."""
+
+    def details(self) -> dict:
+        """What it did, for the job's readout."""
+        return {}
+
+    def notices(self) -> list[str]:
+        """What the user should know of what it did, in a line each."""
+        return []
 
 
 class Progress(Extension):
@@ -71,6 +81,9 @@ class Preview(Extension):
                 self.failed = f"{type(e).__name__}: {e}"
         return False
 
+    def notices(self) -> list[str]:
+        return [f"Live preview failed ({self.failed}); the job went on without previews."] if self.failed else []
+
 
 class EarlyStop(Extension):
     """Ends a pass once the latents change by less than `threshold` (relative L2) in one step; only in
@@ -96,13 +109,22 @@ class EarlyStop(Extension):
             return True
         return False
 
+    def details(self) -> dict:
+        return {"early_stop_step": self.stopped["step"]} if self.stopped else {}
+
+    def notices(self) -> list[str]:
+        if not self.stopped:
+            return []
+        return [f"Early stop at step {self.stopped['step']} of {self.stopped['of']}: the latents changed by "
+                f"{self.stopped['change']:.2%} in that step (threshold {self.threshold:.2%})."]
+
 
 class CfgTruncation(Extension):
     """Guidance for the first `fraction` of a pass's steps, then none: the UNet runs once per step on the
     conditional half of the embeddings (batch 1 per image), as diffusers' SDCFGCutoffCallback does, but for
     any batch size. `guided` / `unguided` count the steps of the job."""
 
-    TENSORS = ("prompt_embeds", "add_text_embeds", "add_time_ids")  # SD's and SDXL's conditioning
+    tensor_inputs = ("prompt_embeds", "add_text_embeds", "add_time_ids")  # SD's and SDXL's conditioning
 
     def __init__(self, fraction: float):
         self.fraction = fraction
@@ -125,11 +147,16 @@ class CfgTruncation(Extension):
         self.guided += 1
         if step.local != self.cut_after(step.local_total) or step.local == step.local_total:
             return
-        for name in self.TENSORS:
+        for name in self.tensor_inputs:
             if tensors.get(name) is not None:
                 tensors[name] = tensors[name].chunk(2)[1]  # diffusers stacks [unconditional, conditional]
         pipe._guidance_scale = 0.0  # do_classifier_free_guidance is False from the next step on
         self._cut = True
+
+    def details(self) -> dict:
+        if not self.guided:
+            return {}
+        return {"guided_steps": f"{self.guided} (then {self.unguided} without guidance, UNet batch 1)"}
 
 
 class StopRequest(Extension):
@@ -178,7 +205,8 @@ class DenoiseContext:
 
     def tensor_inputs(self, pipe) -> list[str]:
         """The pipeline tensors the extensions read or change at each step end."""
+        allowed = getattr(pipe, "_callback_tensor_inputs", ())
         names = ["latents"]
-        if self.find(CfgTruncation) is not None:
-            names += [n for n in CfgTruncation.TENSORS if n in getattr(pipe, "_callback_tensor_inputs", ())]
+        for extension in self.extensions:
+            names += [n for n in extension.tensor_inputs if n in allowed and n not in names]
         return names

@@ -6,15 +6,8 @@ from PIL import Image
 
 from engine.requests import HiresFixRequest
 from engine.tasks.base import Task, TaskOutput
-from engine.tasks.common import (
-    decode_latents,
-    denoise,
-    derived_pipeline,
-    encode_images,
-    encode_request_prompt,
-    generators,
-    steps_for_strength,
-)
+from engine.tasks.common import (decode_latents, denoise, derived_pipeline, encode_images, encode_request_prompt,
+                                 generators, steps_for_strength)
 from engine.tasks.context import DenoiseContext
 
 

@@ -3,16 +3,8 @@ from __future__ import annotations
 
 from engine.requests import Img2ImgRequest
 from engine.tasks.base import Task, TaskOutput
-from engine.tasks.common import (
-    decode_latents,
-    denoise,
-    derived_pipeline,
-    encode_images,
-    encode_request_prompt,
-    fit_image,
-    generators,
-    steps_for_strength,
-)
+from engine.tasks.common import (decode_latents, denoise, derived_pipeline, encode_images, encode_request_prompt,
+                                 fit_image, generators, steps_for_strength)
 from engine.tasks.context import DenoiseContext
 
 

@@ -13,15 +13,8 @@ from PIL import Image
 
 from engine.requests import TiledUpscaleRequest
 from engine.tasks.base import Task, TaskOutput
-from engine.tasks.common import (
-    decode_latents,
-    denoise,
-    derived_pipeline,
-    encode_images,
-    encode_request_prompt,
-    generators,
-    steps_for_strength,
-)
+from engine.tasks.common import (decode_latents, denoise, derived_pipeline, encode_images, encode_request_prompt,
+                                 generators, steps_for_strength)
 from engine.tasks.context import DenoiseContext
 from engine.tasks.tiling import Blender, Tile, grid
 

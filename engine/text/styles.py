@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from engine.errors import UserError
+from engine.requests import parse_request
 from engine.store.outputs import write_text_atomically
 
 log = logging.getLogger(__name__)
@@ -105,6 +106,16 @@ class Styles:
             why = f" ({self.error})" if self.error else ""
             raise UserError(f"Unknown style {name!r}; styles are: {known}.{why}")
         return styles[name]
+
+    def applied(self, request_type, request):
+        """`request` (a dict or a request of `request_type`) with its styles expanded into the prompt pair; the
+        style names stay, for the PNG."""
+        if isinstance(request, dict):
+            request = parse_request(request_type, request)
+        if not request.styles:
+            return request
+        prompt, negative = self.expand(request.prompt, request.negative_prompt, request.styles)
+        return request.model_copy(update={"prompt": prompt, "negative_prompt": negative})
 
     def expand(self, prompt: str, negative: str, names) -> tuple[str, str]:
         """The prompt pair with these styles applied, in order."""

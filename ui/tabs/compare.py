@@ -9,9 +9,10 @@ from typing import Any
 import gradio as gr
 
 from engine import Engine
-from engine.compare.run import AXES, MAX_COLUMNS, CompareProgress, Comparison, available_runtimes
-from engine.models.samplers import SAMPLER_NAMES
+from engine.compare.columns import AXES, MAX_COLUMNS, CompareProgress, Comparison, available_runtimes
+from engine.compare.run import compare as compare_columns
 from engine.options import preset_names
+from engine.samplers import SAMPLER_NAMES
 from ui.components import common_controls, common_request, prompt_boxes, size_sliders
 from ui.formatting import history_rows, live_markdown
 from ui.running import POLL_S, run_in_thread, user_facing
@@ -115,15 +116,15 @@ def build(engine: Engine, d: dict[str, Any], history: gr.Dataframe, presets_dir:
                    **common_request(prompt, negative_prompt, steps, guidance, sampler, seed, 1, styles)}
         stop_event, state = threading.Event(), {}
         running["stop"] = stop_event
-        thread, box = run_in_thread(lambda: engine.compare(
-            request, axis, [value_1, value_2, value_3, value_4], presets_dir=presets_dir, warm_up=bool(warm_up),
+        thread, box = run_in_thread(lambda: compare_columns(
+            engine, request, axis, [value_1, value_2, value_3, value_4], presets_dir=presets_dir, warm_up=bool(warm_up),
             progress=lambda p: state.update(now=p), stop=stop_event))
         progress(0, desc="Waiting for the device")
         last_preview = -1
         try:
             while thread.is_alive():
                 thread.join(POLL_S)
-                now, live = state.get("now"), engine.live
+                now, live = state.get("now"), engine.live(thread.ident)
                 if now is None:
                     continue
                 done = (now.column - 1 + (now.step / now.total if now.total else 0)) / now.columns

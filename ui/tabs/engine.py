@@ -28,10 +28,9 @@ def build(engine: Engine, d: dict[str, Any], guidance: gr.Slider) -> EngineTab:
     """`guidance` is the txt2img tab's slider: warm-up prepares the UNet for that guidance (<= 1: no CFG)."""
     info = gr.Markdown(engine_markdown(engine))
     # With replicas the runtime, model and warm-up are the command line's, for every replica: shown, not offered.
-    fixed = {"interactive": False, "info": "set for every replica at start (--runtime, --model, --warmup)"} \
-        if engine.pool is not None else {}
+    fixed = {"interactive": False, "info": engine.status()["fixed"]} if engine.status()["fixed"] else {}
     with gr.Row():
-        runtime = gr.Dropdown(list(CHOICES), value=engine.status()["runtime"] if fixed else engine.runtime_wish,
+        runtime = gr.Dropdown(list(CHOICES), value=engine.status()["runtime" if fixed else "wish"],
                               label="Runtime", **fixed)
         use_runtime = gr.Button("Use this runtime", interactive=not fixed)
     with gr.Row():
@@ -91,7 +90,7 @@ def wire_runtime(engine: Engine, tab: EngineTab, options: OptionsTab) -> None:
         progress(0, desc=f"Preparing {runtime} (first use of a model converts it; later starts read the cache)")
         with reported("Switching runtime"):
             choice = engine.set_runtime(runtime)
-        return (engine_markdown(engine), f"Now using **{choice.name}** ({engine.runtime.precision}): {choice.reason}.",
+        return (engine_markdown(engine), f"Now using **{choice.name}** ({engine.status()['precision']}): {choice.reason}.",
                 options_markdown(engine), *option_updates(engine))
 
     tab.use_runtime.click(set_runtime, inputs=[tab.runtime], outputs=[tab.info, tab.message, options.info,

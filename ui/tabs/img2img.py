@@ -7,15 +7,8 @@ import gradio as gr
 
 from engine import Engine
 from engine.requests import Img2ImgRequest, ResizeMode
-from ui.components import (
-    Controls,
-    common_controls,
-    common_request,
-    field_default,
-    field_slider,
-    generation_tab,
-    prompt_boxes,
-)
+from ui.components import (Controls, common_controls, common_request, field_default, field_slider, generation_tab,
+                           prompt_boxes)
 from ui.running import stream_job
 
 

@@ -10,17 +10,9 @@ import gradio as gr
 from pydantic import ValidationError
 
 from engine import Engine, UserError
-from engine.lora.core import with_tag, without_tags
-from engine.options import (
-    OPTION_SPECS,
-    Optimizations,
-    OptionSpec,
-    Preset,
-    load_preset,
-    preset_loras,
-    preset_names,
-    save_preset,
-)
+from engine.lora.tags import with_tag, without_tags
+from engine.options import (OPTION_SPECS, Optimizations, OptionSpec, Preset, load_preset, preset_loras, preset_names,
+                            save_preset)
 from engine.requests import describe_validation_error
 from ui.components import Controls
 from ui.formatting import engine_markdown, options_markdown

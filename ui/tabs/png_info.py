@@ -6,7 +6,7 @@ from typing import Any
 import gradio as gr
 
 from engine import Engine
-from engine.models.samplers import SAMPLER_NAMES
+from engine.samplers import SAMPLER_NAMES
 from engine.store.metadata import parse_parameters
 from engine.store.outputs import read_parameters
 from ui.components import Controls

@@ -7,15 +7,8 @@ import gradio as gr
 
 from engine import Engine
 from engine.requests import Txt2ImgRequest
-from ui.components import (
-    Controls,
-    common_controls,
-    common_request,
-    field_slider,
-    generation_tab,
-    prompt_boxes,
-    size_sliders,
-)
+from ui.components import (Controls, common_controls, common_request, field_slider, generation_tab, prompt_boxes,
+                           size_sliders)
 from ui.running import stream_job
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import psutil
 import pytest
-from appserver import running_app
+from appserver import ROOT, running_app
 from gradio_client import Client
 from PIL import Image
 
@@ -245,16 +245,16 @@ def test_the_documented_serve_configs_deploy_what_they_say():
     import yaml
     from ray.serve.schema import ServeDeploySchema
 
-    from engine.replicas.pool import build_app
+    from engine.replicas.replica import build_app
 
-    root = Path(__file__).resolve().parent.parent / "docs" / "ray"
+    root = ROOT / "docs" / "ray"
     plain = yaml.safe_load((root / "serve-config.yaml").read_text())
     service = yaml.safe_load((root / "rayservice.yaml").read_text())
     assert service["kind"] == "RayService"
     for config in (plain, yaml.safe_load(service["spec"]["serveConfigV2"])):
         schema = ServeDeploySchema.model_validate(config)
         (app,) = schema.applications
-        assert app.import_path == "engine.replicas.pool:build_app" and app.route_prefix is None
+        assert app.import_path == "engine.replicas.replica:build_app" and app.route_prefix is None
         deployment = build_app(app.args)._bound_deployment
         assert deployment.ray_actor_options["num_gpus"] == 1
         assert deployment._deployment_config.max_ongoing_requests == 1

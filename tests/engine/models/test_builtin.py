@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from engine import Engine
-from engine.models.loading import ASSETS_MODELS
+from engine.models.builtin import ASSETS_MODELS
 from tools.shapes_score import PROMPTS, SEEDS, analyse
 
 needs_model = pytest.mark.skipif(not (ASSETS_MODELS / "shapes" / "model_index.json").is_file(),

@@ -125,7 +125,7 @@ def test_identity_is_stable_across_processes():
 
     from appserver import ROOT
 
-    code = "from engine.models import model_identity, resolve_source; print(model_identity(resolve_source('builtin:tiny')))"
+    code = "from engine.models.sources import model_identity, resolve_source; print(model_identity(resolve_source('builtin:tiny')))"
     ids = {subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True).stdout.strip()
            for _ in range(2)}
     assert len(ids) == 1 and ids.pop().startswith("builtin-tiny-")

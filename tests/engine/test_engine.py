@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from engine import Engine, ModelLoadError, UserError
-from engine.models.samplers import SAMPLER_NAMES
+from engine.samplers import SAMPLER_NAMES
 
 
 def gen(engine, **kw):
@@ -129,10 +129,10 @@ def test_batch_that_cannot_fit_in_memory_is_refused_before_work(tiny_engine, mon
 
     real = psutil.virtual_memory()
     monkeypatch.setattr(psutil, "virtual_memory", lambda: real._replace(available=50 << 20))
-    live_before, steps = tiny_engine.live, []
+    live_before, steps = tiny_engine.live(), []
     with pytest.raises(UserError, match="GiB RAM is free: lower the size or batch size"):
         tiny_engine.txt2img({"prompt": "x", "width": 2048, "height": 2048, "batch_size": 8, "steps": 1},
                             progress=lambda i, n: steps.append(i))
-    assert steps == [] and tiny_engine.live is live_before  # refused before the job started
+    assert steps == [] and tiny_engine.live() is live_before  # refused before the job started
     monkeypatch.undo()
     assert gen(tiny_engine).images

@@ -3,8 +3,8 @@ import math
 import pytest
 
 from engine.errors import UserError
-from engine.models.samplers import SAMPLER_NAMES
 from engine.requests import Txt2ImgRequest, parse_request, snap_size
+from engine.samplers import SAMPLER_NAMES
 
 
 def test_defaults_are_valid():

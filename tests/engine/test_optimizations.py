@@ -160,14 +160,14 @@ def taesd_dir(tmp_path_factory):
 
 def test_tiny_autoencoder_replaces_the_vae_decode(taesd_dir, baseline):
     engine = engine_with(Optimizations(tiny_vae=True, prompt_cache=False), taesd=str(taesd_dir))
-    vae_calls, tiny_calls = Calls(engine.model.pipe.vae.decoder), Calls(engine.taesd.decoder)
+    vae_calls, tiny_calls = Calls(engine.model.pipe.vae.decoder), Calls(engine.tiny.module.decoder)
     result = engine.txt2img(REQ)
     vae_calls.close(), tiny_calls.close()
     assert vae_calls.n == 0 and tiny_calls.n == 1 + 3  # the decode, and live previews at steps 2, 4, 6
     assert result.readout.details["decoder"].startswith("tiny autoencoder")
     assert result.images[0].size == (128, 128)
     assert not np.array_equal(pixels(result), pixels(baseline[1]))
-    assert engine.live.preview is not None  # previews come from the tiny autoencoder too
+    assert engine.live().preview is not None  # previews come from the tiny autoencoder too
 
 
 def test_tiny_autoencoder_on_openvino(taesd_dir):
@@ -267,7 +267,7 @@ def test_four_presets_ship_and_load():
 
 
 def test_fastest_preset_adds_the_shipped_lcm_lora_on_shapes_and_says_what_others_need():
-    from engine.lora.core import available
+    from engine.lora.tags import available
 
     fastest = load_preset("fastest")
     name, line = fastest.lora.advice("builtin:shapes")

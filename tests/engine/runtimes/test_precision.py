@@ -12,14 +12,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from appserver import ROOT
 from PIL import Image
-from test_lora import known_matrices, save_kohya
+from lora_files import known_matrices, save_kohya
 
 from engine import Engine
+from engine.compare.run import compare
 from engine.options import Optimizations
 from engine.system.hardware import HardwareReport, parse_cpuinfo
 
-CPUINFO = Path(__file__).parent / "data" / "cpuinfo"
+CPUINFO = ROOT / "tests" / "data" / "cpuinfo"
 REQ = {"prompt": "a red circle on a blue background", "width": 64, "height": 64, "steps": 3, "seed": 5,
        "sampler": "Euler", "guidance": 5.0}
 
@@ -76,7 +78,7 @@ def test_pytorch_txt2img_with_previews(torch_engine):
     result = torch_engine.txt2img(REQ)
     check_image(result)
     assert result.readout.precision == torch_engine.runtime.precision
-    live = torch_engine.live
+    live = torch_engine.live()
     assert isinstance(live.preview, Image.Image) and live.preview_step == REQ["steps"]
     assert picture(live.preview).shape == (64, 64, 3)
     assert result.saved_paths and Path(result.saved_paths[0]).is_file()
@@ -89,7 +91,7 @@ def test_pytorch_previews_and_decodes_through_the_tiny_autoencoder(torch_engine)
         result = torch_engine.txt2img(REQ)
         check_image(result)
         assert result.readout.details["decoder"].startswith("tiny autoencoder")
-        assert torch_engine.live.preview.size == (64, 64)
+        assert torch_engine.live().preview.size == (64, 64)
     finally:
         torch_engine.set_optimizations(options)
 
@@ -139,7 +141,7 @@ def test_pytorch_deepcache(torch_engine):
 
 
 def test_pytorch_compare_measures_psnr(torch_engine):
-    comparison = torch_engine.compare(REQ, "steps", [2, 3])
+    comparison = compare(torch_engine, REQ, "steps", [2, 3])
     assert all(c.image is not None and c.error is None for c in comparison.columns), \
         [c.error for c in comparison.columns]
     assert comparison.columns[1].psnr is not None and math.isfinite(comparison.columns[1].psnr)
@@ -166,7 +168,7 @@ def ov_engine(request, ov_cache, lora_dir):
 def test_openvino_txt2img_img2img_hires_and_tiles(ov_engine):
     result = ov_engine.txt2img(REQ)
     check_image(result)
-    assert ov_engine.live.preview_step == REQ["steps"] and ov_engine.live.preview is not None
+    assert ov_engine.live().preview_step == REQ["steps"] and ov_engine.live().preview is not None
     check_image(ov_engine.img2img({**REQ, "strength": 0.6}, noise_image()))
     check_image(ov_engine.hires_fix({**REQ, "factor": 1.5, "upscaler": "Lanczos", "hires_strength": 0.5}), (96, 96))
     check_image(ov_engine.tiled_upscale({**TILED, "factor": 2, "tile_size": 64, "tile_overlap": 16, "strength": 0.4},
@@ -178,7 +180,7 @@ def test_openvino_lora_and_compare(ov_engine):
     with_lora = ov_engine.txt2img({**REQ, "prompt": REQ["prompt"] + " <lora:known:1>"})
     check_image(with_lora)
     assert np.abs(picture(with_lora.images[0]) - plain).mean() > 0.5
-    comparison = ov_engine.compare(REQ, "steps", [2, 3])
+    comparison = compare(ov_engine, REQ, "steps", [2, 3])
     assert all(c.image is not None for c in comparison.columns), [c.error for c in comparison.columns]
 
 
@@ -202,8 +204,8 @@ def test_a_failing_preview_still_delivers_the_image_and_says_so_once(tiny_engine
         calls.append(step)
         raise TypeError("Got unsupported ScalarType BFloat16")
 
-    monkeypatch.setattr(tiny_engine.jobs, "_preview", broken)
-    monkeypatch.setattr(tiny_engine.jobs, "preview_every", 1)
+    monkeypatch.setattr(tiny_engine.runner, "_preview", broken)
+    monkeypatch.setattr(tiny_engine, "preview_every", 1)
     with caplog.at_level(logging.WARNING):
         result = tiny_engine.txt2img({**REQ, "steps": 4, "seed": 99})
     assert result.images[0].size == (64, 64) and picture(result.images[0]).std() > 0.5
@@ -222,8 +224,8 @@ def test_failing_save_history_or_cache_still_delivers_the_image(tmp_path, monkey
     def fails(*args, **kwargs):
         raise OSError("No space left on device")
 
-    monkeypatch.setattr("engine.jobs.runner.save_png", fails)
-    monkeypatch.setattr(engine.jobs.result_cache, "put", fails)
+    monkeypatch.setattr("engine.jobs.records.save_png", fails)
+    monkeypatch.setattr(engine.records.result_cache, "put", fails)
     result = engine.txt2img(REQ)
     assert result.images[0].size == (64, 64) and not result.saved_paths
     said = " ".join(result.readout.notices)

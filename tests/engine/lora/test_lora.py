@@ -11,59 +11,11 @@ from safetensors.torch import save_file
 
 from engine import Engine
 from engine.errors import UserError
-from engine.lora.core import LoraUse, parse_prompt, with_tag, without_tags
+from engine.lora.tags import LoraUse, parse_prompt, with_tag, without_tags
 from engine.store.metadata import format_parameters, parse_parameters
+from lora_files import ALPHA, LAYERS, RANK, REQUEST, known_matrices, save_kohya, save_peft
 
-RANK, ALPHA = 4, 2.0
 # (component, module): a Linear, a 3x3 Conv2d, a 1x1 Conv2d given a Linear-shaped LoRA, a text-encoder Linear
-LAYERS = [("unet", "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k"),
-          ("unet", "down_blocks.0.resnets.0.conv1"),
-          ("unet", "up_blocks.1.attentions.0.proj_in"),
-          ("text_encoder", "encoder.layers.0.self_attn.q_proj")]  # transformers 5 names (no text_model.)
-REQUEST = {"prompt": "a red circle", "width": 64, "height": 64, "steps": 3, "guidance": 5.0, "sampler": "Euler",
-           "seed": 3}
-
-
-def known_matrices(pipe, seed=0):
-    """(component, module) -> (down, up), the LoRA's matrices, made from a fixed seed."""
-    g = torch.Generator().manual_seed(seed)
-    out = {}
-    for component, name in LAYERS:
-        w = getattr(pipe, component).get_submodule(name).weight
-        down = torch.randn((RANK, w[0].numel()), generator=g) * 0.5
-        if w.dim() == 4 and w.shape[-1] == 3:
-            down = down.reshape(RANK, w.shape[1], 3, 3)
-        up = torch.randn((w.shape[0], RANK), generator=g) * 0.5
-        out[(component, name)] = (down, up)
-    return out
-
-
-def file_name(component, name):
-    """What LoRA files call a layer: CLIP's layers under text_model. (as before transformers 5)."""
-    return ("text_model." if component.startswith("text_encoder") else "") + name
-
-
-def save_kohya(path, matrices):
-    prefix = {"unet": "lora_unet_", "text_encoder": "lora_te_"}
-    state = {}
-    for (component, name), (down, up) in matrices.items():
-        key = prefix[component] + file_name(component, name).replace(".", "_")
-        state[f"{key}.lora_down.weight"] = down.contiguous()
-        state[f"{key}.lora_up.weight"] = (up[:, :, None, None] if down.dim() == 4 else up).contiguous()
-        state[f"{key}.alpha"] = torch.tensor(ALPHA)
-    save_file(state, str(path))
-
-
-def save_peft(path, matrices):
-    """diffusers' own layout: unet.<module>.lora_A/lora_B, alpha in the lora_adapter_metadata JSON."""
-    state = {}
-    for (component, name), (down, up) in matrices.items():
-        state[f"{component}.{file_name(component, name)}.lora_A.weight"] = down.contiguous()
-        state[f"{component}.{file_name(component, name)}.lora_B.weight"] = (up[:, :, None, None] if down.dim() == 4 else up).contiguous()
-    meta = {"unet.lora_alpha": ALPHA, "unet.r": RANK, "text_encoder.lora_alpha": ALPHA, "text_encoder.r": RANK}
-    save_file(state, str(path), metadata={"lora_adapter_metadata": json.dumps(meta)})
-
-
 @pytest.fixture(scope="module")
 def models_dir(tmp_path_factory):
     from engine.models.loading import load_model
@@ -82,7 +34,7 @@ def models_dir(tmp_path_factory):
 def engine(models_dir):
     engine = Engine(runtime="pytorch", models_dir=models_dir)
     engine.load("builtin:tiny")
-    engine.jobs.preview_every = 0
+    engine.preview_every = 0
     return engine
 
 
@@ -167,7 +119,7 @@ def test_prompt_syntax():
 def test_openvino_runs_the_lora_like_pytorch_and_caches_the_fused_parts(engine, models_dir, tiny_ov_cache):
     ov = Engine(runtime="openvino", models_dir=models_dir, cache_dir=tiny_ov_cache)  # the plain parts are cached
     ov.load("builtin:tiny")
-    ov.jobs.preview_every = 0
+    ov.preview_every = 0
     lora_request = {**REQUEST, "prompt": "a red circle <lora:known-kohya:1>"}
     plain = np.asarray(ov.txt2img(REQUEST).images[0], dtype=np.float32)
     first = ov.txt2img(lora_request)
@@ -188,7 +140,7 @@ def test_openvino_runs_the_lora_like_pytorch_and_caches_the_fused_parts(engine, 
 def test_kohya_sdxl_files_name_the_sgm_blocks_and_are_mapped(tmp_path):
     """kohya trains SDXL on the sgm UNet: input_blocks_3_1 is down_blocks.1.attentions.0 on this layout
     (one layer per block, two blocks); the expected names are worked out by hand from that layout."""
-    from engine.lora import core as lora
+    from engine.lora.plan import plan
     from engine.models.loading import load_model
 
     model = load_model("builtin:tiny-sdxl")
@@ -210,17 +162,17 @@ def test_kohya_sdxl_files_name_the_sgm_blocks_and_are_mapped(tmp_path):
         state[f"{key}.lora_up.weight"] = torch.zeros((w.shape[0], 2, 1, 1)[: w.dim()])
     (tmp_path / "lora").mkdir()
     save_file(state, str(tmp_path / "lora" / "xl.safetensors"))
-    result = lora.plan(model.pipe, "sdxl", LoraUse("xl"), tmp_path)
+    result = plan(model.pipe, "sdxl", LoraUse("xl"), tmp_path)
     assert result.unmatched == 0
     assert {name for _, name, _ in result.pairs} == set(expected.values())
     with pytest.raises(UserError, match="for SDXL models; the loaded model is SD 1.x"):
-        lora.plan(model.pipe, "sd1", LoraUse("xl"), tmp_path)
+        plan(model.pipe, "sd1", LoraUse("xl"), tmp_path)
 
 
 def test_older_diffusers_names_and_rslora_scale(tmp_path):
     """attn processors' to_out_lora / to_q_lora (old diffusers files), CLIP's processor names, and rsLoRA's
     alpha/sqrt(rank) scale from the PEFT metadata."""
-    from engine.lora import core as lora
+    from engine.lora.plan import plan
     from engine.models.loading import load_model
 
     pipe = load_model("builtin:tiny").pipe
@@ -235,7 +187,7 @@ def test_older_diffusers_names_and_rslora_scale(tmp_path):
     save_file(state, str(tmp_path / "lora" / "old.safetensors"),
               metadata={"lora_adapter_metadata": json.dumps({"unet.lora_alpha": 8, "unet.r": 4,
                                                              "unet.use_rslora": True})})
-    result = lora.plan(pipe, "sd1", LoraUse("old"), tmp_path)
+    result = plan(pipe, "sd1", LoraUse("old"), tmp_path)
     assert result.unmatched == 0
     assert {n for _, n, _ in result.pairs} == {f"{attn}.to_out.0", f"{attn}.to_q", "encoder.layers.0.self_attn.out_proj"}
     unet_layer = next(layer for c, _, layer in result.pairs if c == "unet")

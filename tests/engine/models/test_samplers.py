@@ -1,8 +1,8 @@
 import pytest
 
 from engine.errors import UserError
-from engine.models.loading import SD_SCHEDULER_CONFIG
-from engine.models.samplers import SAMPLER_NAMES, canonical_sampler, make_scheduler
+from engine.models.builtin import SD_SCHEDULER_CONFIG
+from engine.samplers import SAMPLER_NAMES, canonical_sampler, make_scheduler
 
 EXPECTED = {"Euler", "Euler a", "DPM++ 2M", "DPM++ 2M Karras", "UniPC", "DDIM", "LCM", "TCD", "Euler trailing",
             "DPM++ 2M trailing"}
@@ -31,8 +31,8 @@ def test_unknown_sampler():
 
 
 def test_ddim_does_not_clip_sd_latents():
-    from engine.models.loading import SD_SCHEDULER_CONFIG
-    from engine.models.samplers import make_scheduler
+    from engine.models.builtin import SD_SCHEDULER_CONFIG
+    from engine.samplers import make_scheduler
 
     assert make_scheduler("DDIM", SD_SCHEDULER_CONFIG).config.clip_sample is False
 

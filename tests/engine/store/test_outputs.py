@@ -1,6 +1,5 @@
 """Saved outputs, PNG parameters, live status, stop."""
 import threading
-import time
 
 import pytest
 from PIL import Image
@@ -102,7 +101,7 @@ def test_stop_from_another_thread_ends_a_50_step_job_within_two_steps(tiny_engin
     thread.start()
     assert fifth.wait(120), "the job never reached step 5"
     tiny_engine.stop()
-    seen_at_stop = tiny_engine.live.step
+    seen_at_stop = tiny_engine.live().step
     thread.join(120)
     assert not thread.is_alive()
     r = box["r"]
@@ -114,12 +113,12 @@ def test_live_status_and_preview_during_a_job(tiny_engine):
     seen = []
 
     def progress(i, n):
-        live = tiny_engine.live
+        live = tiny_engine.live()
         seen.append((live.running, live.step, live.total, live.preview is not None))
 
     tiny_engine.txt2img({"width": 128, "height": 128, "steps": 6, "seed": 1}, progress=progress)
     assert all(running for running, *_ in seen)
     assert [s for _, s, _, _ in seen] == list(range(1, 7)) and seen[-1][2] == 6
     assert any(has_preview for *_, has_preview in seen)
-    assert tiny_engine.live.preview.size == (128, 128) and not tiny_engine.live.running
+    assert tiny_engine.live().preview.size == (128, 128) and not tiny_engine.live().running
     assert tiny_engine.history[0]["task"] == "txt2img"

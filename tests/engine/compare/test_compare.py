@@ -6,6 +6,7 @@ import pytest
 from PIL import Image
 
 from engine import UserError
+from engine.compare.run import compare
 from engine.store.metadata import parse_parameters
 from engine.store.outputs import read_parameters
 
@@ -42,7 +43,7 @@ def setup_of(engine):
 def test_four_step_counts_give_four_images_and_psnr_against_the_first(engine):
     before = setup_of(engine)
     seen = []
-    c = engine.compare({**REQUEST, "seed": -1, "batch_size": 3}, "steps", ["4", 2, " ", 4, "8"], progress=seen.append)
+    c = compare(engine, {**REQUEST, "seed": -1, "batch_size": 3}, "steps", ["4", 2, " ", 4, "8"], progress=seen.append)
     assert [col.label for col in c.columns] == ["steps: 4", "steps: 2", "steps: 4", "steps: 8"]  # blanks: no column
     assert all(col.image is not None and col.image.size == (64, 64) for col in c.columns)
     assert [col.result.readout.steps for col in c.columns] == [4, 2, 4, 8]
@@ -58,7 +59,7 @@ def test_four_step_counts_give_four_images_and_psnr_against_the_first(engine):
 
 def test_four_samplers(engine):
     jobs = len(engine.history)
-    c = engine.compare(REQUEST, "sampler", ["euler", "Euler a", "DDIM", "UniPC"], warm_up=False)
+    c = compare(engine, REQUEST, "sampler", ["euler", "Euler a", "DDIM", "UniPC"], warm_up=False)
     assert len(engine.history) - jobs == 4 and all(col.setup_s < 1 for col in c.columns)
     assert [col.label for col in c.columns] == ["sampler: Euler", "sampler: Euler a", "sampler: DDIM",
                                                 "sampler: UniPC"]
@@ -69,7 +70,7 @@ def test_four_samplers(engine):
 
 def test_the_grid_png_is_saved_with_its_parameters(engine):
     before, jobs = set(engine.outputs_dir.rglob("*.png")), len(engine.history)
-    c = engine.compare(REQUEST, "steps", [2, 3])
+    c = compare(engine, REQUEST, "steps", [2, 3])
     assert c.saved_path and c.saved_path.endswith("-7.png")
     saved = {str(p) for p in set(engine.outputs_dir.rglob("*.png")) - before}
     assert saved == {c.saved_path, *(col.result.saved_paths[0] for col in c.columns)}  # warm-up steps are not saved
@@ -93,7 +94,7 @@ def test_a_preset_column_applies_it_and_the_setup_is_restored(engine, presets):
         if p.phase == "running":
             applied[p.label] = list(engine.runtime.applied)
 
-    c = engine.compare(REQUEST, "preset", ["quality", "fastest"], presets_dir=presets, progress=progress)
+    c = compare(engine, REQUEST, "preset", ["quality", "fastest"], presets_dir=presets, progress=progress)
     quality, fastest = c.columns
     assert (quality.request.steps, quality.request.sampler) == (30, "DPM++ 2M Karras")
     assert (fastest.request.steps, fastest.request.sampler, fastest.request.guidance) == (4, "LCM", 1.0)
@@ -105,13 +106,13 @@ def test_a_preset_column_applies_it_and_the_setup_is_restored(engine, presets):
 
 def test_a_failing_column_shows_its_message_and_the_others_run(engine, presets):
     before = setup_of(engine)
-    c = engine.compare(REQUEST, "preset", ["broken-lora", "balanced"], presets_dir=presets)
+    c = compare(engine, REQUEST, "preset", ["broken-lora", "balanced"], presets_dir=presets)
     broken, balanced = c.columns
     assert broken.image is None and "no-such-lora" in broken.error and "\n" not in broken.error
     assert balanced.image is not None and balanced.reference  # the first column with an image is the reference
     assert "no-such-lora" in c.parameters_text and setup_of(engine) == before
     assert engine.txt2img({**REQUEST, "steps": 1}).images  # the engine still serves
-    only = engine.compare(REQUEST, "preset", ["broken-lora"], presets_dir=presets)
+    only = compare(engine, REQUEST, "preset", ["broken-lora"], presets_dir=presets)
     assert only.columns[0].psnr_text == "n/a" and only.grid.width > 64 and only.saved_path  # a grid of the message
 
 
@@ -129,7 +130,7 @@ def test_a_failing_column_shows_its_message_and_the_others_run(engine, presets):
 def test_a_bad_value_is_one_clear_error_before_anything_runs(engine, axis, values, message):
     jobs = len(engine.history)
     with pytest.raises(UserError, match=message):
-        engine.compare(REQUEST, axis, values)
+        compare(engine, REQUEST, axis, values)
     assert len(engine.history) == jobs
 
 
@@ -139,7 +140,7 @@ def test_a_runtime_that_cannot_run_here_is_refused(engine):
     if unavailable_reason("onediff", engine.hardware) is None:
         pytest.skip("OneDiff runs here")
     with pytest.raises(UserError, match="cannot run here"):
-        engine.compare(REQUEST, "runtime", ["pytorch", "onediff"])
+        compare(engine, REQUEST, "runtime", ["pytorch", "onediff"])
 
 
 def test_stop_ends_the_running_column_and_skips_the_rest(engine):
@@ -149,7 +150,7 @@ def test_stop_ends_the_running_column_and_skips_the_rest(engine):
         if p.column == 2 and p.phase == "running" and p.step >= 2:
             stop.set()
 
-    c = engine.compare({**REQUEST, "steps": 20}, "steps", [3, 20, 5, 6], progress=progress, stop=stop)
+    c = compare(engine, {**REQUEST, "steps": 20}, "steps", [3, 20, 5, 6], progress=progress, stop=stop)
     first, second, *rest = c.columns
     assert first.result.readout.steps == 3 and not first.stopped
     assert second.stopped and 2 <= second.result.readout.steps < 20
@@ -163,7 +164,7 @@ def test_runtime_columns_switch_and_the_runtime_is_restored(engine):
     if unavailable_reason("openvino", engine.hardware):
         pytest.skip("OpenVINO does not run here")
     before = setup_of(engine)
-    c = engine.compare(REQUEST, "runtime", ["openvino", "pytorch"])
+    c = compare(engine, REQUEST, "runtime", ["openvino", "pytorch"])
     assert [col.result.readout.runtime for col in c.columns] == ["openvino", "pytorch"]
     assert c.columns[0].result.readout.shape_cache == "warm (cache hit)"  # compiled in the warm-up, not timed
     assert c.columns[1].psnr > 20  # the same model on two runtimes: close, not necessarily identical

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 
 from engine import Engine
+from engine.jobs.result_cache import DiskResultCache
 from engine.options import Optimizations
-from engine.store.caches import DiskResultCache
 
 REQ = {"prompt": "a red circle", "width": 64, "height": 64, "steps": 1, "seed": 8}
 
@@ -47,7 +47,7 @@ def test_a_hit_after_a_restart_returns_the_same_result(first, restarted):
 @pytest.mark.parametrize("damage", ["image", "meta", "missing"])
 def test_a_damaged_entry_is_rebuilt_never_served(first, restarted, damage):
     folder, before = first
-    cache = restarted.jobs.result_cache
+    cache = restarted.records.result_cache
     entry = next(p.parent for p in folder.glob("*/meta.json")
                  if json.loads(p.read_text())["result"]["parameters"]["seed"] == 8)
     if damage == "image":

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from PIL import Image
 from pydantic import BaseModel
 
-from engine.models.samplers import SAMPLER_NAMES
+from engine.samplers import SAMPLER_NAMES
 
 USER, PASSWORD = "ann", "s3cret-pass"
 PROMPT = "a red circle on a blue background"

@@ -7,8 +7,9 @@ from ldm_export import vae_to_ldm
 from safetensors.torch import save_file
 
 from engine import Engine, UserError
-from engine.lora.core import available as available_loras
-from engine.models.loading import available_models, available_tiny_autoencoders, available_vaes, load_model
+from engine.lora.tags import available as available_loras
+from engine.models.loading import load_model
+from engine.models.sources import available_models, available_tiny_autoencoders, available_vaes
 
 REQ = {"prompt": "a red circle", "width": 64, "height": 64, "steps": 1, "seed": 2, "sampler": "Euler"}
 

@@ -32,7 +32,7 @@ def test_waiting_jobs_know_their_place_and_run_in_arrival_order():
         return thread
 
     running = job("running", lambda: engine.txt2img(REQ, progress=blocking))
-    wait_until(lambda: engine.live.running)
+    wait_until(lambda: engine.live().running)
     second = job("second", lambda: engine.txt2img({**REQ, "seed": 2}))
     wait_until(lambda: engine.queue_place(second.ident) is not None)
     third = job("third", lambda: engine.hires_fix({**REQ, "factor": 1.5}))

@@ -47,7 +47,7 @@ def test_runtime_that_fails_to_compile_falls_back_to_pytorch(tmp_path, monkeypat
 
 def test_failed_runtime_switch_keeps_the_old_runtime_and_model(tmp_path, monkeypatch):
     from engine import ModelLoadError
-    from engine import engine as engine_mod
+    from engine import loadout as engine_mod
 
     engine = Engine(runtime="pytorch", cache_dir=tmp_path)
     engine.load("builtin:tiny")
@@ -64,7 +64,7 @@ def test_failed_runtime_switch_keeps_the_old_runtime_and_model(tmp_path, monkeyp
 
 def test_failed_load_whose_fallback_also_fails_keeps_the_old_model_on_its_runtime(tiny_ov_cache, monkeypatch):
     from engine import ModelLoadError
-    from engine import engine as engine_mod
+    from engine import loadout as engine_mod
     from engine.runtimes.openvino import OpenVINORuntime
 
     engine = Engine(runtime="openvino", cache_dir=tiny_ov_cache)
@@ -130,7 +130,7 @@ def test_torch_compile_that_fails_at_its_first_job_runs_eager(monkeypatch):
 
 def test_first_job_fallback_whose_reload_fails_keeps_the_old_model_on_its_runtime(tiny_ov_cache, monkeypatch):
     from engine import ModelLoadError
-    from engine import engine as engine_mod
+    from engine import loadout as engine_mod
     from engine.runtimes.openvino import OpenVINORuntime
 
     engine = Engine(runtime="openvino", cache_dir=tiny_ov_cache)
