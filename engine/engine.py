@@ -76,20 +76,16 @@ class Engine:
     tiny = _loaded("tiny", "the tiny autoencoder slot")
     config_dir = _loaded("config_dir", "the configs folder the loaded model was given")
     remote_hub = _loaded("remote_hub", "may remote users name hub ids? the operator's choice")
+    not_applied = _loaded("not_applied", "{option label: why it cannot act here} for the options asked for")
     history = property(lambda self: self.records.history, doc="the last jobs' readout rows, newest first")
     outputs_dir = property(lambda self: self.records.outputs_dir)
-    preview_every = property(lambda self: self.runner.preview_every,
-                             lambda self, steps: setattr(self.runner, "preview_every", steps))
+    preview_every = property(lambda s: s.runner.preview_every, lambda s, n: setattr(s.runner, "preview_every", n))
 
     # ------------------------------------------------------------ what is loaded, and switching it
 
     def option_reasons(self, runtime_cls=None, model: LoadedModel | None = None) -> dict[str, str]:
         """Option -> why it cannot act here (runtime and hardware, or the tiny autoencoder)."""
         return self.loadout.option_reasons(runtime_cls, model)
-
-    @property
-    def not_applied(self) -> dict[str, str]:
-        return self.loadout.effective_options(self.optimizations)[1]
 
     def set_optimizations(self, wanted: Optimizations) -> Optimizations:
         """Apply a new set of options; those the runtime owns re-prepare the model. Returns what took effect."""
@@ -166,14 +162,7 @@ class Engine:
 
     def status(self) -> dict[str, Any]:
         """What runs the jobs; `fixed` says why the model, runtime and options cannot change here (or None)."""
-        return {
-            "model": self.model.name if self.model else None, "family": self.model.family if self.model else None,
-            "runtime": self.runtime.name, "wish": self.runtime_wish, "device": self.runtime.device,
-            "precision": self.runtime.precision, "reason": self.choice.reason, "skipped": dict(self.choice.skipped),
-            "applied": list(self.runtime.applied), "decisions": list(self.runtime.decisions),
-            "not_applied": self.not_applied, "loras": [p.summary for p in self.model.loras.plans] if self.model else [],
-            "cpu": self.hardware.cpu.describe(), "fixed": None,
-        }
+        return {**self.loadout.status(), "fixed": None}
 
     def warmup(self, sizes: list[tuple[int, int]], batch_size: int = 1, guidance: float = 7.0,
                tasks: tuple[str, ...] = ("txt2img",)) -> list[WarmupResult]:

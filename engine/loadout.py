@@ -57,6 +57,21 @@ class Loadout:
     def effective_options(self, wanted: Optimizations, runtime_cls=None, model=None):
         return effective(wanted, self.option_reasons(runtime_cls, model))
 
+    @property
+    def not_applied(self) -> dict[str, str]:
+        return self.effective_options(self.optimizations)[1]
+
+    def status(self) -> dict:
+        """What is loaded and runs it, and why: the Engine tab's summary."""
+        model, runtime = self.model, self.runtime
+        return {
+            "model": model.name if model else None, "family": model.family if model else None,
+            "runtime": runtime.name, "wish": self.runtime_wish, "device": runtime.device,
+            "precision": runtime.precision, "reason": self.choice.reason, "skipped": dict(self.choice.skipped),
+            "applied": list(runtime.applied), "decisions": list(runtime.decisions), "not_applied": self.not_applied,
+            "loras": [p.summary for p in model.loras.plans] if model else [], "cpu": self.hardware.cpu.describe(),
+        }
+
     def set_optimizations(self, wanted: Optimizations) -> Optimizations:
         now, _ = self.effective_options(wanted)
         if any(getattr(now, f) != getattr(self.runtime.optimizations, f) for f in RUNTIME_FIELDS):
