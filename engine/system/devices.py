@@ -74,8 +74,6 @@ def live_memory(device: str) -> LiveMemory:
 
 def machine_memory(device: str) -> tuple[dict[str, int], dict[str, int] | None]:
     """This machine's RAM {free, used, total} in bytes, and the CUDA device's (None where `device` is not CUDA)."""
-    import psutil
-
     vm = psutil.virtual_memory()
     ram = {"free": vm.available, "used": vm.total - vm.available, "total": vm.total}
     if not is_cuda(device):
