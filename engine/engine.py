@@ -31,6 +31,7 @@ from engine.system import devices
 from engine.system import hardware as hardware_mod
 from engine.tasks import HiresFix, Img2Img, Task, TiledUpscale, Txt2Img
 from engine.tasks.context import ProgressFn
+from engine.text import embeddings as text_embeddings
 from engine.text.styles import STYLES_FILE, Styles
 
 log = logging.getLogger(__name__)
@@ -155,6 +156,28 @@ class Engine:
         """LoRAs a prompt may name (<models-dir>/lora, then the built-in ones)."""
         return available_loras(self.models_dir)
 
+    def embedding_names(self) -> list[str]:
+        """Textual-inversion embeddings a prompt may name: those in <models-dir>/embeddings that fit the loaded
+        model (the folder read now; a job picks up a change by itself)."""
+        folder = text_embeddings.read_folder(self.models_dir)
+        if self.model is None:
+            return [f.name for f in folder.files]
+        return list(text_embeddings.plan(folder, self.model.pipe, self.model.is_sdxl).loaded)
+
+    def embeddings(self, reasons: bool = False) -> dict[str, dict]:
+        """The loaded model's embeddings as AUTOMATIC1111's /sdapi/v1/embeddings answers: {"loaded": {name: {step,
+        sd_checkpoint, sd_checkpoint_name, shape, vectors}}, "skipped": {...}}; with `reasons`, why each skipped."""
+        model = self.model
+        return model.embeddings.a1111(reasons) if model else {"loaded": {}, "skipped": {}}
+
+    def refresh_embeddings(self, reasons: bool = False) -> dict[str, dict]:
+        """Read <models-dir>/embeddings again into the loaded model (A1111's POST /sdapi/v1/refresh-embeddings);
+        waits for the running job. Returns `embeddings()`."""
+        with self.queue.hold():
+            if self.model is not None:
+                self.loadout.refresh_embeddings(force=True)
+            return self.embeddings(reasons)
+
     def require_model(self) -> LoadedModel:
         if self.model is None:
             raise UserError("No model is loaded yet; load one on the Engine tab or start with --model.")
@@ -177,6 +200,10 @@ class Engine:
     def queue_place(self, thread: int) -> QueuePlace | None:
         """Where the job a thread waits to run stands, or None once it runs (or never waited)."""
         return self.queue.place(thread, self.runner.live)
+
+    def job_count(self) -> int:
+        """Jobs running or waiting for the device, A1111's state.job_count."""
+        return self.queue.waiting() + (1 if self.live().running else 0)
 
     def live(self, thread: int | None = None) -> LiveStatus:
         """The running (or last) job's LiveStatus; one device runs one job, whichever thread asks."""

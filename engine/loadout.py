@@ -17,6 +17,7 @@ from engine.models.tiny_autoencoder import TinyAutoencoderSlot
 from engine.options import RUNTIME_FIELDS, Optimizations, effective
 from engine.runtimes.base import Runtime
 from engine.system.hardware import HardwareReport
+from engine.text import embeddings as text_embeddings
 
 log = logging.getLogger(__name__)
 
@@ -173,6 +174,27 @@ class Loadout:
                else "from cache" if hasattr(self.runtime, "conversions") else "reloaded")
         return f"{'fused, ' if uses else ''}{how} in {time.perf_counter() - start:.1f} s"
 
+    def refresh_embeddings(self, force: bool = False) -> str | None:
+        """Read <models-dir>/embeddings again (if it changed, or `force`) and put what fits into the text encoders'
+        token tables: in place where the runtime reads the weights at each call, else by preparing the model again
+        (only the text encoders convert: their cache identity holds the set). What it cost, for the readout, or
+        None where nothing changed."""
+        model, start = self.model, time.perf_counter()
+        if model is None or not (force or model.embeddings.stale(self.models_dir)):
+            return None
+        folder = text_embeddings.read_folder(self.models_dir)
+        sdxl = model.is_sdxl
+        if folder.key == model.embeddings.key:  # files touched or skipped ones changed; the tables stay
+            model.embeddings = text_embeddings.plan(folder, model.pipe, sdxl)
+            return None
+        if self.runtime.fuses_in_place:
+            model.embeddings = text_embeddings.load(self.models_dir, model.pipe, sdxl, folder)
+            return f"{len(model.embeddings.loaded)} loaded in {time.perf_counter() - start:.2f} s"
+        self._install(self._prepared(self.runtime, model.source, True, self.config_dir, model.loras.uses,
+                                     model.vae_source), self.config_dir)
+        took = time.perf_counter() - start
+        return f"{len(self.model.embeddings.loaded)} loaded, text encoders prepared in {took:.1f} s"
+
     def current_task(self, task_cls, task, request, image):
         """`task` on the model loaded now, with its LoRA set fused (the caller holds the device). The same model
         prepared again (a LoRA change on OpenVINO) may run it, another may not."""
@@ -181,10 +203,13 @@ class Loadout:
         change = None
         if task.loras != self.model.loras.uses or self.model.loras.stale(self.models_dir):
             change = self.use_loras(task.loras)
+        embeddings = self.refresh_embeddings()  # a file added to the folder is used without a refresh (as A1111)
         if task.model is not self.model:
             task = task_cls(self.model, request, image)
         if change is not None:
             task.details["lora_change"] = change
+        if embeddings is not None:
+            task.details["embeddings_change"] = embeddings
         return task
 
     # -- switching for a while

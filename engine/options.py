@@ -13,10 +13,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 import tomllib
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from engine.errors import UserError
 from engine.requests import describe_validation_error
+from engine.samplers import parse_sampler
 from engine.store.outputs import write_text_atomically
 
 PRESETS_DIR = Path(__file__).resolve().parent.parent / "presets"
@@ -172,8 +173,20 @@ class GenerationDefaults(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     sampler: str | None = None
+    schedule: str | None = None  # with the sampler; a combined name ('DPM++ 2M Karras') splits into the pair
     steps: int | None = None
     guidance: float | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _sampler_pair(cls, data: Any) -> Any:
+        if isinstance(data, dict) and isinstance(data.get("sampler"), str):
+            try:
+                sampler, schedule = parse_sampler(data["sampler"], data.get("schedule"))
+            except UserError as e:
+                raise ValueError(str(e)) from None
+            data = {**data, "sampler": sampler, "schedule": schedule}
+        return data
 
 
 class PresetLora(BaseModel):

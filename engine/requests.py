@@ -11,10 +11,10 @@ import threading
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from engine.errors import UserError
-from engine.samplers import DEFAULT_SAMPLER, canonical_sampler
+from engine.samplers import DEFAULT_SAMPLER, DEFAULT_SCHEDULE, canonical_sampler, parse_sampler
 
 MIN_SIZE = 64
 MAX_SIZE = 2048
@@ -33,6 +33,17 @@ IMAGE_SLOTS = threading.BoundedSemaphore(2)
 MAX_PROMPT_CHARS = 20_000  # before styles; prompts.MAX_CHARS bounds the expanded prompt too
 ResizeMode = Literal["resize", "crop and resize", "resize and fill"]
 HiresUpscaler = Literal["latent (bicubic)", "latent (nearest-exact)", "Lanczos"]
+# A1111's hires upscaler names -> ours. "None", "Nearest" and "Lanczos" resize the decoded image.
+HIRES_UPSCALER_NAMES = {
+    "latent": "latent (bicubic)", "latent (antialiased)": "latent (bicubic)", "latent (bicubic)": "latent (bicubic)",
+    "latent (bicubic antialiased)": "latent (bicubic)", "latent (nearest)": "latent (nearest-exact)",
+    "latent (nearest-exact)": "latent (nearest-exact)", "none": "Lanczos", "lanczos": "Lanczos", "nearest": "Lanczos",
+}
+
+
+def hires_upscaler_named(name: str | None) -> str | None:
+    """Ours for an A1111 hires upscaler name (any case), or None where we have no such upscaler."""
+    return HIRES_UPSCALER_NAMES.get(" ".join(str(name or "").split()).lower())
 
 
 class GenerationRequest(BaseModel):
@@ -45,9 +56,23 @@ class GenerationRequest(BaseModel):
     steps: int = Field(20, ge=1, le=MAX_STEPS)
     guidance: float = Field(7.0, ge=0.0, le=30.0)
     sampler: str = DEFAULT_SAMPLER
+    schedule: str = Field(DEFAULT_SCHEDULE, description="A1111's Schedule type; Automatic: the sampler's own")
+    eta: float | None = Field(None, ge=0.0, le=1.0, description="DDIM's eta (0: deterministic); None: 0")
     seed: int = Field(-1, ge=-1, le=MAX_SEED)
     batch_size: int = Field(1, ge=1, le=MAX_BATCH)
     styles: tuple[str, ...] = Field((), description="styles from the styles file, applied in this order")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _sampler_pair(cls, data: Any) -> Any:
+        """'DPM++ 2M Karras' (PNG info, presets and clients of before A1111 1.9) -> the sampler and its schedule."""
+        if isinstance(data, dict) and isinstance(data.get("sampler"), str):
+            try:
+                sampler, schedule = parse_sampler(data["sampler"], data.get("schedule"))
+            except UserError:
+                return data  # the field validators below say what is wrong, at the field
+            data = {**data, "sampler": sampler, "schedule": schedule}
+        return data
 
     @field_validator("sampler")
     @classmethod
@@ -56,6 +81,22 @@ class GenerationRequest(BaseModel):
             return canonical_sampler(value)
         except UserError as e:
             raise ValueError(str(e)) from None
+
+    @field_validator("schedule")
+    @classmethod
+    def _known_schedule(cls, value: str, info: ValidationInfo) -> str:
+        try:
+            return parse_sampler(info.data.get("sampler", DEFAULT_SAMPLER), value)[1]
+        except UserError as e:
+            raise ValueError(str(e)) from None
+
+    @field_validator("eta")
+    @classmethod
+    def _eta_for_ddim(cls, value: float | None, info: ValidationInfo) -> float | None:
+        if value is not None and info.data.get("sampler") != "DDIM":
+            raise ValueError(f"eta {value:g} applies to the DDIM sampler here; the ancestral and SDE samplers run at "
+                             f"eta 1 and the others take none.")
+        return value
 
     def with_seed(self):
         """Resolve seed -1 to a concrete random seed, so the result can report (and repeat) it."""

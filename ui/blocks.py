@@ -7,8 +7,9 @@ from typing import Any
 import gradio as gr
 
 from engine import Engine
-from ui.tabs import compare as compare_tab
 from engine.options import PRESETS_DIR
+from engine.samplers import parse_sampler
+from ui.tabs import compare as compare_tab
 from ui.components import UI_DEFAULTS
 from ui.formatting import HISTORY_COLUMNS, engine_markdown, history_rows
 from ui.tabs import engine as engine_tab
@@ -24,6 +25,7 @@ CSS_PATH = Path(__file__).resolve().parent.parent / "assets" / "style.css"
 
 def build_ui(engine: Engine, defaults: dict[str, Any] | None = None, presets_dir: Path = PRESETS_DIR) -> gr.Blocks:
     d = {**UI_DEFAULTS, **(defaults or {})}
+    d["sampler"], d["schedule"] = parse_sampler(d["sampler"], d.get("schedule"))  # 'DPM++ 2M Karras': the pair
     # Gradio keeps a copy of every shown image and upload in its temp folder: drop those over 2 hours old.
     with gr.Blocks(title="Fast SD", delete_cache=(900, 7200)) as demo:
         gr.Markdown("## Fast SD — the runtime picked for your hardware, with the numbers beside every image")
@@ -34,15 +36,16 @@ def build_ui(engine: Engine, defaults: dict[str, Any] | None = None, presets_dir
             with gr.Tab("txt2img", id="txt2img"):
                 txt2img = txt2img_tab.build(engine, d, history)
             with gr.Tab("img2img", id="img2img"):
-                img2img_tab.build(engine, d, history)
+                img2img = img2img_tab.build(engine, d, history)
             with gr.Tab("hires fix", id="hires"):
-                hires_fix_tab.build(engine, d, history)
+                hires = hires_fix_tab.build(engine, d, history)
             with gr.Tab("tiled upscale", id="upscale"):
-                tiled_upscale_tab.build(engine, d, history)
+                upscale = tiled_upscale_tab.build(engine, d, history)
             with gr.Tab("Compare", id="compare"):
                 compare_tab.build(engine, d, history, presets_dir)
             with gr.Tab("PNG info", id="pnginfo"):
-                png_info_tab.build(engine, d, txt2img, tabs)
+                png_info_tab.build(engine, d, {"txt2img": txt2img, "img2img": img2img, "hires": hires,
+                                               "upscale": upscale}, tabs)
             with gr.Tab("Engine", id="engine") as engine_page:
                 engine_controls = engine_tab.build(engine, d, guidance=txt2img["guidance"])
             # The runtime notes what it decides as jobs run (its threads at the first compile): read them afresh.

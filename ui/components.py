@@ -12,11 +12,12 @@ from pydantic import BaseModel
 from engine import Engine
 from engine.lora.tags import with_tag
 from engine.requests import GenerationRequest, Txt2ImgRequest
-from engine.samplers import DEFAULT_SAMPLER, SAMPLER_NAMES
+from engine.samplers import DEFAULT_SAMPLER, DEFAULT_SCHEDULE, SAMPLER_NAMES, schedules_for
 from ui.running import reported
 
 UI_DEFAULTS: dict[str, Any] = {"prompt": "", "negative_prompt": "", "styles": [], "width": 256, "height": 256,
-                               "steps": 20, "guidance": 7.0, "sampler": DEFAULT_SAMPLER, "seed": -1, "batch_size": 1}
+                               "steps": 20, "guidance": 7.0, "sampler": DEFAULT_SAMPLER, "schedule": DEFAULT_SCHEDULE,
+                               "seed": -1, "batch_size": 1}
 Controls = dict[str, gr.components.Component]  # handler parameter name -> the component that feeds it
 
 
@@ -35,13 +36,14 @@ def field_slider(model: type[BaseModel], name: str, label: str, step: float, val
 
 def prompt_boxes(engine: Engine, d: dict[str, Any], lines: int = 2) -> Controls:
     """Prompt, negative prompt, the styles picker (returned as "styles": tabs pass it last, so API clients that
-    send the older positional arguments still work) and the LoRA picker."""
+    send the older positional arguments still work), the LoRA and the embedding pickers."""
     prompt = gr.Textbox(label="Prompt", value=d["prompt"], lines=lines,
                         placeholder="a red circle on a blue background  ((word:1.3) weights, BREAK, "
                                     "LoRAs: <lora:name:0.8>; no 75-token limit)")
     negative = gr.Textbox(label="Negative prompt", value=d["negative_prompt"], lines=max(1, lines - 1))
     styles = style_picker(engine, d, prompt, negative)
     lora_picker(engine, prompt)
+    embedding_picker(engine, prompt, negative)
     return {"prompt": prompt, "negative_prompt": negative, "styles": styles}
 
 
@@ -90,6 +92,34 @@ def lora_picker(engine: Engine, prompt: gr.Textbox) -> None:
     refresh.click(lambda: gr.update(choices=engine.lora_names()), None, name, api_name=False, queue=False)
 
 
+def with_word(text: str, word: str) -> str:
+    """`word` added at the end of a prompt, as A1111's pickers add an embedding's name."""
+    text = (text or "").rstrip()
+    return f"{text} {word}" if text else word
+
+
+def embedding_picker(engine: Engine, prompt: gr.Textbox, negative: gr.Textbox) -> None:
+    """A textual-inversion embedding from <models-dir>/embeddings, its name added to the prompt or the negative
+    prompt (where the name is written is where it acts, as in A1111)."""
+    with gr.Row(elem_classes="embedding-picker"):
+        name = gr.Dropdown(engine.embedding_names(), value=None, label="Embedding", scale=3,
+                           info="files in <models-dir>/embeddings that fit the loaded model")
+        where = gr.Radio(["Prompt", "Negative prompt"], value="Prompt", label="Add to", scale=2)
+        with gr.Column(scale=1, min_width=110):
+            add = gr.Button("Add name", size="sm")
+            refresh = gr.Button("Refresh list", size="sm")
+
+    def added(text, negative_text, n, box):
+        if not n:
+            return gr.skip(), gr.skip()
+        if box == "Negative prompt":
+            return gr.skip(), with_word(negative_text, n)
+        return with_word(text, n), gr.skip()
+
+    add.click(added, [prompt, negative, name, where], [prompt, negative], api_name=False, queue=False)
+    refresh.click(lambda: gr.update(choices=engine.embedding_names()), None, name, api_name=False, queue=False)
+
+
 def size_sliders(d: dict[str, Any], prefix: str = "") -> Controls:
     with gr.Row():
         return {"width": field_slider(Txt2ImgRequest, "width", f"{prefix}Width", 8, d["width"]),
@@ -97,24 +127,39 @@ def size_sliders(d: dict[str, Any], prefix: str = "") -> Controls:
 
 
 def common_controls(d: dict[str, Any], batch_size: bool = True) -> Controls:
-    """Steps, guidance, sampler, seed, batch size: the same five controls on every generation tab (the Compare
-    tab runs one image per column: no batch size)."""
+    """Steps, guidance, sampler, schedule type, seed, batch size: the same controls on every generation tab (the
+    Compare tab runs one image per column: no batch size). The schedule types offered are the sampler's."""
     with gr.Row():
         steps = field_slider(GenerationRequest, "steps", "Steps", 1, d["steps"])
         guidance = field_slider(GenerationRequest, "guidance", "Guidance (CFG)", 0.5, d["guidance"])
     with gr.Row():
         sampler = gr.Dropdown(list(SAMPLER_NAMES), value=d["sampler"], label="Sampler")
+        schedule = gr.Dropdown(list(schedules_for(d["sampler"])), value=d["schedule"], label="Schedule type",
+                               info="Automatic: the sampler's own, as in A1111")
+    with gr.Row():
         seed = gr.Number(value=d["seed"], precision=0, label="Seed (-1 = random)")
         batch = field_slider(GenerationRequest, "batch_size", "Batch size", 1, d["batch_size"]) if batch_size else None
-    controls = {"steps": steps, "guidance": guidance, "sampler": sampler, "seed": seed, "batch_size": batch}
+    sampler.change(schedule_choices, [sampler, schedule], schedule, api_name=False, queue=False, show_progress="hidden")
+    controls = {"steps": steps, "guidance": guidance, "sampler": sampler, "schedule": schedule, "seed": seed,
+                "batch_size": batch}
     return {k: v for k, v in controls.items() if v is not None}
 
 
-def common_request(prompt, negative_prompt, steps, guidance, sampler, seed, batch_size,
-                   styles=None) -> dict[str, Any]:
+def schedule_choices(sampler: str, schedule: str):
+    """The schedule types the sampler takes; the chosen one kept where it still applies."""
+    try:
+        allowed = list(schedules_for(sampler))
+    except Exception:  # an unknown name typed in: the request says what is wrong
+        return gr.skip()
+    return gr.update(choices=allowed, value=schedule if schedule in allowed else DEFAULT_SCHEDULE)
+
+
+def common_request(prompt, negative_prompt, steps, guidance, sampler, seed, batch_size, styles=None,
+                   schedule=None) -> dict[str, Any]:
     """The GenerationRequest fields, from the values of prompt_boxes and common_controls."""
     return {"prompt": prompt or "", "negative_prompt": negative_prompt or "", "steps": steps,
-            "guidance": guidance, "sampler": sampler, "seed": -1 if seed is None else seed,
+            "guidance": guidance, "sampler": sampler, "schedule": schedule or DEFAULT_SCHEDULE,
+            "seed": -1 if seed is None else seed,
             "batch_size": batch_size, "styles": list(styles or [])}
 
 

@@ -10,7 +10,7 @@ from engine import runtimes
 from engine.errors import UserError
 from engine.options import PRESETS_DIR, load_preset
 from engine.requests import MAX_STEPS, Txt2ImgRequest
-from engine.samplers import canonical_sampler
+from engine.samplers import canonical_sampler, sampler_label
 from engine.system.devices import GIB
 
 AXES = ("preset", "runtime", "steps", "sampler")
@@ -78,7 +78,7 @@ class CompareColumn:
             "psnr": self.psnr_text, "psnr_db": None if self.psnr is None or math.isinf(self.psnr) else round(self.psnr, 2),
             "runtime": r.runtime if r else None, "precision": r.precision if r else None,
             "steps": r.steps if r else None, "shape": r.shape_cache if r else None,
-            "sampler": self.request.sampler if self.request else None,
+            "sampler": sampler_label(self.request.sampler, self.request.schedule) if self.request else None,
             "guidance": self.request.guidance if self.request else None,
             "prompt": self.request.prompt if self.request else None,
             "notices": self.notices, "saved": self.result.saved_paths if self.result else [],

@@ -26,6 +26,7 @@ from engine.errors import UserError
 from engine.lora.tags import with_tag, without_tags
 from engine.options import PRESETS_DIR, Optimizations, Preset, load_preset, preset_loras
 from engine.requests import Txt2ImgRequest, parse_request
+from engine.samplers import parse_sampler
 from engine.store.outputs import save_png
 
 if TYPE_CHECKING:
@@ -125,6 +126,9 @@ def _prepare(engine: Engine, base: Txt2ImgRequest, axis: str, column: CompareCol
             engine.set_optimizations(wanted)
         return base
     engine.set_optimizations(wanted)
+    if axis == "sampler":  # 'DPM++ 2M Karras' is the pair; a bare name runs with its own schedule (Automatic)
+        sampler, schedule = parse_sampler(value)
+        return base.model_copy(update={"sampler": sampler, "schedule": schedule})
     return base.model_copy(update={axis: value})
 
 

@@ -72,6 +72,11 @@ class DeviceQueue:
         finally:
             self._lock.release()
 
+    def waiting(self) -> int:
+        """Jobs waiting for the device (the running one not counted)."""
+        with self._turns:
+            return len(self._waiting)
+
     def place(self, thread: int, live: LiveStatus) -> QueuePlace | None:
         """Where the job of this thread stands while it waits (None: it is not waiting), and how long until it
         starts: the running job's time left plus the usual time of each task ahead."""

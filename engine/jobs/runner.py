@@ -121,7 +121,9 @@ class JobRunner:
         parameters = {"task": task.name, "model": model.name, "runtime": runtime.name, **request.model_dump(),
                       **picture_options(model.options)}
         seeds = [request.seed + i for i in range(len(output.images))]
-        infotexts = [format_parameters({**parameters, "seed": seed, "width": image.width, "height": image.height})
-                     for image, seed in zip(output.images, seeds)]
+        # "Size" is the first pass's, as A1111 writes it: the base image of a hires fix, else the image
+        sized = output.extra_images.get("base") or output.images
+        infotexts = [format_parameters({**parameters, "seed": seed, "width": first.width, "height": first.height})
+                     for first, seed in zip(sized, seeds)]
         return GenerationResult(images=output.images, seeds=seeds, parameters=parameters, readout=readout,
                                 notices=readout.notices, extra_images=output.extra_images, infotexts=infotexts)

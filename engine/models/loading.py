@@ -25,6 +25,8 @@ from engine.models.sources import ModelSource, guarded, is_network_error, model_
 from engine.models.vae import load_vae, resolve_vae
 from engine.options import Optimizations
 from engine.store.caches import PromptCache
+from engine.text import embeddings as text_embeddings
+from engine.text.embeddings import EmbeddingSet
 
 
 @dataclass
@@ -47,18 +49,22 @@ class LoadedModel:
     vae: str | None = None  # a VAE loaded in place of the model's own (its name as given)
     vae_source: ModelSource | None = None  # where it was loaded from: a reload loads exactly that
     vae_identity: str | None = None
+    embeddings: EmbeddingSet = field(default_factory=EmbeddingSet)  # textual inversions in the token tables
 
     def component_identity(self, component: str) -> str | None:
-        """Cache identity of one component's weights as they are now (the LoRAs fused into it included)."""
+        """Cache identity of one component's weights as they are now (the LoRAs fused into it and the embeddings
+        in its token table included)."""
         if component == "vae" and self.vae:
             return self.vae_identity
-        return component_identity(self.identity, [(p.lora, p.weight) for p in self.loras.plans], component)
+        fused = component_identity(self.identity, [(p.lora, p.weight) for p in self.loras.plans], component)
+        return text_embeddings.identity(fused, self.embeddings.key, component)
 
     @property
     def weights_key(self) -> str:
         """Identity of all the weights that run, for the result cache."""
         vae = f"|vae:{self.vae_identity or self.vae}" if self.vae else ""
-        return f"{self.identity or self.name}|{self.loras.key()}{vae}"
+        emb = f"|emb:{self.embeddings.key}" if self.embeddings.key else ""
+        return f"{self.identity or self.name}|{self.loras.key()}{vae}{emb}"
 
     @property
     def vae_scale_factor(self) -> int:
@@ -113,8 +119,9 @@ def load_model(text: "str | ModelSource", *, models_dir: Path | None = None, all
     """Load a model source as a pipeline on CPU in fp32, with `loras` (lora.LoraUse) fused; runtimes move and
     convert it.
 
-    Without `keep_lora_originals` the weights the LoRAs replace are not kept (a runtime that converts
-    them reloads on a LoRA change). `skeleton_for(identity_of)` names the components a runtime already
+    The embeddings in <models-dir>/embeddings that fit go into the text encoders' token tables
+    (engine/text/embeddings.py). Without `keep_lora_originals` the weights the LoRAs replace are not kept (a
+    runtime that converts them reloads on a LoRA change). `skeleton_for(identity_of)` names the components a runtime already
     has in its cache (identity_of(component) is the component's cache identity, LoRAs included): those
     are built without weights (builtins and folders), so no PyTorch copy is ever made.
     """
@@ -122,6 +129,7 @@ def load_model(text: "str | ModelSource", *, models_dir: Path | None = None, all
     start = time.perf_counter()
     identity = model_identity(source, config_dir)
     files = [(lora_files.read(u.name, resolve_lora(u.name, models_dir)), u.weight) for u in loras]
+    folder = text_embeddings.read_folder(models_dir)
     vae_identity = vae_source = None
     if vae:
         vae_source = resolve_vae(vae, models_dir=models_dir, allow_any_path=allow_any_path,
@@ -131,7 +139,8 @@ def load_model(text: "str | ModelSource", *, models_dir: Path | None = None, all
     def identity_of(component: str) -> str | None:
         if component == "vae" and vae:
             return vae_identity
-        return lora_plan.component_identity(identity, files, component)
+        return text_embeddings.identity(lora_plan.component_identity(identity, files, component), folder.key,
+                                        component)
 
     skeleton = frozenset()
     if skeleton_for is not None and identity is not None and source.kind in ("builtin", "folder"):
@@ -158,6 +167,7 @@ def load_model(text: "str | ModelSource", *, models_dir: Path | None = None, all
                         vae_identity=vae_identity)
     if loras:
         model.loras.fuse(pipe, [lora_plan.plan(pipe, family, u, models_dir) for u in loras], keep_lora_originals)
+    model.embeddings = text_embeddings.load(models_dir, pipe, family == "sdxl", folder)
     model.load_seconds = time.perf_counter() - start
     return model
 

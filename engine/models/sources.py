@@ -95,7 +95,7 @@ def available_models(models_dir: Path | None) -> list[tuple[str, str]]:
     local = []
     for path in sorted(root.rglob("*")):
         rel = path.relative_to(root)
-        if any(part.startswith(".") for part in rel.parts) or rel.parts[0] in ("lora", "taesd", "vae"):
+        if any(part.startswith(".") for part in rel.parts) or rel.parts[0] in ("lora", "taesd", "vae", "embeddings"):
             continue
         if (path.is_dir() and (path / "model_index.json").is_file()) or (
                 path.is_file() and path.suffix.lower() in SINGLE_FILE_SUFFIXES

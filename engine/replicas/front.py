@@ -29,6 +29,7 @@ class ReplicaEngine(Engine):
         super().load(model, config_dir=config_dir)  # the front's own copy: validation and cache keys
         self.pool = pool
         self._live: dict[int, LiveStatus] = {}  # thread ident -> its job's live status
+        self._embeddings = threading.Lock()
 
     @property
     def fixed(self) -> str:
@@ -79,6 +80,8 @@ class ReplicaEngine(Engine):
             expand_styles: bool = True) -> GenerationResult:
         """Validate here, run on a replica (which checks its own memory); no device is held here: the replicas
         queue in Ray Serve."""
+        with self._embeddings:  # the replicas read the folder before each job: the cache key follows it here
+            self.loadout.refresh_embeddings()
         model = self.require_model()
         request = self.styles.applied(task_cls.request_type, request) if expand_styles else request
         task = task_cls(model, request, image)
@@ -125,6 +128,10 @@ class ReplicaEngine(Engine):
         typical = [self.records.typical_s(task) for task in ahead]
         wait = None if None in typical else sum(typical) / max(1, self.pool.replicas)
         return QueuePlace(index + 1, ahead, wait, waits_for="a free replica")
+
+    def job_count(self) -> int:
+        """Jobs sent out and not finished, running on a replica or waiting for one."""
+        return len(self._live)
 
     def live(self, thread: int | None = None) -> LiveStatus:
         """Each job has its own; not another user's: an empty status until this thread's job is sent."""

@@ -71,10 +71,10 @@ def prompt_notices(model, request) -> list[str]:
     """A prompt over 75 tokens is not cut: it is encoded in chunks of 75 (engine/prompts.py). Say how many, since
     each chunk lengthens what the UNet reads (and on OpenVINO a new chunk count is a new shape to compile). A
     prompt the parser cannot take (too long) fails here, before the device is touched."""
-    tokenizer = model.pipe.tokenizer
+    tokenizer, words = model.pipe.tokenizer, model.embeddings.words.get("text_encoder")
     notices = []
     for label, text in (("Prompt", strip_tags(request.prompt)), ("Negative prompt", request.negative_prompt)):
-        chunks = tokenize(tokenizer, text)
+        chunks = tokenize(tokenizer, text, words)
         if len(chunks.tokens) > 1:
             notices.append(f"{label} is {chunks.count} tokens: encoded as {len(chunks.tokens)} chunks of up to "
                            f"{CHUNK} (BREAK starts a new one), as AUTOMATIC1111 does.")

@@ -27,26 +27,27 @@ class PromptEmbeddings:
 
 def encode_prompt(model, prompt: str, negative_prompt: str, batch_size: int, guidance: float,
                   device: str) -> PromptEmbeddings:
-    """The prompt pair with A1111's emphasis and 75-token chunks (engine/prompts.py), on every runtime: the
-    text encoder is called once per chunk at 77 tokens. The negative prompt is padded with empty chunks to the
-    prompt's length (or the other way round), since CFG runs both in one UNet batch."""
+    """The prompt pair with A1111's emphasis, 75-token chunks and textual-inversion embeddings (engine/text/), on
+    every runtime: the text encoder is called once per chunk at 77 tokens. The negative prompt is padded with empty
+    chunks to the prompt's length (or the other way round), since CFG runs both in one UNet batch."""
     pipe, sdxl = model.pipe, model.is_sdxl
     cfg = guidance > 1.0
     # SDXL models that ask for it get zeros for an empty negative prompt, as diffusers gives them.
     zeros = sdxl and not negative_prompt and bool(getattr(pipe.config, "force_zeros_for_empty_prompt", False))
-    chunks = chunk_count(pipe, sdxl, prompt)
+    words = model.embeddings.words  # textual-inversion names, by text encoder
+    chunks = chunk_count(pipe, sdxl, prompt, words)
     if cfg and not zeros:
-        chunks = max(chunks, chunk_count(pipe, sdxl, negative_prompt))
+        chunks = max(chunks, chunk_count(pipe, sdxl, negative_prompt, words))
     encoder = pipe.text_encoder_2 if sdxl and pipe.text_encoder_2 is not None else pipe.text_encoder
     with torch.no_grad():
-        pe, pooled = encode_chunks(pipe, sdxl, prompt, device, chunks)
+        pe, pooled = encode_chunks(pipe, sdxl, prompt, device, chunks, words)
         kwargs = {"prompt_embeds": pe, "pooled_prompt_embeds": pooled}
         if cfg:
             if zeros:
                 kwargs.update(negative_prompt_embeds=torch.zeros_like(pe),
                               negative_pooled_prompt_embeds=torch.zeros_like(pooled))
             else:
-                npe, npooled = encode_chunks(pipe, sdxl, negative_prompt, device, chunks)
+                npe, npooled = encode_chunks(pipe, sdxl, negative_prompt, device, chunks, words)
                 kwargs.update(negative_prompt_embeds=npe, negative_pooled_prompt_embeds=npooled)
     kwargs = {k: v.to(dtype=encoder.dtype, device=device) for k, v in kwargs.items() if v is not None}
     return PromptEmbeddings(PromptCache.expand(kwargs, batch_size))
@@ -62,7 +63,9 @@ def encode_request_prompt(model, runtime, request, timer, batch_size: int | None
         if cache is None:
             return encode_prompt(model, prompt, request.negative_prompt, batch, request.guidance, runtime.device)
         loras = f"{model.loras.key('text_encoder')}|{model.loras.key('text_encoder_2')}"  # LoRAs in the encoders
-        key = cache.key(f"{model.identity or model.name}|{loras}", prompt, request.negative_prompt, None, request.guidance > 1.0)
+        emb = f"|emb:{model.embeddings.key}" if model.embeddings.key else ""  # the embeddings in their tables
+        key = cache.key(f"{model.identity or model.name}|{loras}{emb}", prompt, request.negative_prompt, None,
+                        request.guidance > 1.0)
         kwargs = cache.get(key)
         if kwargs is None:
             kwargs = encode_prompt(model, prompt, request.negative_prompt, 1, request.guidance,
@@ -90,16 +93,20 @@ def derived_pipeline(model, task: str):
     return cache[task]
 
 
-def denoise(model, pipe, runtime, embeds: PromptEmbeddings, ctx: DenoiseContext, *, sampler: str, steps: int,
-            guidance: float, gens: list[torch.Generator], width: int, height: int, total: int,
+def denoise(model, pipe, runtime, embeds: PromptEmbeddings, ctx: DenoiseContext, request, *, steps: int,
+            gens: list[torch.Generator], width: int, height: int, total: int,
             image_latents: torch.Tensor | None = None, strength: float = 1.0) -> torch.Tensor:
-    """One diffusers denoising pass to latents (img2img from image_latents); `total` is the job's step count."""
-    pipe.scheduler = make_scheduler(sampler, model.scheduler_config)
+    """One diffusers denoising pass to latents (img2img from image_latents) with the request's sampler, schedule
+    type, eta and guidance; `total` is the job's step count."""
+    pipe.scheduler = make_scheduler(request.sampler, model.scheduler_config, request.schedule, sdxl=model.is_sdxl,
+                                    seed=gens[0].initial_seed() if gens else None)
     expected = steps if image_latents is None else steps_for_strength(steps, strength)
     runtime.begin_denoise(pipe, expected)
-    kwargs = dict(**embeds.kwargs, num_inference_steps=steps, guidance_scale=guidance, generator=gens,
+    kwargs = dict(**embeds.kwargs, num_inference_steps=steps, guidance_scale=request.guidance, generator=gens,
                   output_type="latent", callback_on_step_end=ctx.callback(expected, total),
                   callback_on_step_end_tensor_inputs=ctx.tensor_inputs(pipe))
+    if request.eta is not None:  # DDIM's (requests.py allows it with DDIM only)
+        kwargs["eta"] = request.eta
     if image_latents is None:
         kwargs.update(height=height, width=width)
     else:

@@ -8,6 +8,7 @@ turns them into the one diffusers `callback_on_step_end` a pipeline takes.
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -192,8 +193,11 @@ class DenoiseContext:
         offset = self.steps_done
 
         def on_step_end(pipe, step_index, timestep, callback_kwargs):
-            self.steps_done = offset + step_index + 1
-            step = Step(self.steps_done, total, step_index + 1, local_total, callback_kwargs.get("latents"))
+            # Heun, DPM2 and DPM++ SDE call back twice per step (2n-1 times): counted in sampler steps
+            loop = getattr(pipe, "_num_timesteps", None) or local_total
+            done = step_index + 1 if loop == local_total else math.ceil((step_index + 1) * local_total / loop)
+            self.steps_done = offset + done
+            step = Step(self.steps_done, total, done, local_total, callback_kwargs.get("latents"))
             end = [extension.on_step(step) for extension in (*self.extensions, self.stop)]
             if any(end):
                 pipe._interrupt = True

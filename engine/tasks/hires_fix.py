@@ -34,8 +34,8 @@ class HiresFix(Task):
         with runtime.inference_context():
             embeds = encode_request_prompt(model, runtime, r, ctx.timer)  # 1. the prompt pair
             with ctx.timer.stage("base_denoising"):  # 2. the base picture
-                latents = denoise(model, model.pipe, runtime, embeds, ctx, sampler=r.sampler, steps=r.steps,
-                                  guidance=r.guidance, gens=gens, width=r.width, height=r.height, total=planned)
+                latents = denoise(model, model.pipe, runtime, embeds, ctx, r, steps=r.steps, gens=gens, width=r.width,
+                                  height=r.height, total=planned)
             with ctx.timer.stage("base_vae_decode"):
                 base = decode_latents(model, latents)
             if ctx.stopped or planned == r.steps:
@@ -52,8 +52,8 @@ class HiresFix(Task):
                     up = encode_images(model, upscaled, generators(r.seed, r.batch_size, runtime.device),
                                        tiled=r.vae_tiling)
             with ctx.timer.stage("hires_denoising"):  # 4. the second pass adds detail at the target size
-                latents = denoise(model, derived_pipeline(model, "img2img"), runtime, embeds, ctx, sampler=r.sampler,
-                                  steps=hires_steps, guidance=r.guidance, gens=gens, width=width2, height=height2,
+                latents = denoise(model, derived_pipeline(model, "img2img"), runtime, embeds, ctx, r, steps=hires_steps,
+                                  gens=gens, width=width2, height=height2,
                                   total=planned, image_latents=up, strength=r.hires_strength)
             with ctx.timer.stage("hires_vae_decode"):
                 finals = decode_latents(model, latents, tiled=r.vae_tiling)

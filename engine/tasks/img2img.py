@@ -36,9 +36,9 @@ class Img2Img(Task):
             with ctx.timer.stage("vae_encode"):  # 3. the input to latents, one sample per image
                 latents = encode_images(model, [fitted] * r.batch_size, gens, tiled=r.vae_tiling)
             with ctx.timer.stage("denoising"):  # 4. denoise from the noised input
-                latents = denoise(model, derived_pipeline(model, "img2img"), runtime, embeds, ctx,
-                                  sampler=r.sampler, steps=r.steps, guidance=r.guidance, gens=gens, width=r.width,
-                                  height=r.height, total=planned, image_latents=latents, strength=r.strength)
+                latents = denoise(model, derived_pipeline(model, "img2img"), runtime, embeds, ctx, r, steps=r.steps,
+                                  gens=gens, width=r.width, height=r.height, total=planned, image_latents=latents,
+                                  strength=r.strength)
             with ctx.timer.stage("vae_decode"):  # 5. back to pixels
                 images = decode_latents(model, latents, tiled=r.vae_tiling)
         return TaskOutput(images, ctx.steps_done, planned, {"steps_planned": planned},

@@ -77,8 +77,8 @@ class TiledUpscale(Task):
             with ctx.timer.stage("vae_encode"):
                 latents = encode_images(model, crops, gens)
             with ctx.timer.stage("denoising"):
-                latents = denoise(model, derived_pipeline(model, "img2img"), runtime, embeds, ctx, sampler=r.sampler,
-                                  steps=r.steps, guidance=r.guidance, gens=gens, width=group[0].width,
+                latents = denoise(model, derived_pipeline(model, "img2img"), runtime, embeds, ctx, r,
+                                  steps=r.steps, gens=gens, width=group[0].width,
                                   height=group[0].height, total=total, image_latents=latents, strength=r.strength)
             with ctx.timer.stage("vae_decode"):
                 refined = decode_latents(model, latents)

@@ -29,8 +29,8 @@ class Txt2Img(Task):
                     break
                 gens = generators(r.seed + k * r.batch_size, r.batch_size, runtime.device)
                 with ctx.timer.stage("denoising"):
-                    latents = denoise(model, model.pipe, runtime, embeds, ctx, sampler=r.sampler, steps=r.steps,
-                                      guidance=r.guidance, gens=gens, width=r.width, height=r.height, total=total)
+                    latents = denoise(model, model.pipe, runtime, embeds, ctx, r, steps=r.steps, gens=gens,
+                                      width=r.width, height=r.height, total=total)
                 with ctx.timer.stage("vae_decode"):  # 3. latents to pixels
                     images += decode_latents(model, latents)
         details = {"batches": r.batch_count} if r.batch_count > 1 else {}

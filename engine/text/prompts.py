@@ -13,7 +13,8 @@ out against the others without shifting the whole embedding. The UNet reads any 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 import torch
 
@@ -79,6 +80,33 @@ def parse_weights(prompt: str) -> list[Fragment]:
     return [Fragment(t, w) for t, w in merged] or [Fragment("", 1.0)]
 
 
+@dataclass(frozen=True)
+class Words:
+    """Names that stand for token ids of their own (textual-inversion embeddings), matched as whole words in any
+    case, as A1111 matches the name's tokens. `ids`: lower-case name -> its ids past the vocabulary."""
+
+    ids: Mapping[str, tuple[int, ...]]
+    pattern: re.Pattern | None = field(init=False, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        names = sorted(self.ids, key=len, reverse=True)  # the longest name first where one starts another
+        pattern = re.compile(r"(?<![\w-])(" + "|".join(map(re.escape, names)) + r")(?![\w-])", re.IGNORECASE)
+        object.__setattr__(self, "pattern", pattern if names else None)
+
+    def split(self, text: str) -> list[str | tuple[int, ...]]:
+        """'a photo of myemb' -> ['a photo of ', (ids...)]: text pieces and the ids of the names between them."""
+        if self.pattern is None:
+            return [text]
+        parts: list[str | tuple[int, ...]] = []
+        for i, piece in enumerate(self.pattern.split(text)):
+            ids = self.ids.get(piece.lower()) if i % 2 else None
+            if ids is not None:
+                parts.append(ids)
+            elif piece:
+                parts.append(piece)
+        return parts
+
+
 @dataclass
 class Chunks:
     """A prompt as token chunks of at most CHUNK, each with a weight per token."""
@@ -92,18 +120,21 @@ class Chunks:
         return any(w != 1.0 for ws in self.weights for w in ws)
 
 
-def tokenize(tokenizer, prompt: str) -> Chunks:
-    """The prompt's tokens in chunks of 75; BREAK closes a chunk early. An empty prompt is one empty chunk."""
+def tokenize(tokenizer, prompt: str, words: Words | None = None) -> Chunks:
+    """The prompt's tokens in chunks of 75; BREAK closes a chunk early. An empty prompt is one empty chunk. An
+    embedding's n ids stay in one chunk: one that does not fit starts the next (as A1111 does)."""
     if len(prompt) > MAX_CHARS:  # styles may have made it longer than the request's own limit
         raise UserError(f"The prompt is {len(prompt)} characters (with its styles); the limit is {MAX_CHARS}.")
     tokens: list[list[int]] = [[]]
     weights: list[list[float]] = [[]]
     count = 0
     fragments = parse_weights(prompt)
-    texts = [f.text for f in fragments if f.weight != -1.0 and f.text]
+    pieces = [(words.split(f.text) if words else [f.text]) if f.weight != -1.0 and f.text else []
+              for f in fragments]
+    texts = [p for ps in pieces for p in ps if isinstance(p, str)]
     ids = tokenizer(texts, add_special_tokens=False, truncation=False, verbose=False).input_ids if texts else []
     ids_of = iter(ids)
-    for fragment in fragments:
+    for fragment, parts in zip(fragments, pieces):
         if fragment.weight == -1.0:
             if tokens[-1]:
                 tokens.append([])
@@ -111,13 +142,18 @@ def tokenize(tokenizer, prompt: str) -> Chunks:
             continue
         if not fragment.text:
             continue
-        for token in next(ids_of):
-            if len(tokens[-1]) == CHUNK:
+        for part in parts:
+            run = next(ids_of) if isinstance(part, str) else part
+            if not isinstance(part, str) and tokens[-1] and len(tokens[-1]) + len(run) > CHUNK:
                 tokens.append([])
                 weights.append([])
-            tokens[-1].append(token)
-            weights[-1].append(fragment.weight)
-            count += 1
+            for token in run:
+                if len(tokens[-1]) == CHUNK:
+                    tokens.append([])
+                    weights.append([])
+                tokens[-1].append(token)
+                weights[-1].append(fragment.weight)
+                count += 1
     if len(tokens) > 1 and not tokens[-1]:  # a BREAK at the very end
         tokens.pop()
         weights.pop()
@@ -160,27 +196,29 @@ def _apply_weights(z: torch.Tensor, weights: list[float]) -> torch.Tensor:
     return z * (before / after)
 
 
-def _encoders(pipe, sdxl: bool):
-    """(tokenizer, encoder) pairs and which hidden layer the pipeline reads."""
+def text_encoders(pipe, sdxl: bool):
+    """(component name, tokenizer, encoder) for each text encoder, and which hidden layer the pipeline reads."""
     if sdxl:
-        pairs = [(t, e) for t, e in ((pipe.tokenizer, pipe.text_encoder), (pipe.tokenizer_2, pipe.text_encoder_2))
+        found = [(n, t, e) for n, t, e in (("text_encoder", pipe.tokenizer, pipe.text_encoder),
+                                           ("text_encoder_2", pipe.tokenizer_2, pipe.text_encoder_2))
                  if t is not None and e is not None]
-        return pairs, "penultimate"
-    return [(pipe.tokenizer, pipe.text_encoder)], "last"
+        return found, "penultimate"
+    return [("text_encoder", pipe.tokenizer, pipe.text_encoder)], "last"
 
 
-def encode_chunks(pipe, sdxl: bool, prompt: str, device,
-                  chunks_wanted: int = 0) -> tuple[torch.Tensor, torch.Tensor | None]:
+def encode_chunks(pipe, sdxl: bool, prompt: str, device, chunks_wanted: int = 0,
+                  words: Mapping[str, Words] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(embeddings (1, 77 x chunks, dim), pooled (1, dim) for SDXL else None); at least `chunks_wanted` chunks
-    (empty chunks pad a shorter prompt, as A1111 pads the negative prompt to the prompt's length)."""
-    pairs, layer = _encoders(pipe, sdxl)
-    per_encoder = [tokenize(tok, prompt) for tok, _ in pairs]
+    (empty chunks pad a shorter prompt, as A1111 pads the negative prompt to the prompt's length). `words`: each
+    encoder's embedding names (by component name)."""
+    found, layer = text_encoders(pipe, sdxl)
+    per_encoder = [tokenize(tok, prompt, (words or {}).get(name)) for name, tok, _ in found]
     n = max(chunks_wanted, *(len(c.tokens) for c in per_encoder))
     pooled = None
     outputs = []
     for i in range(n):
         parts = []
-        for (tok, enc), chunks in zip(pairs, per_encoder):
+        for (_, tok, enc), chunks in zip(found, per_encoder):
             tokens = chunks.tokens[i] if i < len(chunks.tokens) else []
             z, pool = _run_encoder(enc, chunk_ids(tok, tokens), device, layer)
             if i == 0 and pool is not None:
@@ -192,10 +230,10 @@ def encode_chunks(pipe, sdxl: bool, prompt: str, device,
     return torch.cat(outputs, dim=1), pooled
 
 
-def chunk_count(pipe, sdxl: bool, prompt: str) -> int:
-    pairs, _ = _encoders(pipe, sdxl)
-    return max(len(tokenize(tok, prompt).tokens) for tok, _ in pairs)
+def chunk_count(pipe, sdxl: bool, prompt: str, words: Mapping[str, Words] | None = None) -> int:
+    found, _ = text_encoders(pipe, sdxl)
+    return max(len(tokenize(tok, prompt, (words or {}).get(name)).tokens) for name, tok, _ in found)
 
 
-def token_count(tokenizer, prompt: str) -> int:
-    return tokenize(tokenizer, prompt).count
+def token_count(tokenizer, prompt: str, words: Words | None = None) -> int:
+    return tokenize(tokenizer, prompt, words).count

@@ -41,7 +41,8 @@ def test_bad_fields_give_one_clear_message(field, value, needle):
 
 
 def test_sampler_names_are_forgiving_about_case():
-    assert parse_request(Txt2ImgRequest, {"sampler": "dpm++ 2m  karras"}).sampler == "DPM++ 2M Karras"
+    r = parse_request(Txt2ImgRequest, {"sampler": "dpm++ 2m  karras"})
+    assert (r.sampler, r.schedule) == ("DPM++ 2M", "Karras")
 
 
 def test_seed_minus_one_resolves_to_a_concrete_seed():

@@ -18,9 +18,12 @@ def wait_for_file(folder, text: str, timeout_s: float = 30.0) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         for path in folder.rglob("*.png"):
-            with Image.open(path) as im:
-                if text in (im.info.get("parameters") or ""):
-                    return
+            try:  # a save in progress: its temp file may go between the listing and the open
+                with Image.open(path) as im:
+                    if text in (im.info.get("parameters") or ""):
+                        return
+            except FileNotFoundError:
+                continue
         time.sleep(0.2)
     raise AssertionError(f"no saved PNG mentions {text!r}")
 

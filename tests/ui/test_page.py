@@ -51,18 +51,19 @@ def test_api_parameters_are_named_after_the_request_fields(client):
     endpoints = client.view_api(return_format="dict", print_info=False)["named_endpoints"]
     names = {api: [p["parameter_name"] for p in e["parameters"]] for api, e in endpoints.items()}
     common = ["steps", "guidance", "sampler", "seed", "batch_size"]
-    # styles come last, so clients sending the older positional arguments still work
-    assert names["/txt2img"] == ["prompt", "negative_prompt", "width", "height", "batch_count", *common, "styles"]
+    # styles, then the schedule type, come last, so clients sending the older positional arguments still work
+    assert names["/txt2img"] == ["prompt", "negative_prompt", "width", "height", "batch_count", *common, "styles",
+                                 "schedule"]
     assert names["/tiled_upscale"] == ["image", "prompt", "negative_prompt", "factor", "strength", "tile_size",
-                                       "tile_overlap", *common, "styles"]
+                                       "tile_overlap", *common, "styles", "schedule"]
     assert names["/load_model"] == ["model", "vae"]
     assert names["/set_runtime"] == ["runtime"] and names["/warmup"] == ["sizes", "tasks", "guidance"]
     from engine.options import OPTION_SPECS
 
     assert names["/set_optimizations"] == list(OPTION_SPECS)
-    assert names["/save_preset"] == ["name", "steps", "guidance", "sampler", *OPTION_SPECS]
+    assert names["/save_preset"] == ["name", "steps", "guidance", "sampler", *OPTION_SPECS, "schedule"]
     assert names["/compare"] == ["prompt", "negative_prompt", "width", "height", "steps", "guidance", "sampler", "seed",
-                                 "axis", "value_1", "value_2", "value_3", "value_4", "warm_up", "styles"]
+                                 "axis", "value_1", "value_2", "value_3", "value_4", "warm_up", "styles", "schedule"]
 
 
 def test_txt2img_returns_image_of_requested_size_and_readout(client):
@@ -195,16 +196,18 @@ def test_engine_tab_reports_and_switches_runtime(client):
 
 def option_values(client, preset, prompt=""):
     about, *rest = client.predict(preset, prompt, api_name="/preset")
-    boxes = [v["value"] if isinstance(v, dict) and "value" in v else v for v in rest[:-4]]  # gr.update dicts
-    return about, boxes, rest[-4:-1]
+    boxes = [v["value"] if isinstance(v, dict) and "value" in v else v for v in rest[:-5]]  # gr.update dicts
+    return about, boxes, (*rest[-5:-2], rest[-1])  # steps, guidance, sampler, schedule type
 
 
 def test_preset_dropdown_sets_boxes_and_sampler(client):
     from engine.options import Optimizations, load_preset
 
-    about, values, (steps, guidance, sampler) = option_values(client, "fastest")
+    about, values, (steps, guidance, sampler, schedule) = option_values(client, "fastest")
     fastest = load_preset("fastest")
-    assert "LCM" in about and (steps, guidance, sampler) == (4, 1.0, "LCM")
+    assert "LCM" in about and (steps, guidance, sampler, schedule) == (4, 1.0, "LCM", "Automatic")
+    *_, (_, _, sampler, schedule) = option_values(client, "quality")
+    assert (sampler, schedule) == ("DPM++ 2M", "Karras")  # its file says "DPM++ 2M Karras"
     assert "Needs an LCM-distilled model" in about  # builtin:tiny has no LCM-LoRA listed: said, not a silent bad picture
     assert dict(zip(Optimizations.model_fields, values)) == fastest.optimizations.model_dump()
 
@@ -213,12 +216,12 @@ def test_save_as_preset_writes_a_toml_and_refuses_bad_names(client, presets_dir)
     from engine.options import Optimizations, load_preset
 
     _, values, _ = option_values(client, "low-memory")
-    client.predict("my-low", 12, 5.5, "Euler", *values, api_name="/save_preset")
+    client.predict("my-low", 12, 5.5, "Euler", *values, "Exponential", api_name="/save_preset")
     saved = load_preset("my-low", presets_dir)
     assert saved.optimizations == Optimizations(**dict(zip(Optimizations.model_fields, values)))
-    assert saved.defaults.steps == 12 and saved.defaults.sampler == "Euler"
+    assert (saved.defaults.steps, saved.defaults.sampler, saved.defaults.schedule) == (12, "Euler", "Exponential")
     with pytest.raises(AppError, match="preset name"):
-        client.predict("../escape", 12, 5.5, "Euler", *values, api_name="/save_preset")
+        client.predict("../escape", 12, 5.5, "Euler", *values, "Automatic", api_name="/save_preset")
     assert not (presets_dir.parent / "escape.toml").exists()
 
 

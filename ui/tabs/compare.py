@@ -83,6 +83,7 @@ def build(engine: Engine, d: dict[str, Any], history: gr.Dataframe, presets_dir:
             styles = prompts.pop("styles")  # passed last: older positional API calls keep working
             size = size_sliders(d)
             common = common_controls(d, batch_size=False)
+            schedule = common.pop("schedule")  # passed last: positional API callers of before keep working
         with gr.Column(scale=2):
             axis = gr.Dropdown(list(AXES), value="steps", label="Compare by",
                                info="the other settings come from the controls on the left")
@@ -110,10 +111,10 @@ def build(engine: Engine, d: dict[str, Any], history: gr.Dataframe, presets_dir:
     running: dict[str, threading.Event | None] = {"stop": None}
 
     # Named positional parameters: the API's parameter names, and Gradio only hooks up a Progress after them.
-    def compare(prompt, negative_prompt, width, height, steps, guidance, sampler, seed, axis, value_1, value_2,
-                value_3, value_4, warm_up, styles=None, progress=gr.Progress()):
+    def compare(prompt, negative_prompt, width, height, steps, guidance, sampler, seed, axis, value_1,
+                value_2, value_3, value_4, warm_up, styles=None, schedule=None, progress=gr.Progress()):
         request = {"width": width, "height": height,
-                   **common_request(prompt, negative_prompt, steps, guidance, sampler, seed, 1, styles)}
+                   **common_request(prompt, negative_prompt, steps, guidance, sampler, seed, 1, styles, schedule)}
         stop_event, state = threading.Event(), {}
         running["stop"] = stop_event
         thread, box = run_in_thread(lambda: compare_columns(
@@ -149,6 +150,7 @@ def build(engine: Engine, d: dict[str, Any], history: gr.Dataframe, presets_dir:
             event.set()
             engine.stop()
 
-    go.click(compare, inputs=[*prompts.values(), *size.values(), *common.values(), axis, *values, warm_up, styles],
+    go.click(compare, inputs=[*prompts.values(), *size.values(), *common.values(), axis, *values, warm_up, styles,
+                              schedule],
              outputs=[grid, table, params, history], api_name="compare")
     stop.click(stop_comparison, queue=False, api_name=False)

@@ -25,14 +25,18 @@ def build(engine: Engine, d: dict[str, Any], history: gr.Dataframe) -> Controls:
             hires_strength = field_slider(HiresFixRequest, "hires_strength", "Hires denoising strength", 0.05)
             hires_steps = field_slider(HiresFixRequest, "hires_steps", "Hires steps (0 = same)", 1)
             vae_tiling = gr.Checkbox(value=False, label="Tiled VAE")
+        common = common_controls(d)
+        schedule = common.pop("schedule")  # passed last: positional API callers of before keep working
         return {**prompts, **size, "factor": factor, "upscaler": upscaler, "hires_strength": hires_strength,
-                "hires_steps": hires_steps, "vae_tiling": vae_tiling, **common_controls(d), "styles": styles}
+                "hires_steps": hires_steps, "vae_tiling": vae_tiling, **common,
+                "styles": styles, "schedule": schedule}
 
     def hires_fix(prompt, negative_prompt, width, height, factor, upscaler, hires_strength, hires_steps, vae_tiling,
-                  steps, guidance, sampler, seed, batch_size, styles=None, progress=gr.Progress()):
+                  steps, guidance, sampler, seed, batch_size, styles=None, schedule=None, progress=gr.Progress()):
         request = {"width": width, "height": height, "factor": factor, "upscaler": upscaler,
                    "hires_strength": hires_strength, "hires_steps": hires_steps, "vae_tiling": bool(vae_tiling),
-                   **common_request(prompt, negative_prompt, steps, guidance, sampler, seed, batch_size, styles)}
+                   **common_request(prompt, negative_prompt, steps, guidance, sampler, seed, batch_size,
+                                    styles, schedule)}
         yield from stream_job(engine, lambda: engine.hires_fix(request), progress,
                               shown=lambda r: (r.extra_images["base"] + r.images, r.seeds * 2))
 

@@ -26,14 +26,18 @@ def build(engine: Engine, d: dict[str, Any], history: gr.Dataframe) -> Controls:
             width = gr.Number(value=0, precision=0, label="Width (0 = input's)")
             height = gr.Number(value=0, precision=0, label="Height (0 = input's)")
             vae_tiling = gr.Checkbox(value=False, label="Tiled VAE")
+        common = common_controls(d)
+        schedule = common.pop("schedule")  # passed last: positional API callers of before keep working
         return {"image": image, **prompts, "strength": strength, "resize_mode": resize_mode, "width": width,
-                "height": height, "vae_tiling": vae_tiling, **common_controls(d), "styles": styles}
+                "height": height, "vae_tiling": vae_tiling, **common,
+                "styles": styles, "schedule": schedule}
 
     def img2img(image, prompt, negative_prompt, strength, resize_mode, width, height, vae_tiling, steps, guidance,
-                sampler, seed, batch_size, styles=None, progress=gr.Progress()):
+                sampler, seed, batch_size, styles=None, schedule=None, progress=gr.Progress()):
         request = {"strength": strength, "resize_mode": resize_mode, "width": int(width) if width else None,
                    "height": int(height) if height else None, "vae_tiling": bool(vae_tiling),
-                   **common_request(prompt, negative_prompt, steps, guidance, sampler, seed, batch_size, styles)}
+                   **common_request(prompt, negative_prompt, steps, guidance, sampler, seed, batch_size,
+                                    styles, schedule)}
         yield from stream_job(engine, lambda: engine.img2img(request, image), progress)
 
     return generation_tab(engine, history, img2img, controls, api_name="img2img")

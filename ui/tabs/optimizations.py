@@ -14,6 +14,7 @@ from engine.lora.tags import with_tag, without_tags
 from engine.options import (OPTION_SPECS, Optimizations, OptionSpec, Preset, load_preset, preset_loras, preset_names,
                             save_preset)
 from engine.requests import describe_validation_error
+from engine.samplers import AUTOMATIC
 from ui.components import Controls
 from ui.formatting import engine_markdown, options_markdown
 from ui.running import reported
@@ -62,9 +63,9 @@ def options_from(values) -> Optimizations:
         raise gr.Error(f"Invalid options: {describe_validation_error(e, data)}") from None
 
 
-def with_option_parameters(fn: Callable, *leading: str) -> Callable:
+def with_option_parameters(fn: Callable, *leading: str, trailing: tuple[str, ...] = ()) -> Callable:
     """Name a `*values` handler's parameters after the options: Gradio reads them off the signature for the API."""
-    names = [*leading, *OPTION_SPECS]
+    names = [*leading, *OPTION_SPECS, *trailing]
     fn.__signature__ = inspect.Signature([inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD)
                                           for n in names])
     return fn
@@ -98,6 +99,7 @@ def build(engine: Engine, d: dict[str, Any], presets_dir: Path, txt2img: Control
     info = gr.Markdown(options_markdown(engine))
     generation = [txt2img[name] for name in ("steps", "guidance", "sampler")]  # what a preset pre-fills
     prompt = txt2img["prompt"]  # where a preset's LoRA goes
+    schedule = txt2img["schedule"]  # with the sampler; last, so the API's positional parameters stay
 
     def set_optimizations(*values):  # options the runtime owns re-prepare the model (seconds on a big one)
         with reported("Applying options"):
@@ -109,7 +111,7 @@ def build(engine: Engine, d: dict[str, Any], presets_dir: Path, txt2img: Control
 
     def pick_preset(name, text):
         if not name:
-            return (gr.skip(),) * (2 + len(boxes) + len(generation))
+            return (gr.skip(),) * (3 + len(boxes) + len(generation))
         with reported("Loading the preset"):
             chosen = load_preset(name, presets_dir)
         given, model_name = chosen.defaults, engine.model.name if engine.model else None
@@ -119,15 +121,17 @@ def build(engine: Engine, d: dict[str, Any], presets_dir: Path, txt2img: Control
         return (f"*{chosen.description}*" + (f"\n\n{advice}" if advice else ""),
                 *option_updates(engine, chosen.optimizations),
                 *(gr.skip() if v is None else v for v in (given.steps, given.guidance, given.sampler)),
-                with_tag(text, lora_name, 1.0) if lora_name else text)
+                with_tag(text, lora_name, 1.0) if lora_name else text,
+                gr.skip() if given.sampler is None else given.schedule or AUTOMATIC)
 
-    preset.change(pick_preset, inputs=[preset, prompt], outputs=[about, *boxes, *generation, prompt],
+    preset.change(pick_preset, inputs=[preset, prompt], outputs=[about, *boxes, *generation, prompt, schedule],
                   api_name="preset")
 
     def save_as(name, steps, guidance, sampler, *values):
+        *values, schedule_type = values
         optimizations = options_from(values)
         with reported("Saving the preset"):
-            defaults = {"steps": steps, "guidance": guidance, "sampler": sampler}
+            defaults = {"steps": steps, "guidance": guidance, "sampler": sampler, "schedule": schedule_type}
             try:  # the request models' rules: NaN, infinities and 20.5 steps are refused with the field named
                 new = Preset(name=(name or "").strip(), description="Saved from the UI.",
                              optimizations=optimizations, defaults=defaults)
@@ -136,6 +140,6 @@ def build(engine: Engine, d: dict[str, Any], presets_dir: Path, txt2img: Control
             path = save_preset(new, presets_dir)
         return gr.update(choices=preset_names(presets_dir), value=new.name), f"Saved `{path.name}`."
 
-    save.click(with_option_parameters(save_as, "name", "steps", "guidance", "sampler"),
-               inputs=[preset_name, *generation, *boxes], outputs=[preset, about], api_name="save_preset")
+    save.click(with_option_parameters(save_as, "name", "steps", "guidance", "sampler", trailing=("schedule",)),
+               inputs=[preset_name, *generation, *boxes, schedule], outputs=[preset, about], api_name="save_preset")
     return OptionsTab(info, boxes)

@@ -22,13 +22,17 @@ def build(engine: Engine, d: dict[str, Any], history: gr.Dataframe) -> Controls:
         with gr.Row():
             tile_size = field_slider(TiledUpscaleRequest, "tile_size", "Tile size", 8, value=min(512, d["width"]))
             tile_overlap = field_slider(TiledUpscaleRequest, "tile_overlap", "Tile overlap", 8)
+        common = common_controls(d)
+        schedule = common.pop("schedule")  # passed last: positional API callers of before keep working
         return {"image": image, **prompts, "factor": factor, "strength": strength, "tile_size": tile_size,
-                "tile_overlap": tile_overlap, **common_controls(d), "styles": styles}
+                "tile_overlap": tile_overlap, **common,
+                "styles": styles, "schedule": schedule}
 
     def tiled_upscale(image, prompt, negative_prompt, factor, strength, tile_size, tile_overlap, steps, guidance,
-                      sampler, seed, batch_size, styles=None, progress=gr.Progress()):
+                      sampler, seed, batch_size, styles=None, schedule=None, progress=gr.Progress()):
         request = {"factor": factor, "strength": strength, "tile_size": tile_size, "tile_overlap": tile_overlap,
-                   **common_request(prompt, negative_prompt, steps, guidance, sampler, seed, batch_size, styles)}
+                   **common_request(prompt, negative_prompt, steps, guidance, sampler, seed, batch_size,
+                                    styles, schedule)}
         yield from stream_job(engine, lambda: engine.tiled_upscale(request, image), progress)
 
     return generation_tab(engine, history, tiled_upscale, controls, api_name="tiled_upscale", button="Upscale",

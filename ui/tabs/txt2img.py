@@ -18,14 +18,16 @@ def build(engine: Engine, d: dict[str, Any], history: gr.Dataframe) -> Controls:
         styles = prompts.pop("styles")
         size = size_sliders(d)
         common = common_controls(d)
+        schedule = common.pop("schedule")  # passed last: positional API callers of before keep working
         batch_count = field_slider(Txt2ImgRequest, "batch_count", "Batch count", 1)
-        return {**prompts, **size, "batch_count": batch_count, **common, "styles": styles}
+        return {**prompts, **size, "batch_count": batch_count, **common, "styles": styles, "schedule": schedule}
 
     # Every input is a named positional parameter: Gradio only hooks up a Progress that follows those.
-    def txt2img(prompt, negative_prompt, width, height, batch_count, steps, guidance, sampler, seed, batch_size,
-                styles=None, progress=gr.Progress()):
+    def txt2img(prompt, negative_prompt, width, height, batch_count, steps, guidance, sampler, seed,
+                batch_size, styles=None, schedule=None, progress=gr.Progress()):
         request = {"width": width, "height": height, "batch_count": batch_count,
-                   **common_request(prompt, negative_prompt, steps, guidance, sampler, seed, batch_size, styles)}
+                   **common_request(prompt, negative_prompt, steps, guidance, sampler, seed, batch_size,
+                                    styles, schedule)}
         yield from stream_job(engine, lambda: engine.txt2img(request), progress)
 
     return generation_tab(engine, history, txt2img, controls, api_name="txt2img", stop_api_name="stop")

@@ -96,7 +96,7 @@ def test_a_preset_column_applies_it_and_the_setup_is_restored(engine, presets):
 
     c = compare(engine, REQUEST, "preset", ["quality", "fastest"], presets_dir=presets, progress=progress)
     quality, fastest = c.columns
-    assert (quality.request.steps, quality.request.sampler) == (30, "DPM++ 2M Karras")
+    assert (quality.request.steps, quality.request.sampler, quality.request.schedule) == (30, "DPM++ 2M", "Karras")
     assert (fastest.request.steps, fastest.request.sampler, fastest.request.guidance) == (4, "LCM", 1.0)
     assert applied == {"preset: quality": [], "preset: fastest": ["token merging 0.3", "DeepCache every 2"]}
     assert any("Needs an LCM-distilled model" in n for n in fastest.notices)  # tiny has no LCM-LoRA listed

@@ -5,30 +5,8 @@ import pytest
 from PIL import Image
 
 from engine import Engine
-from engine.store.metadata import format_parameters, parse_parameters
+from engine.store.metadata import parse_parameters
 from engine.store.outputs import read_parameters, save_png
-
-
-def test_parameters_round_trip():
-    params = {"prompt": "a red circle, on blue: 'quoted' \"too\"", "negative_prompt": "blurry, low quality",
-              "steps": 20, "sampler": "DPM++ 2M Karras", "guidance": 7.5, "seed": 123456, "width": 512,
-              "height": 768, "model": "builtin:tiny", "task": "txt2img"}
-    text = format_parameters(params)
-    assert text.splitlines()[0] == params["prompt"]
-    assert "Steps: 20, Sampler: DPM++ 2M Karras, CFG scale: 7.5, Seed: 123456, Size: 512x768" in text
-    back = parse_parameters(text)
-    for key in ("prompt", "negative_prompt", "steps", "sampler", "guidance", "seed", "width", "height", "model"):
-        assert back[key] == params[key], key
-
-
-def test_parses_a1111_text():
-    text = ("masterpiece, a cat\nNegative prompt: ugly\nSteps: 30, Sampler: Euler a, CFG scale: 6, Seed: 42, "
-            "Size: 640x480, Model hash: abc123, Model: v1-5")
-    p = parse_parameters(text)
-    assert p["prompt"] == "masterpiece, a cat" and p["negative_prompt"] == "ugly"
-    assert (p["steps"], p["sampler"], p["guidance"], p["seed"], p["width"], p["height"]) == (30, "Euler a", 6.0, 42,
-                                                                                              640, 480)
-    assert p["Model hash"] == "abc123"
 
 
 def test_saved_png_parses_back_to_the_same_request(tmp_path):

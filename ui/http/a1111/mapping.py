@@ -9,63 +9,103 @@ import re
 from typing import Any
 
 from engine import UserError
-from engine.requests import HiresFixRequest, Img2ImgRequest, Txt2ImgRequest, parse_request
-from engine.samplers import canonical_sampler
+from engine.requests import (HIRES_UPSCALER_NAMES, HiresFixRequest, Img2ImgRequest, Txt2ImgRequest,
+                             hires_upscaler_named, parse_request)
+from engine.samplers import parse_sampler
+from engine.store.metadata import VERSION
 from engine.store.outputs import parameters_info
 from ui.http.a1111.schemas import ApiError, GenerationApi, Img2ImgApi, Txt2ImgApi, decode_image
 
-# A1111 hires upscaler names -> ours. "None", "Nearest" and "Lanczos" resize the decoded image.
-HR_UPSCALERS = {
-    "latent": "latent (bicubic)", "latent (antialiased)": "latent (bicubic)", "latent (bicubic)": "latent (bicubic)",
-    "latent (bicubic antialiased)": "latent (bicubic)", "latent (nearest)": "latent (nearest-exact)",
-    "latent (nearest-exact)": "latent (nearest-exact)", "none": "Lanczos", "lanczos": "Lanczos", "nearest": "Lanczos",
-}
-
-VERSION = "fast-sd"  # what the info text says made the picture
 
 
 RESIZE_MODES = {0: "resize", 1: "crop and resize", 2: "resize and fill", 3: "resize"}  # 3: A1111's latent upscale
+# A1111 samplers whose step takes eta (ancestral and SDE): they run at A1111's default eta 1 here
+ETA_ONE = {"Euler a", "DPM2 a", "DPM++ 2S a", "DPM++ SDE", "DPM++ 2M SDE", "DPM++ 2M SDE Heun", "DPM++ 3M SDE"}
 
 
-SCHEDULERS = {"automatic": "", "karras": " Karras"}  # A1111's separate scheduler field -> our sampler suffix
+def _off(value: Any, *defaults: Any) -> bool:
+    return value is None or value in defaults
 
 
 def refuse_unsupported(req: GenerationApi) -> None:
-    if req.restore_faces:
-        raise ApiError(422, "restore_faces: face restoration is not available on this server.")
-    if req.tiling:
-        raise ApiError(422, "tiling: seamless tiling is not available on this server.")
-    if req.subseed_strength:
-        raise ApiError(422, "subseed_strength: variation seeds are not available on this server.")
-    if req.script_name:  # A1111 answers an unknown script with a 422 too
-        raise ApiError(422, f"script_name {req.script_name!r}: this server has no scripts.")
-    if req.alwayson_scripts:
-        raise ApiError(422, f"alwayson_scripts: this server has no always-on scripts "
-                            f"({', '.join(map(str, req.alwayson_scripts))}).")
+    """A 422 naming the first field whose value would draw another picture than A1111's here. A field at A1111's
+    default (or one that only matters with another that is off) passes: clients send them all."""
+    checks = [
+        ("restore_faces", _off(req.restore_faces, False), "face restoration is not available on this server"),
+        ("tiling", _off(req.tiling, False), "seamless tiling is not available on this server"),
+        ("subseed_strength", _off(req.subseed_strength, 0), "variation seeds are not available on this server"),
+        ("seed_resize_from_w", req.seed_resize_from_w <= 0 and req.seed_resize_from_h <= 0,
+         "resizing the seed from another size is not available on this server"),
+        ("s_churn", _off(req.s_churn, 0), "stochastic churn is not available on this server"),
+        ("s_noise", _off(req.s_noise, 1) or _off(req.s_churn, 0), "churn noise applies with s_churn, not here"),
+        ("s_min_uncond", _off(req.s_min_uncond, 0), "skipping the negative prompt at low sigma is not available"),
+        ("ddim_discretize", _off(req.ddim_discretize, "uniform", ""), "DDIM runs its uniform timesteps here"),
+        ("refiner_checkpoint", _off(req.refiner_checkpoint, "", "None", "none"), "there is no refiner pass here"),
+        ("disable_extra_networks", not req.disable_extra_networks,
+         "LoRA tags in the prompt always apply here; remove them instead"),
+        ("firstpass_image", not req.firstpass_image, "a first-pass image is not taken here"),
+        ("infotext", not req.infotext, "send the fields themselves (POST /sdapi/v1/png-info reads a parameters text)"),
+        ("script_name", not req.script_name, "this server has no scripts"),  # A1111 answers an unknown script so
+    ]
+    for name, fine, why in checks:
+        if not fine:
+            raise ApiError(422, f"{name} {getattr(req, name)!r}: {why}.")
+    scripts = {name: args for name, args in (req.alwayson_scripts or {}).items() if not _disabled_script(args)}
+    if scripts:
+        raise ApiError(422, f"alwayson_scripts: this server has no always-on scripts ({', '.join(map(str, scripts))}).")
+    if isinstance(req, Txt2ImgApi) and (req.firstphase_width or req.firstphase_height):
+        raise ApiError(422, "firstphase_width: the deprecated first-phase size is not taken; send width, height and "
+                            "hr_scale.")
+    if isinstance(req, Img2ImgApi):
+        if req.mask:
+            raise ApiError(422, "mask: inpainting is not supported yet; send img2img without a mask.")
+        if req.latent_mask:
+            raise ApiError(422, "latent_mask: inpainting is not supported yet.")
+        if not _off(req.initial_noise_multiplier, 1):
+            raise ApiError(422, f"initial_noise_multiplier {req.initial_noise_multiplier}: the initial noise is not "
+                                f"scaled here (1 only).")
 
 
-def sampler_of(req: GenerationApi) -> str:
+def _disabled_script(args: Any) -> bool:
+    """An always-on script entry that asks for nothing: {"args": []} or {"args": [False, ...]} (A1111's off)."""
+    if isinstance(args, dict):
+        args = args.get("args")
+    return not args or (isinstance(args, list) and args[0] is False)
+
+
+def sampler_of(req: GenerationApi) -> tuple[str, str, float | None]:
+    """(sampler, schedule type, eta) for the engine: A1111 1.9+ sends the two apart; older clients send
+    'DPM++ 2M Karras'. eta is DDIM's; the ancestral and SDE samplers take only A1111's default 1."""
     name = req.sampler_name or req.sampler_index or "Euler"
-    scheduler = (req.scheduler or "automatic").strip().lower()
-    if scheduler not in SCHEDULERS:
-        raise ApiError(422, f"scheduler {req.scheduler!r}: choose one of {', '.join(SCHEDULERS)}.")
-    candidates = [name + SCHEDULERS[scheduler]] if SCHEDULERS[scheduler] and "karras" not in name.lower() else [name]
+    field = "sampler_name"
     try:
-        return canonical_sampler(candidates[0])
+        parse_sampler(name)
+        field = "scheduler"
+        sampler, schedule = parse_sampler(name, req.scheduler)
     except UserError as e:
-        raise ApiError(422, f"sampler_name: {e}") from None
+        raise ApiError(422, f"{field}: {e}") from None
+    eta = req.eta
+    if sampler == "DDIM":
+        return sampler, schedule, eta if eta is not None else None
+    if sampler in ETA_ONE and not _off(eta, 1):
+        raise ApiError(422, f"eta {eta:g}: the {sampler} sampler runs at eta 1 here (only DDIM takes another).")
+    return sampler, schedule, None  # samplers without eta ignore it, as in A1111
 
 
 def common_fields(req: GenerationApi) -> dict[str, Any]:
-    return {"prompt": req.prompt, "negative_prompt": req.negative_prompt, "steps": req.steps,
-            "guidance": req.cfg_scale, "sampler": sampler_of(req), "seed": req.seed, "batch_size": req.batch_size,
-            "styles": list(req.styles or [])}
+    sampler, schedule, eta = sampler_of(req)
+    fields = {"prompt": req.prompt, "negative_prompt": req.negative_prompt, "steps": req.steps,
+              "guidance": req.cfg_scale, "sampler": sampler, "schedule": schedule, "seed": req.seed,
+              "batch_size": req.batch_size, "styles": list(req.styles or [])}
+    if eta is not None:
+        fields["eta"] = eta
+    return fields
 
 
 # our request field -> the A1111 field the client sent, so a 422 names what the client can change
 A1111_NAMES = {"guidance": "cfg_scale", "factor": "hr_scale", "hires_steps": "hr_second_pass_steps",
                "hires_strength": "denoising_strength", "strength": "denoising_strength", "batch_count": "n_iter",
-               "sampler": "sampler_name"}
+               "sampler": "sampler_name", "schedule": "scheduler"}
 
 
 _FIELD_AT = re.compile(r"(^Invalid request: |; )(" + "|".join(A1111_NAMES) + r"):")
@@ -85,14 +125,15 @@ def txt2img_request(req: Txt2ImgApi) -> tuple[str, dict[str, Any]]:
     if not req.enable_hr:
         checked(Txt2ImgRequest, fields)
         return "txt2img", fields
-    upscaler = HR_UPSCALERS.get((req.hr_upscaler or "Latent").strip().lower())
+    upscaler = hires_upscaler_named(req.hr_upscaler or "Latent")
     if upscaler is None:
         raise ApiError(422, f"hr_upscaler {req.hr_upscaler!r}: this server has "
-                            f"{', '.join(sorted({k.title() for k in HR_UPSCALERS}))}.")
+                            f"{', '.join(sorted({k.title() for k in HIRES_UPSCALER_NAMES}))}.")
     for name, same in (("hr_prompt", req.prompt), ("hr_negative_prompt", req.negative_prompt),
-                       ("hr_checkpoint_name", "Use same checkpoint"), ("hr_sampler_name", "Use same sampler")):
+                       ("hr_checkpoint_name", "Use same checkpoint"), ("hr_sampler_name", "Use same sampler"),
+                       ("hr_scheduler", "Use same scheduler")):
         value = getattr(req, name)
-        if value not in (None, "", same):
+        if value not in (None, "", same) and not _same_sampler(name, value, req):
             raise ApiError(422, f"{name} {value!r}: the second pass uses the first pass's "
                                 f"{name.removeprefix('hr_').replace('_', ' ')} here.")
     factor = req.hr_scale
@@ -104,10 +145,19 @@ def txt2img_request(req: Txt2ImgApi) -> tuple[str, dict[str, Any]]:
     return "hires_fix", fields
 
 
+def _same_sampler(name: str, value: str, req: GenerationApi) -> bool:
+    """hr_sampler_name / hr_scheduler naming the first pass's own."""
+    try:
+        first = sampler_of(req)
+        if name == "hr_sampler_name":
+            return parse_sampler(value, first[1])[0] == first[0]
+        return name == "hr_scheduler" and parse_sampler(first[0], value)[1] == first[1]
+    except (UserError, ApiError):
+        return False
+
+
 def img2img_request(req: Img2ImgApi) -> tuple[dict[str, Any], Any]:
     refuse_unsupported(req)
-    if req.mask:
-        raise ApiError(422, "mask: inpainting is not supported yet; send img2img without a mask.")
     if not req.init_images:
         raise ApiError(422, "init_images: img2img needs one image (base64).")
     if req.n_iter != 1:
@@ -118,7 +168,8 @@ def img2img_request(req: Img2ImgApi) -> tuple[dict[str, Any], Any]:
         raise ApiError(422, f"resize_mode {req.resize_mode}: choose 0 (resize), 1 (crop and resize), "
                             f"2 (resize and fill) or 3 (latent upscale, done as resize).")
     image = decode_image(req.init_images[0], "init_images[0]")
-    fields = {**common_fields(req), "width": req.width, "height": req.height, "resize_mode": RESIZE_MODES[req.resize_mode],
+    fields = {**common_fields(req), "width": req.width, "height": req.height,
+              "resize_mode": RESIZE_MODES[req.resize_mode],
               "strength": 0.75 if req.denoising_strength is None else req.denoising_strength}
     checked(Img2ImgRequest, fields)
     return fields, image
@@ -142,12 +193,14 @@ def generation_response(result, req: GenerationApi, sent: dict[str, Any], extra:
         "subseed": -1, "all_subseeds": [-1] * n, "subseed_strength": 0,
         "width": params.get("width"), "height": params.get("height"), "sampler_name": params.get("sampler"),
         "cfg_scale": params.get("guidance"), "steps": params.get("steps"), "batch_size": params.get("batch_size"),
-        "restore_faces": False, "face_restoration_model": None, "sd_model_name": params.get("model"),
-        "sd_model_hash": None, "sd_vae_name": None, "sd_vae_hash": None, "seed_resize_from_w": -1,
+        "scheduler": params.get("schedule"), "restore_faces": False, "face_restoration_model": None,
+        "sd_model_name": params.get("model"), "sd_model_hash": params.get("model_hash") or "",
+        "sd_vae_name": None, "sd_vae_hash": None, "seed_resize_from_w": -1,
         "seed_resize_from_h": -1,
         "denoising_strength": params.get("strength", params.get("hires_strength")),
-        "extra_generation_params": {k: params[k] for k in ("task", "runtime", "factor", "upscaler", "hires_steps",
-                                                           "resize_mode") if k in params},
+        "extra_generation_params": {"Schedule type": params.get("schedule"),
+                                    **{k: params[k] for k in ("task", "runtime", "factor", "upscaler", "hires_steps",
+                                                              "resize_mode") if k in params}},
         "index_of_first_image": 0, "infotexts": texts, "styles": list(params.get("styles") or []),
         "job_timestamp": extra.pop("job_timestamp"),
         "clip_skip": 1, "is_using_inpainting_conditioning": False, "version": VERSION,
@@ -164,3 +217,46 @@ TITLE_HASH = re.compile(r"\s*\[[0-9a-fA-F]{6,64}\]$")
 def model_name(title: str) -> str:
     """A1111 titles are 'name [shorthash]'; we load by name."""
     return TITLE_HASH.sub("", str(title).strip())
+
+
+# A1111 settings that change the picture, at the values this server draws with: an override_settings entry at
+# another value is refused (it would draw another picture); POST /options logs it as not applied.
+PICTURE_SETTINGS: dict[str, Any] = {
+    "CLIP_stop_at_last_layers": 1, "eta_noise_seed_delta": 0, "eta_ancestral": 1.0, "eta_ddim": 0.0,
+    "s_churn": 0.0, "s_min_uncond": 0.0, "s_noise": 1.0, "s_tmin": 0.0, "s_tmax": 0.0, "rho": 0.0, "sigma_min": 0.0,
+    "sigma_max": 0.0, "always_discard_next_to_last_sigma": False, "sd_unet": "Automatic", "sd_vae": "Automatic",
+    "k_sched_type": "Automatic", "beta_dist_alpha": 0.6, "beta_dist_beta": 0.6,
+}
+SAME_VAE = ("Automatic", "None", None)
+
+
+def options_now(engine, status: dict[str, Any]) -> dict[str, Any]:
+    """GET /sdapi/v1/options: A1111's keys that clients read, with this server's values (ours prefixed fast_sd_)."""
+    return {
+        **PICTURE_SETTINGS,
+        "sd_model_checkpoint": engine.model_title(), "sd_checkpoint_hash": "", "sd_checkpoints_limit": 1,
+        "sd_vae_overrides_per_model_preferences": True, "samples_save": engine.outputs_dir is not None,
+        "outdir_samples": str(engine.outputs_dir) if engine.outputs_dir else "", "samples_format": "png",
+        "save_images_add_number": True, "enable_pnginfo": True, "save_txt": False, "grid_save": False,
+        "live_previews_enable": bool(engine.preview_every), "show_progress_every_n_steps": engine.preview_every or -1,
+        "token_merging_ratio": float(getattr(engine.optimizations, "token_merging_ratio", 0.0) or 0.0),
+        "token_merging_ratio_hr": 0.0, "token_merging_ratio_img2img": 0.0, "hide_samplers": [],
+        "sd_lora": "None", "lora_preferred_name": "Alias from file", "add_model_hash_to_info": True,
+        "add_model_name_to_info": True, "add_version_to_infotext": True, "randn_source": "CPU",
+        "fast_sd_runtime": status["runtime"], "fast_sd_precision": status["precision"],
+    }
+
+
+def picture_setting_refused(key: str, value: Any) -> str | None:
+    """Why an override_settings entry cannot be honoured, or None (ours, at our value, or not a picture setting)."""
+    if key not in PICTURE_SETTINGS:
+        return None
+    if key == "sd_vae":
+        return None if value in SAME_VAE else (f"override_settings.sd_vae {value!r}: a VAE is chosen with the model "
+                                               f"here (the Engine tab or --vae), not per request.")
+    ours = PICTURE_SETTINGS[key]
+    try:
+        same = value == ours or (isinstance(ours, float) and float(value) == ours)
+    except (TypeError, ValueError):
+        same = False
+    return None if same else f"override_settings.{key} {value!r}: this server draws with {ours!r} only."

@@ -25,10 +25,10 @@ from engine import Engine, UserError
 from engine.lora.tags import available as available_loras
 from engine.lora.tags import resolve as resolve_lora
 from engine.models.sources import available_models
-from engine.samplers import SAMPLER_NAMES
+from engine.samplers import AUTOMATIC, DEFAULT_RHO, SAMPLER_NAMES, SAMPLERS, SCHEDULES
 from engine.store.metadata import parse_parameters
-from ui.http.a1111.mapping import (SCHEDULERS, generation_response, img2img_request, model_name, png_base64,
-                                   txt2img_request)
+from ui.http.a1111.mapping import (PICTURE_SETTINGS, SAME_VAE, generation_response, img2img_request, model_name,
+                                   options_now, picture_setting_refused, png_base64, txt2img_request)
 from ui.http.a1111.schemas import (MAX_BODY_BYTES, ApiError, GenerationApi, Img2ImgApi, Txt2ImgApi, decode_base64,
                                    parse_body, validated)
 from ui.http.auth import authorized
@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 
 
 PREFIX = "/sdapi/v1"
+NEEDS_MODEL = {"Uniform", "SGM Uniform", "Simple", "Normal", "DDIM", "Beta"}  # A1111's need_inner_model
 
 
 
@@ -112,18 +113,27 @@ class SdApi:
         add("/skip", self.endpoint(self.interrupt, body=True), methods=["POST"])  # one job here: skip = interrupt
         add("/options", self.endpoint(self.get_options), methods=["GET"])
         add("/options", self.endpoint(self.set_options, body=True, job=True), methods=["POST"])
+        add("/cmd-flags", self.endpoint(self.cmd_flags), methods=["GET"])
         add("/sd-models", self.endpoint(self.sd_models), methods=["GET"])
-        add("/refresh-checkpoints", self.endpoint(lambda _: None, body=True), methods=["POST"])
+        add("/sd-vae", self.endpoint(self.sd_vae), methods=["GET"])
         add("/samplers", self.endpoint(self.samplers), methods=["GET"])
         add("/schedulers", self.endpoint(self.schedulers), methods=["GET"])
         add("/upscalers", self.endpoint(self.upscalers), methods=["GET"])
         add("/latent-upscale-modes", self.endpoint(self.latent_modes), methods=["GET"])
         add("/loras", self.endpoint(self.loras), methods=["GET"])
-        add("/refresh-loras", self.endpoint(lambda _: None, body=True), methods=["POST"])
-        add("/sd-vae", self.endpoint(lambda _: []), methods=["GET"])
+        add("/embeddings", self.endpoint(lambda _: self.engine.embeddings()), methods=["GET"])
         add("/prompt-styles", self.endpoint(self.prompt_styles), methods=["GET"])
-        add("/embeddings", self.endpoint(lambda _: {"loaded": {}, "skipped": {}}), methods=["GET"])
+        add("/face-restorers", self.endpoint(lambda _: []), methods=["GET"])
+        add("/realesrgan-models", self.endpoint(lambda _: []), methods=["GET"])
+        add("/hypernetworks", self.endpoint(lambda _: []), methods=["GET"])
         add("/scripts", self.endpoint(lambda _: {"txt2img": [], "img2img": []}), methods=["GET"])
+        add("/script-info", self.endpoint(lambda _: []), methods=["GET"])
+        # The lists are read from the folders on every GET: a refresh has nothing to do but answer (embeddings
+        # are read into the loaded model's text encoder, so that one reloads them).
+        for name in ("checkpoints", "vae", "loras"):
+            add(f"/refresh-{name}", self.endpoint(lambda _: None, body=True), methods=["POST"])
+        add("/refresh-embeddings", self.endpoint(lambda _: self.engine.refresh_embeddings() and None, body=True),
+            methods=["POST"])
         add("/png-info", self.endpoint(self.png_info, body=True), methods=["POST"])
         add("/memory", self.endpoint(self.memory), methods=["GET"])
         return router
@@ -132,17 +142,24 @@ class SdApi:
 
     def _run(self, req: GenerationApi, run: Callable[[], Any]) -> tuple[Any, dict[str, Any]]:
         """Run under the settings the request overrides (the model), restoring them after when asked; the switch,
-        the job and the switch back hold the device together, so no other job runs on the override model."""
+        the job and the switch back hold the device together, so no other job runs on the override model. The
+        pictures are saved where the client asks (save_images), as A1111 saves API pictures."""
         settings = dict(req.override_settings or {})
         wanted = settings.pop("sd_model_checkpoint", None)
         extra: dict[str, Any] = {"job_timestamp": time.strftime("%Y%m%d%H%M%S")}
-        notices = [f"Ignored setting {k!r} in override_settings: not one this server has." for k in settings]
+        for key, value in settings.items():
+            if why := picture_setting_refused(key, value):
+                raise ApiError(422, why)
+        notices = [f"Ignored setting {k!r} in override_settings: not one this server has." for k in settings
+                   if k not in PICTURE_SETTINGS]
         self.job_timestamp = extra["job_timestamp"]
         if wanted is not None and not (isinstance(wanted, str) and wanted.strip()):
             raise ApiError(422, "override_settings.sd_model_checkpoint: expected a title from /sdapi/v1/sd-models.")
         model = model_name(wanted) if wanted else None
         switched = model is not None and model != self.engine.model_title()
-        with self.engine.temporarily(model=model, restore=bool(req.override_settings_restore_afterwards)) as after:
+        save = bool(req.save_images) and not req.do_not_save_samples
+        with self.engine.temporarily(model=model, save=save,
+                                     restore=bool(req.override_settings_restore_afterwards)) as after:
             if switched:
                 extra["model_override"] = model
             result = run()
@@ -185,15 +202,17 @@ class SdApi:
         live = self.engine.live()
         skip_image = str(query.get("skip_current_image", "false")).lower() in ("1", "true", "yes")
         state = {"skipped": False, "interrupted": False, "stopping_generation": False, "job": "",
-                 "job_count": 0, "job_timestamp": self.job_timestamp or "0", "job_no": 0,
+                 "job_count": self.engine.job_count(), "job_timestamp": self.job_timestamp or "0", "job_no": 0,
                  "sampling_step": 0, "sampling_steps": 0}
         if not live.running:
-            return {"progress": 0.0, "eta_relative": 0.0, "state": state, "current_image": None, "textinfo": None}
+            return {"progress": 0.0, "eta_relative": 0.0, "state": state, "current_image": None, "textinfo": None,
+                    "current_task": None}
         fraction = live.step / live.total if live.total else 0.0
-        state.update(job=live.task, job_count=1, sampling_step=live.step, sampling_steps=live.total)
+        state.update(job=live.task, job_count=max(state["job_count"], 1), sampling_step=live.step,
+                     sampling_steps=live.total)
         image = png_base64(live.preview) if not skip_image and live.preview is not None else None
         return {"progress": round(fraction, 4), "eta_relative": round(live.eta_s or 0.0, 2), "state": state,
-                "current_image": image,
+                "current_image": image, "current_task": None,
                 "textinfo": f"{live.task}: step {live.step}/{live.total}, {live.it_per_s:.2f} it/s"}
 
     def interrupt(self, _data: Any) -> dict:
@@ -207,27 +226,42 @@ class SdApi:
         return self.engine.model_title()
 
     def get_options(self, _query: dict) -> dict:
-        engine, status = self.engine, self.engine.status()  # once: with replicas it asks Ray Serve
-        return {"sd_model_checkpoint": self.current_title(),
-                "sd_checkpoint_hash": None, "sd_vae": "Automatic", "CLIP_stop_at_last_layers": 1,
-                "samples_save": engine.outputs_dir is not None,
-                "outdir_samples": str(engine.outputs_dir) if engine.outputs_dir else "",
-                "samples_format": "png", "fast_sd_runtime": status["runtime"],
-                "fast_sd_precision": status["precision"]}  # with replicas: theirs
+        return options_now(self.engine, self.engine.status())  # status once: with replicas it asks Ray Serve
 
     def set_options(self, data: dict) -> None:
+        """Takes the whole dict GET gave (as Open WebUI sends it back): the checkpoint, sd_vae and our runtime are
+        applied in one hold; a picture setting at another value than ours, and keys this server does not use, are
+        named in the log and left alone, as A1111 leaves settings it does not know."""
         if not isinstance(data, dict):
             raise ApiError(422, "Invalid request: the body must be a JSON object of settings.")
-        wanted, runtime = data.get("sd_model_checkpoint"), data.get("fast_sd_runtime")
+        wanted, runtime, vae = data.get("sd_model_checkpoint"), data.get("fast_sd_runtime"), data.get("sd_vae")
         if wanted is not None and not (isinstance(wanted, str) and wanted.strip()):
             raise ApiError(422, "sd_model_checkpoint: expected a model title from /sdapi/v1/sd-models.")
         if runtime is not None and not isinstance(runtime, str):
             raise ApiError(422, "fast_sd_runtime: expected a runtime name.")
+        if vae not in SAME_VAE:
+            raise ApiError(422, f"sd_vae {vae!r}: a VAE is chosen with the model here (the Engine tab or --vae).")
+        now = options_now(self.engine, self.engine.status())
+        ignored = sorted(k for k, v in data.items() if k not in ("sd_model_checkpoint", "fast_sd_runtime", "sd_vae")
+                         and (k not in now or (v != now[k] and picture_setting_refused(k, v))))
+        if ignored:
+            log.info("POST options: not applied (not settings of this server, or values it does not draw "
+                     "with): %s", ", ".join(ignored[:50]))
         # Compare and switch in one hold: no job swaps the model in between.
         with self.engine.temporarily(model=model_name(wanted) if wanted is not None else None, runtime=runtime,
                                      restore=False):
             pass
-        return None  # other settings are A1111's own; ignored, as A1111 ignores settings it does not know
+        return None
+
+    def cmd_flags(self, _query: dict) -> dict:
+        """A1111's command-line flags that clients read, as this server runs."""
+        models = self.engine.models_dir
+        return {"api": True, "nowebui": False, "listen": None, "port": None, "share": False, "api_auth": None,
+                "ckpt_dir": str(models) if models else None, "lora_dir": str(models / "lora") if models else None,
+                "embeddings_dir": str(models / "embeddings") if models else None,
+                "vae_dir": str(models / "vae") if models else None, "no_half": False, "no_half_vae": False,
+                "medvram": False, "lowvram": False, "xformers": False, "skip_torch_cuda_test": False,
+                "hide_ui_dir_config": True, "freeze_settings": False, "disable_extra_extensions": True}
 
     def sd_models(self, _query: dict) -> list[dict]:
         models_dir = self.engine.models_dir
@@ -241,11 +275,19 @@ class SdApi:
                  "config": None, "description": about} for name, about in listed]
 
     def samplers(self, _query: dict) -> list[dict]:
-        return [{"name": name, "aliases": [name.lower()], "options": {}} for name in SAMPLER_NAMES]
+        return [{"name": name, "aliases": list(SAMPLERS[name].aliases),
+                 "options": {"scheduler": SCHEDULES[SAMPLERS[name].automatic]}
+                 if SAMPLERS[name].automatic not in (AUTOMATIC, "Uniform") else {}} for name in SAMPLER_NAMES]
 
     def schedulers(self, _query: dict) -> list[dict]:
-        return [{"name": name, "label": name.title(), "aliases": None, "default_rho": None, "need_inner_model": None}
-                for name in SCHEDULERS]
+        return [{"name": ident, "label": label, "aliases": ["SGMUniform"] if ident == "sgm_uniform" else None,
+                 "default_rho": DEFAULT_RHO.get(label, -1.0), "need_inner_model": label in NEEDS_MODEL}
+                for label, ident in SCHEDULES.items()]
+
+    def sd_vae(self, _query: dict) -> list[dict]:
+        models = self.engine.models_dir
+        return [{"model_name": name, "filename": str(models / name) if models else name}
+                for name in self.engine.vae_names()]
 
     def upscalers(self, _query: dict) -> list[dict]:
         return [{"name": "None", "model_name": None, "model_path": None, "model_url": None, "scale": 1},

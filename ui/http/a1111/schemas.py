@@ -23,12 +23,21 @@ class ApiError(Exception):
 
 
 class GenerationApi(BaseModel):
+    """The fields of A1111's StableDiffusionProcessing*API models (modules/api/models.py), with its defaults. Each
+    is honoured with A1111's meaning or refused with a 422 naming it (mapping.refuse_unsupported); fields of
+    extensions A1111 does not have are ignored, as A1111 ignores them."""
+
     model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
 
     prompt: str = ""
     negative_prompt: str = ""
     styles: list[str] | None = None
     seed: int = -1
+    subseed: int = -1
+    subseed_strength: float = 0.0
+    seed_resize_from_h: int = -1
+    seed_resize_from_w: int = -1
+    seed_enable_extras: bool = True
     sampler_name: str | None = None
     sampler_index: str | None = None  # the older name of sampler_name
     scheduler: str | None = None
@@ -40,34 +49,65 @@ class GenerationApi(BaseModel):
     height: int = 512
     restore_faces: bool | None = None
     tiling: bool | None = None
+    do_not_save_samples: bool = False
+    do_not_save_grid: bool = False
+    eta: float | None = None
     denoising_strength: float | None = None
-    subseed_strength: float = 0.0
-    script_name: str | None = None
-    alwayson_scripts: dict[str, Any] | None = None
+    s_min_uncond: float | None = None
+    s_churn: float | None = None
+    s_tmax: float | None = None
+    s_tmin: float | None = None
+    s_noise: float | None = None
+    ddim_discretize: str | None = None
     override_settings: dict[str, Any] | None = None
     override_settings_restore_afterwards: bool = True
+    refiner_checkpoint: str | None = None
+    refiner_switch_at: float | None = None
+    disable_extra_networks: bool = False
+    firstpass_image: str | None = None
+    comments: dict[str, Any] | None = None
+    do_not_reload_embeddings: bool = False
+    script_name: str | None = None
+    script_args: list[Any] = []
     send_images: bool = True
     save_images: bool = False
+    alwayson_scripts: dict[str, Any] | None = None
+    force_task_id: str | None = None
+    infotext: str | None = None
 
 
 class Txt2ImgApi(GenerationApi):
     enable_hr: bool = False
+    firstphase_width: int = 0
+    firstphase_height: int = 0
     hr_scale: float = 2.0
     hr_upscaler: str | None = None
     hr_second_pass_steps: int = 0
     hr_resize_x: int = Field(0, ge=0, le=MAX_SIZE * 4)
     hr_resize_y: int = Field(0, ge=0, le=MAX_SIZE * 4)
-    hr_prompt: str | None = None
-    hr_negative_prompt: str | None = None
     hr_checkpoint_name: str | None = None
     hr_sampler_name: str | None = None
+    hr_scheduler: str | None = None
+    hr_prompt: str | None = None
+    hr_negative_prompt: str | None = None
 
 
 class Img2ImgApi(GenerationApi):
     init_images: list[str] | None = None
     resize_mode: int = 0
     denoising_strength: float | None = 0.75
+    image_cfg_scale: float | None = None
     mask: str | None = None
+    mask_blur_x: int = 4
+    mask_blur_y: int = 4
+    mask_blur: int | None = None
+    mask_round: bool = True
+    inpainting_fill: int = 0
+    inpaint_full_res: bool | int = True
+    inpaint_full_res_padding: int = 0
+    inpainting_mask_invert: int = 0
+    initial_noise_multiplier: float | None = None
+    latent_mask: str | None = None
     include_init_images: bool = False
 
 
