@@ -292,8 +292,9 @@ def launch_ui(args, engine, model, defaults: dict, presets_dir: Path, auth) -> i
 
     defaults.setdefault("prompt", EXAMPLE_PROMPT)
     if model.name == "builtin:shapes":
-        defaults.setdefault("sampler", "DPM++ 2M")  # with Karras, as tests/test_shapes_model.py measures it
-        defaults.setdefault("schedule", "Karras")
+        # Automatic is Karras with DPM++ 2M (as tests/test_shapes_model.py measures it); a client that names only
+        # another sampler gets that sampler's own schedule
+        defaults.setdefault("sampler", "DPM++ 2M")
     defaults.setdefault("width", model.native_size)
     defaults.setdefault("height", model.native_size)
     demo = build_ui(engine, defaults, presets_dir=presets_dir)

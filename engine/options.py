@@ -13,11 +13,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 import tomllib
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from engine.errors import UserError
 from engine.requests import describe_validation_error
-from engine.samplers import parse_sampler
+from engine.samplers import parse_sampler, with_sampler_pair
 from engine.store.outputs import write_text_atomically
 
 PRESETS_DIR = Path(__file__).resolve().parent.parent / "presets"
@@ -177,16 +177,19 @@ class GenerationDefaults(BaseModel):
     steps: int | None = None
     guidance: float | None = None
 
-    @model_validator(mode="before")
+    _sampler_pair = model_validator(mode="before")(classmethod(lambda cls, data: with_sampler_pair(data)))
+
+    @field_validator("sampler", "schedule")
     @classmethod
-    def _sampler_pair(cls, data: Any) -> Any:
-        if isinstance(data, dict) and isinstance(data.get("sampler"), str):
-            try:
-                sampler, schedule = parse_sampler(data["sampler"], data.get("schedule"))
-            except UserError as e:
-                raise ValueError(str(e)) from None
-            data = {**data, "sampler": sampler, "schedule": schedule}
-        return data
+    def _known(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is None:
+            return None
+        try:
+            pair = parse_sampler(value) if info.field_name == "sampler" else parse_sampler(
+                info.data.get("sampler") or "Euler", value)
+        except UserError as e:
+            raise ValueError(str(e)) from None
+        return pair[0] if info.field_name == "sampler" else pair[1]
 
 
 class PresetLora(BaseModel):

@@ -14,7 +14,7 @@ from typing import Any, Literal, TypeVar
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from engine.errors import UserError
-from engine.samplers import DEFAULT_SAMPLER, DEFAULT_SCHEDULE, canonical_sampler, parse_sampler
+from engine.samplers import DEFAULT_SAMPLER, DEFAULT_SCHEDULE, canonical_sampler, parse_sampler, with_sampler_pair
 
 MIN_SIZE = 64
 MAX_SIZE = 2048
@@ -62,17 +62,7 @@ class GenerationRequest(BaseModel):
     batch_size: int = Field(1, ge=1, le=MAX_BATCH)
     styles: tuple[str, ...] = Field((), description="styles from the styles file, applied in this order")
 
-    @model_validator(mode="before")
-    @classmethod
-    def _sampler_pair(cls, data: Any) -> Any:
-        """'DPM++ 2M Karras' (PNG info, presets and clients of before A1111 1.9) -> the sampler and its schedule."""
-        if isinstance(data, dict) and isinstance(data.get("sampler"), str):
-            try:
-                sampler, schedule = parse_sampler(data["sampler"], data.get("schedule"))
-            except UserError:
-                return data  # the field validators below say what is wrong, at the field
-            data = {**data, "sampler": sampler, "schedule": schedule}
-        return data
+    _sampler_pair = model_validator(mode="before")(classmethod(lambda cls, data: with_sampler_pair(data)))
 
     @field_validator("sampler")
     @classmethod

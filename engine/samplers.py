@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -137,6 +138,18 @@ def parse_sampler(name: str, schedule: str | None = None) -> tuple[str, str]:
         raise UserError(f"The {sampler} sampler steps through the model's own timesteps and takes no schedule "
                         f"type ({wanted} asked): use Automatic, or a sampler such as Euler or DPM++ 2M.")
     return sampler, wanted
+
+
+def with_sampler_pair(data: Any) -> Any:
+    """A pydantic before-validator's data with 'DPM++ 2M Karras' (PNG info, presets, clients of before A1111 1.9)
+    split into "sampler" and "schedule"; left as it is where they do not parse (the field validators say why)."""
+    if isinstance(data, dict) and isinstance(data.get("sampler"), str):
+        try:
+            sampler, schedule = parse_sampler(data["sampler"], data.get("schedule"))
+        except UserError:
+            return data
+        data = {**data, "sampler": sampler, "schedule": schedule}
+    return data
 
 
 def canonical_sampler(name: str) -> str:

@@ -10,47 +10,16 @@ import urllib.request
 
 import pytest
 import webuiapi
+from a1111_models import ProgressResponse, SamplerItem, SDModelItem, TextToImageResponse
 from appserver import running_app
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
-from pydantic import BaseModel
 
 from engine.samplers import SAMPLER_NAMES
 
 USER, PASSWORD = "ann", "s3cret-pass"
 PROMPT = "a red circle on a blue background"
-
-
-# A1111's documented response models (modules/api/models.py of AUTOMATIC1111/stable-diffusion-webui), as they
-# declare them: a response that does not validate here would break A1111 clients.
-class TextToImageResponse(BaseModel):
-    images: list[str] | None = None
-    parameters: dict
-    info: str
-
-
-class ProgressResponse(BaseModel):
-    progress: float
-    eta_relative: float
-    state: dict
-    current_image: str | None = None
-    textinfo: str | None = None
-
-
-class SDModelItem(BaseModel):
-    title: str
-    model_name: str
-    hash: str | None
-    sha256: str | None
-    filename: str
-    config: str | None
-
-
-class SamplerItem(BaseModel):
-    name: str
-    aliases: list[str]
-    options: dict
 
 
 A1111_STATE_KEYS = {"skipped", "interrupted", "job", "job_count", "job_timestamp", "job_no", "sampling_step",

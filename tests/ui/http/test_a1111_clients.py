@@ -23,9 +23,11 @@ import numpy as np
 import pytest
 import requests
 import webuiapi
+from a1111_models import (EmbeddingsResponse, FaceRestorerItem, LoraItem, SamplerItem, SchedulerItem, ScriptInfo,
+                          ScriptsList, SDModelItem, SDVaeItem, UpscalerItem)
 from appserver import running_app
 from PIL import Image, ImageDraw
-from pydantic import BaseModel, TypeAdapter
+from pydantic import TypeAdapter
 from sd_backend_client import (A1111Webservice, BackendOption, DiffusionParams, DiffusionRequestBody, GenerationError,
                                GenerationStatus, ResizeMode, connect_to_backend)
 
@@ -45,89 +47,6 @@ SCHEDULERS = {"automatic": "Automatic", "uniform": "Uniform", "karras": "Karras"
 CLIENT_SCHEDULERS = {"normal": "normal", "karras": "karras", "exponential": "exponential",
                      "sgm_uniform": "sgm_uniform", "simple": "simple", "ddim_uniform": "ddim", "beta": "beta",
                      "kl_optimal": "kl_optimal"}
-
-
-# A1111's response models (modules/api/models.py), as declared there.
-class SamplerItem(BaseModel):
-    name: str
-    aliases: list[str]
-    options: dict
-
-
-class SchedulerItem(BaseModel):
-    name: str
-    label: str
-    aliases: list[str] | None
-    default_rho: float | None
-    need_inner_model: bool | None
-
-
-class UpscalerItem(BaseModel):
-    name: str
-    model_name: str | None
-    model_path: str | None
-    model_url: str | None
-    scale: float | None
-
-
-class SDModelItem(BaseModel):
-    title: str
-    model_name: str
-    hash: str | None
-    sha256: str | None
-    filename: str
-    config: str | None
-
-
-class SDVaeItem(BaseModel):
-    model_name: str
-    filename: str
-
-
-class FaceRestorerItem(BaseModel):
-    name: str
-    cmd_dir: str | None
-
-
-class EmbeddingItem(BaseModel):
-    step: int | None
-    sd_checkpoint: str | None
-    sd_checkpoint_name: str | None
-    shape: int
-    vectors: int
-
-
-class EmbeddingsResponse(BaseModel):
-    loaded: dict[str, EmbeddingItem]
-    skipped: dict[str, EmbeddingItem]
-
-
-class ScriptsList(BaseModel):
-    txt2img: list | None = None
-    img2img: list | None = None
-
-
-class ScriptArg(BaseModel):
-    label: str | None = None
-    value: object | None = None
-    minimum: object | None = None
-    maximum: object | None = None
-    step: object | None = None
-    choices: list[str] | None = None
-
-
-class ScriptInfo(BaseModel):
-    name: str | None = None
-    is_alwayson: bool | None = None
-    is_img2img: bool | None = None
-    args: list[ScriptArg]
-
-
-class LoraItem(BaseModel):  # the built-in Lora extension's /sdapi/v1/loras
-    name: str
-    alias: str
-    path: str
-    metadata: dict
 
 
 def validated(model, data):
