@@ -31,7 +31,6 @@ from engine.system import devices
 from engine.system import hardware as hardware_mod
 from engine.tasks import HiresFix, Img2Img, Task, TiledUpscale, Txt2Img
 from engine.tasks.context import ProgressFn
-from engine.text import embeddings as text_embeddings
 from engine.text.styles import STYLES_FILE, Styles
 
 log = logging.getLogger(__name__)
@@ -78,6 +77,8 @@ class Engine:
     config_dir = _loaded("config_dir", "the configs folder the loaded model was given")
     remote_hub = _loaded("remote_hub", "may remote users name hub ids? the operator's choice")
     not_applied = _loaded("not_applied", "{option label: why it cannot act here} for the options asked for")
+    embedding_names = _loaded("embedding_names", "the embeddings a prompt may name: () -> list[str]")
+    embeddings = _loaded("embeddings", "the loaded ones as A1111's GET embeddings answers: (reasons=False) -> dict")
     history = property(lambda self: self.records.history, doc="the last jobs' readout rows, newest first")
     outputs_dir = property(lambda self: self.records.outputs_dir)
     preview_every = property(lambda s: s.runner.preview_every, lambda s, n: setattr(s.runner, "preview_every", n))
@@ -156,26 +157,11 @@ class Engine:
         """LoRAs a prompt may name (<models-dir>/lora, then the built-in ones)."""
         return available_loras(self.models_dir)
 
-    def embedding_names(self) -> list[str]:
-        """Textual-inversion embeddings a prompt may name: those in <models-dir>/embeddings that fit the loaded
-        model (the folder read now; a job picks up a change by itself)."""
-        folder = text_embeddings.read_folder(self.models_dir)
-        if self.model is None:
-            return [f.name for f in folder.files]
-        return list(text_embeddings.plan(folder, self.model.pipe, self.model.is_sdxl).loaded)
-
-    def embeddings(self, reasons: bool = False) -> dict[str, dict]:
-        """The loaded model's embeddings as AUTOMATIC1111's /sdapi/v1/embeddings answers: {"loaded": {name: {step,
-        sd_checkpoint, sd_checkpoint_name, shape, vectors}}, "skipped": {...}}; with `reasons`, why each skipped."""
-        model = self.model
-        return model.embeddings.a1111(reasons) if model else {"loaded": {}, "skipped": {}}
-
     def refresh_embeddings(self, reasons: bool = False) -> dict[str, dict]:
         """Read <models-dir>/embeddings again into the loaded model (A1111's POST /sdapi/v1/refresh-embeddings);
         waits for the running job. Returns `embeddings()`."""
         with self.queue.hold():
-            if self.model is not None:
-                self.loadout.refresh_embeddings(force=True)
+            self.loadout.refresh_embeddings(force=True)  # nothing without a model
             return self.embeddings(reasons)
 
     def require_model(self) -> LoadedModel:

@@ -174,6 +174,20 @@ class Loadout:
                else "from cache" if hasattr(self.runtime, "conversions") else "reloaded")
         return f"{'fused, ' if uses else ''}{how} in {time.perf_counter() - start:.1f} s"
 
+    def embedding_names(self) -> list[str]:
+        """Textual-inversion embeddings a prompt may name: those in <models-dir>/embeddings that fit the loaded
+        model (the folder read now; a job picks up a change by itself)."""
+        folder = text_embeddings.read_folder(self.models_dir)
+        if self.model is None:
+            return [f.name for f in folder.files]
+        return list(text_embeddings.plan(folder, self.model.pipe, self.model.is_sdxl).loaded)
+
+    def embeddings(self, reasons: bool = False) -> dict[str, dict]:
+        """The loaded model's embeddings as AUTOMATIC1111's /sdapi/v1/embeddings answers: {"loaded": {name: {step,
+        sd_checkpoint, sd_checkpoint_name, shape, vectors}}, "skipped": {...}}; with `reasons`, why each skipped."""
+        model = self.model
+        return model.embeddings.a1111(reasons) if model else {"loaded": {}, "skipped": {}}
+
     def refresh_embeddings(self, force: bool = False) -> str | None:
         """Read <models-dir>/embeddings again (if it changed, or `force`) and put what fits into the text encoders'
         token tables: in place where the runtime reads the weights at each call, else by preparing the model again

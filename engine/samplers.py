@@ -270,7 +270,7 @@ def _step_through(scheduler, sigmas_for) -> None:
     state (Heun's and DPM2's doubled steps, DPM-Solver's lambdas) from what _convert_to_karras returns, so it is
     handed our list; the others get their sigmas and timesteps replaced after the fact."""
     original, hooked = scheduler.set_timesteps, "use_karras_sigmas" in scheduler.config
-    levels = NoiseLevels(scheduler.alphas_cumprod)
+    levels = None if hooked else NoiseLevels(scheduler.alphas_cumprod)
 
     def set_timesteps(num_inference_steps=None, device=None, **kwargs):
         sigmas = sigmas_for(int(num_inference_steps))
@@ -285,6 +285,9 @@ def _step_through(scheduler, sigmas_for) -> None:
             scheduler.sigmas[-1] = sigmas[-1]  # KL Optimal ends at sigma_min; diffusers appended a zero
 
     scheduler.set_timesteps = set_timesteps
+
+
+MODEL_SIGMA_OPTIONS = ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "timestep_spacing")
 
 
 def make_scheduler(name: str, base_config, schedule: str | None = None, *, sdxl: bool = False,
@@ -302,17 +305,14 @@ def make_scheduler(name: str, base_config, schedule: str | None = None, *, sdxl:
         # torchsde warns on every step that float32 sigma_min is a hair below its interval's start
         warnings.filterwarnings("ignore", message="Should have", module="torchsde")
     label = effective_schedule(sampler, schedule)
-    if label != AUTOMATIC:
-        overrides["use_karras_sigmas"] = True  # the hook _step_through hands our sigmas to
-        overrides.update(use_exponential_sigmas=False, use_beta_sigmas=False)
-        overrides.pop("timestep_spacing", None)
+    config = dict(base_config)
+    if label != AUTOMATIC:  # none of the model's own sigma options: the Karras hook _step_through hands ours to
+        config = {k: v for k, v in config.items() if k not in MODEL_SIGMA_OPTIONS}
+        overrides["use_karras_sigmas"] = True
     try:
         cls = getattr(diffusers, spec.scheduler_class)
     except (AttributeError, ImportError) as e:  # a scheduler whose extra package is missing
         raise UserError(f"The {sampler} sampler cannot be made here: {e}") from None
-    config = {k: v for k, v in dict(base_config).items() if k not in ("use_karras_sigmas", "use_exponential_sigmas",
-                                                                         "use_beta_sigmas", "timestep_spacing")
-              or label == AUTOMATIC}
     scheduler = cls.from_config(config, **overrides)
     if label != AUTOMATIC:
         _step_through(scheduler, lambda n: schedule_sigmas(label, n, scheduler.alphas_cumprod, sdxl=sdxl,

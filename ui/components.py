@@ -35,7 +35,7 @@ def field_slider(model: type[BaseModel], name: str, label: str, step: float, val
 
 
 def prompt_boxes(engine: Engine, d: dict[str, Any], lines: int = 2) -> Controls:
-    """Prompt, negative prompt, the styles picker (returned as "styles": tabs pass it last, so API clients that
+    """Prompt, negative prompt, the styles picker (returned as "styles": api_order passes it last, so API clients that
     send the older positional arguments still work), the LoRA and the embedding pickers."""
     prompt = gr.Textbox(label="Prompt", value=d["prompt"], lines=lines,
                         placeholder="a red circle on a blue background  ((word:1.3) weights, BREAK, "
@@ -163,14 +163,26 @@ def common_request(prompt, negative_prompt, steps, guidance, sampler, seed, batc
             "batch_size": batch_size, "styles": list(styles or [])}
 
 
+# Inputs added after the first API clients were written; they go last, so a client sending the older positional
+# arguments still works.
+API_LAST = ("styles", "schedule")
+
+
+def api_order(controls: Controls) -> Controls:
+    """The controls in the API's parameter order: as given, the later additions (API_LAST) at the end."""
+    return {**{k: v for k, v in controls.items() if k not in API_LAST},
+            **{k: controls[k] for k in API_LAST if k in controls}}
+
+
 def generation_tab(engine: Engine, history: gr.Dataframe, handler: Callable, build_controls: Callable[[], Controls],
                    *, api_name: str, button: str = "Generate", gallery_label: str = "Images",
                    stop_api_name: str | bool = False) -> Controls:
-    """Inputs on the left (`build_controls` returns them in `handler`'s parameter order), Generate and Stop
-    under them, images, readout and parameters on the right. Generate streams `handler`; Stop stops the engine."""
+    """Inputs on the left (`build_controls` returns them in `handler`'s parameter order, API_LAST at the end),
+    Generate and Stop under them, images, readout and parameters on the right. Generate streams `handler`; Stop
+    stops the engine."""
     with gr.Row():
         with gr.Column(scale=3):
-            controls = build_controls()
+            controls = api_order(build_controls())
             with gr.Row():
                 go = gr.Button(button, variant="primary", scale=3)
                 stop = gr.Button("Stop", variant="stop", scale=1)

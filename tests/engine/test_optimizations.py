@@ -6,6 +6,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
+from pictures import pixels
 
 from engine import Engine, runtimes
 from engine.errors import UserError
@@ -37,10 +38,6 @@ def engine_with(opts: Optimizations, runtime="pytorch", **kw) -> Engine:
     engine = Engine(runtime=runtime, optimizations=opts, **kw)
     engine.load("builtin:tiny")
     return engine
-
-
-def pixels(result):
-    return np.asarray(result.images[0], dtype=np.int16)
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ from engine.compare.columns import AXES, MAX_COLUMNS, CompareProgress, Compariso
 from engine.compare.run import compare as compare_columns
 from engine.options import preset_names
 from engine.samplers import SAMPLER_NAMES
-from ui.components import common_controls, common_request, prompt_boxes, size_sliders
+from ui.components import api_order, common_controls, common_request, prompt_boxes, size_sliders
 from ui.formatting import history_rows, live_markdown
 from ui.running import POLL_S, run_in_thread, user_facing
 
@@ -80,10 +80,8 @@ def build(engine: Engine, d: dict[str, Any], history: gr.Dataframe, presets_dir:
     with gr.Row():
         with gr.Column(scale=3):
             prompts = prompt_boxes(engine, d)
-            styles = prompts.pop("styles")  # passed last: older positional API calls keep working
             size = size_sliders(d)
             common = common_controls(d, batch_size=False)
-            schedule = common.pop("schedule")  # passed last: positional API callers of before keep working
         with gr.Column(scale=2):
             axis = gr.Dropdown(list(AXES), value="steps", label="Compare by",
                                info="the other settings come from the controls on the left")
@@ -150,7 +148,8 @@ def build(engine: Engine, d: dict[str, Any], history: gr.Dataframe, presets_dir:
             event.set()
             engine.stop()
 
-    go.click(compare, inputs=[*prompts.values(), *size.values(), *common.values(), axis, *values, warm_up, styles,
-                              schedule],
+    columns = {f"value_{i}": value for i, value in enumerate(values, 1)}
+    inputs = api_order({**prompts, **size, **common, "axis": axis, **columns, "warm_up": warm_up})
+    go.click(compare, inputs=list(inputs.values()),
              outputs=[grid, table, params, history], api_name="compare")
     stop.click(stop_comparison, queue=False, api_name=False)

@@ -15,7 +15,6 @@ from ui.running import stream_job
 def build(engine: Engine, d: dict[str, Any], history: gr.Dataframe) -> Controls:
     def controls() -> Controls:
         prompts = prompt_boxes(engine, d)
-        styles = prompts.pop("styles")
         size = size_sliders(d, prefix="Base ")
         with gr.Row():
             factor = field_slider(HiresFixRequest, "factor", "Upscale by", 0.05)
@@ -25,11 +24,8 @@ def build(engine: Engine, d: dict[str, Any], history: gr.Dataframe) -> Controls:
             hires_strength = field_slider(HiresFixRequest, "hires_strength", "Hires denoising strength", 0.05)
             hires_steps = field_slider(HiresFixRequest, "hires_steps", "Hires steps (0 = same)", 1)
             vae_tiling = gr.Checkbox(value=False, label="Tiled VAE")
-        common = common_controls(d)
-        schedule = common.pop("schedule")  # passed last: positional API callers of before keep working
         return {**prompts, **size, "factor": factor, "upscaler": upscaler, "hires_strength": hires_strength,
-                "hires_steps": hires_steps, "vae_tiling": vae_tiling, **common,
-                "styles": styles, "schedule": schedule}
+                "hires_steps": hires_steps, "vae_tiling": vae_tiling, **common_controls(d)}
 
     def hires_fix(prompt, negative_prompt, width, height, factor, upscaler, hires_strength, hires_steps, vae_tiling,
                   steps, guidance, sampler, seed, batch_size, styles=None, schedule=None, progress=gr.Progress()):

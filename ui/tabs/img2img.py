@@ -17,7 +17,6 @@ def build(engine: Engine, d: dict[str, Any], history: gr.Dataframe) -> Controls:
         # a path: the engine checks its decoded size from the header before decoding it (Gradio would decode first)
         image = gr.Image(label="Init image", type="filepath", image_mode=None, height=300)
         prompts = prompt_boxes(engine, d)
-        styles = prompts.pop("styles")
         with gr.Row():
             strength = field_slider(Img2ImgRequest, "strength", "Denoising strength", 0.05, value=0.6)
             resize_mode = gr.Radio(list(get_args(ResizeMode)), value=field_default(Img2ImgRequest, "resize_mode"),
@@ -26,11 +25,8 @@ def build(engine: Engine, d: dict[str, Any], history: gr.Dataframe) -> Controls:
             width = gr.Number(value=0, precision=0, label="Width (0 = input's)")
             height = gr.Number(value=0, precision=0, label="Height (0 = input's)")
             vae_tiling = gr.Checkbox(value=False, label="Tiled VAE")
-        common = common_controls(d)
-        schedule = common.pop("schedule")  # passed last: positional API callers of before keep working
         return {"image": image, **prompts, "strength": strength, "resize_mode": resize_mode, "width": width,
-                "height": height, "vae_tiling": vae_tiling, **common,
-                "styles": styles, "schedule": schedule}
+                "height": height, "vae_tiling": vae_tiling, **common_controls(d)}
 
     def img2img(image, prompt, negative_prompt, strength, resize_mode, width, height, vae_tiling, steps, guidance,
                 sampler, seed, batch_size, styles=None, schedule=None, progress=gr.Progress()):

@@ -3,12 +3,12 @@ each generation tab with every setting the tab has: a hires fix's to the hires f
 img2img and tiled upscale."""
 from __future__ import annotations
 
-from typing import Any, get_args
+from typing import Any
 
 import gradio as gr
 
 from engine import Engine
-from engine.requests import HiresFixRequest, HiresUpscaler, hires_upscaler_named
+from engine.requests import HiresFixRequest, hires_upscaler_named
 from engine.samplers import parse_sampler
 from engine.store.metadata import parse_parameters
 from engine.store.outputs import read_parameters
@@ -25,7 +25,6 @@ TARGETS: dict[str, tuple[str, tuple[str, ...]]] = {
     "upscale": ("tiled upscale", ("image", *PROMPTS, *COMMON)),
 }
 SENT = TARGETS["txt2img"][1]  # what "Send to txt2img" fills in
-HIRES_UPSCALERS = get_args(HiresUpscaler)
 FACTOR_RANGE = tuple(getattr(m, a) for m in HiresFixRequest.model_fields["factor"].metadata for a in ("ge", "le")
                      if hasattr(m, a))
 
@@ -76,8 +75,7 @@ def sent_fields(engine: Engine, fields: dict[str, Any], d: dict[str, Any],
                          f"({d['sampler']}).")
             values["sampler"], values["schedule"] = gr.skip(), gr.skip()
     if "upscaler" in values and isinstance(values["upscaler"], str):
-        ours = hires_upscaler_named(values["upscaler"]) or (values["upscaler"] if values["upscaler"] in
-                                                            HIRES_UPSCALERS else None)
+        ours = hires_upscaler_named(values["upscaler"])  # our own names too
         if ours is None:
             notes.append(f"The hires upscaler {values['upscaler']!r} is not on this server; the tab keeps its own.")
         values["upscaler"] = ours or gr.skip()

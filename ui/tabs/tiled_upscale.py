@@ -15,18 +15,14 @@ def build(engine: Engine, d: dict[str, Any], history: gr.Dataframe) -> Controls:
     def controls() -> Controls:
         image = gr.Image(label="Image to upscale", type="filepath", image_mode=None, height=300)  # as img2img
         prompts = prompt_boxes(engine, d)
-        styles = prompts.pop("styles")
         with gr.Row():
             factor = field_slider(TiledUpscaleRequest, "factor", "Upscale by", 0.25)
             strength = field_slider(TiledUpscaleRequest, "strength", "Denoising strength", 0.05)
         with gr.Row():
             tile_size = field_slider(TiledUpscaleRequest, "tile_size", "Tile size", 8, value=min(512, d["width"]))
             tile_overlap = field_slider(TiledUpscaleRequest, "tile_overlap", "Tile overlap", 8)
-        common = common_controls(d)
-        schedule = common.pop("schedule")  # passed last: positional API callers of before keep working
         return {"image": image, **prompts, "factor": factor, "strength": strength, "tile_size": tile_size,
-                "tile_overlap": tile_overlap, **common,
-                "styles": styles, "schedule": schedule}
+                "tile_overlap": tile_overlap, **common_controls(d)}
 
     def tiled_upscale(image, prompt, negative_prompt, factor, strength, tile_size, tile_overlap, steps, guidance,
                       sampler, seed, batch_size, styles=None, schedule=None, progress=gr.Progress()):

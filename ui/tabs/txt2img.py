@@ -15,12 +15,10 @@ from ui.running import stream_job
 def build(engine: Engine, d: dict[str, Any], history: gr.Dataframe) -> Controls:
     def controls() -> Controls:
         prompts = prompt_boxes(engine, d, lines=3)
-        styles = prompts.pop("styles")
         size = size_sliders(d)
         common = common_controls(d)
-        schedule = common.pop("schedule")  # passed last: positional API callers of before keep working
         batch_count = field_slider(Txt2ImgRequest, "batch_count", "Batch count", 1)
-        return {**prompts, **size, "batch_count": batch_count, **common, "styles": styles, "schedule": schedule}
+        return {**prompts, **size, "batch_count": batch_count, **common}
 
     # Every input is a named positional parameter: Gradio only hooks up a Progress that follows those.
     def txt2img(prompt, negative_prompt, width, height, batch_count, steps, guidance, sampler, seed,

@@ -4,6 +4,7 @@ import json
 
 import numpy as np
 import pytest
+from pictures import pixels
 
 from engine import Engine
 from engine.options import Optimizations, load_preset
@@ -12,10 +13,6 @@ from engine.runtimes.openvino.probe import Int8ConvProbe
 
 REQ = {"prompt": "a red circle on a blue background", "negative_prompt": "blurry", "width": 64, "height": 64,
        "steps": 6, "seed": 4, "sampler": "Euler"}
-
-
-def pixels(result):
-    return np.asarray(result.images[0], dtype=np.int16)
 
 
 @pytest.fixture(scope="module")

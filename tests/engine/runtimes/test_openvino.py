@@ -3,16 +3,13 @@ import sys
 
 import numpy as np
 import pytest
+from pictures import pixels
 
 from engine import Engine
 from engine.options import Optimizations
 
 REQ = {"prompt": "a red circle on a blue background", "negative_prompt": "blurry", "width": 128, "height": 128,
        "steps": 6, "seed": 4, "sampler": "Euler"}
-
-
-def pixels(result):
-    return np.asarray(result.images[0], dtype=np.int16)
 
 
 @pytest.fixture(scope="module")

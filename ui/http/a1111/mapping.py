@@ -133,7 +133,7 @@ def txt2img_request(req: Txt2ImgApi) -> tuple[str, dict[str, Any]]:
                        ("hr_checkpoint_name", "Use same checkpoint"), ("hr_sampler_name", "Use same sampler"),
                        ("hr_scheduler", "Use same scheduler")):
         value = getattr(req, name)
-        if value not in (None, "", same) and not _same_sampler(name, value, req):
+        if value not in (None, "", same) and not _same_sampler(name, value, fields):
             raise ApiError(422, f"{name} {value!r}: the second pass uses the first pass's "
                                 f"{name.removeprefix('hr_').replace('_', ' ')} here.")
     factor = req.hr_scale
@@ -145,14 +145,13 @@ def txt2img_request(req: Txt2ImgApi) -> tuple[str, dict[str, Any]]:
     return "hires_fix", fields
 
 
-def _same_sampler(name: str, value: str, req: GenerationApi) -> bool:
-    """hr_sampler_name / hr_scheduler naming the first pass's own."""
+def _same_sampler(name: str, value: str, first: dict[str, Any]) -> bool:
+    """hr_sampler_name / hr_scheduler naming the first pass's own (its request fields)."""
     try:
-        first = sampler_of(req)
         if name == "hr_sampler_name":
-            return parse_sampler(value, first[1])[0] == first[0]
-        return name == "hr_scheduler" and parse_sampler(first[0], value)[1] == first[1]
-    except (UserError, ApiError):
+            return parse_sampler(value, first["schedule"])[0] == first["sampler"]
+        return name == "hr_scheduler" and parse_sampler(first["sampler"], value)[1] == first["schedule"]
+    except UserError:
         return False
 
 

@@ -132,8 +132,7 @@ class SdApi:
         # are read into the loaded model's text encoder, so that one reloads them).
         for name in ("checkpoints", "vae", "loras"):
             add(f"/refresh-{name}", self.endpoint(lambda _: None, body=True), methods=["POST"])
-        add("/refresh-embeddings", self.endpoint(lambda _: self.engine.refresh_embeddings() and None, body=True),
-            methods=["POST"])
+        add("/refresh-embeddings", self.endpoint(self.refresh_embeddings, body=True), methods=["POST"])
         add("/png-info", self.endpoint(self.png_info, body=True), methods=["POST"])
         add("/memory", self.endpoint(self.memory), methods=["GET"])
         return router
@@ -252,6 +251,9 @@ class SdApi:
                                      restore=False):
             pass
         return None
+
+    def refresh_embeddings(self, _data: Any) -> None:
+        self.engine.refresh_embeddings()  # A1111 answers null; GET embeddings says what loaded
 
     def cmd_flags(self, _query: dict) -> dict:
         """A1111's command-line flags that clients read, as this server runs."""
