@@ -1,7 +1,7 @@
 """The Engine: a small facade over the loaded model, its runtime and the jobs.
 
 load / set_runtime / set_optimizations change what is loaded (a failure leaves the old model serving);
-run (and txt2img, img2img, hires_fix, tiled_upscale) validates a task and runs it in its turn on the device;
+run (and txt2img, img2img, inpaint, hires_fix, tiled_upscale) validates a task and runs it in its turn on the device;
 temporarily(...) switches for one block and back. engine/replicas/front.py has the same interface with the jobs
 run on Ray Serve replicas; callers (the UI, the API, Compare) use only these public methods.
 """
@@ -29,7 +29,7 @@ from engine.runtimes.base import WarmupResult
 from engine.runtimes.warmup import warmup_shapes
 from engine.system import devices
 from engine.system import hardware as hardware_mod
-from engine.tasks import HiresFix, Img2Img, Task, TiledUpscale, Txt2Img
+from engine.tasks import HiresFix, Img2Img, Inpaint, Task, TiledUpscale, Txt2Img
 from engine.tasks.context import ProgressFn
 from engine.text.styles import STYLES_FILE, Styles
 
@@ -251,6 +251,10 @@ class Engine:
 
     def img2img(self, request, image: Any, progress: ProgressFn | None = None) -> GenerationResult:
         return self.run(Img2Img, request, image, progress)
+
+    def inpaint(self, request, image: Any, mask: Any = None, progress: ProgressFn | None = None) -> GenerationResult:
+        """`image` with `mask` (white: repaint); or an InpaintInput / {"image", "mask"} as `image`."""
+        return self.run(Inpaint, request, image if mask is None else (image, mask), progress)
 
     def hires_fix(self, request, progress: ProgressFn | None = None) -> GenerationResult:
         return self.run(HiresFix, request, None, progress)

@@ -144,6 +144,31 @@ class Img2ImgRequest(GenerationRequest):
         return self.model_copy(update=update), notices
 
 
+MaskedContent = Literal["original", "fill", "latent noise", "latent nothing"]
+InpaintArea = Literal["whole picture", "only masked"]
+MAX_OUTPAINT = 1024  # pixels added on one side
+
+
+class InpaintRequest(Img2ImgRequest):
+    """img2img inside a mask (white: repaint), A1111's inpaint fields; outpaint_*: pixels the canvas grows by on
+    each side (the new area is masked)."""
+
+    strength: float = Field(0.75, ge=0.0, le=1.0)
+    mask_blur: int = Field(4, ge=0, le=64, description="Gaussian blur radius of the mask's edge, in pixels")
+    masked_content: MaskedContent = Field("original", description="what the masked area starts from")
+    inpaint_area: InpaintArea = Field("whole picture", description="only masked: the masked region at full size")
+    only_masked_padding: int = Field(32, ge=0, le=256, description="pixels around the mask, with 'only masked'")
+    invert_mask: bool = Field(False, description="repaint what is not masked")
+    outpaint_left: int = Field(0, ge=0, le=MAX_OUTPAINT)
+    outpaint_right: int = Field(0, ge=0, le=MAX_OUTPAINT)
+    outpaint_up: int = Field(0, ge=0, le=MAX_OUTPAINT)
+    outpaint_down: int = Field(0, ge=0, le=MAX_OUTPAINT)
+
+    @property
+    def outpaint(self) -> tuple[int, int, int, int]:
+        return self.outpaint_left, self.outpaint_up, self.outpaint_right, self.outpaint_down
+
+
 class HiresFixRequest(Txt2ImgRequest):
     factor: float = Field(2.0, ge=1.25, le=4.0)
     upscaler: HiresUpscaler = "latent (bicubic)"

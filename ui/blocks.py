@@ -15,6 +15,7 @@ from ui.formatting import HISTORY_COLUMNS, engine_markdown, history_rows
 from ui.tabs import engine as engine_tab
 from ui.tabs import hires_fix as hires_fix_tab
 from ui.tabs import img2img as img2img_tab
+from ui.tabs import inpaint as inpaint_tab
 from ui.tabs import optimizations as optimizations_tab
 from ui.tabs import png_info as png_info_tab
 from ui.tabs import tiled_upscale as tiled_upscale_tab
@@ -37,6 +38,8 @@ def build_ui(engine: Engine, defaults: dict[str, Any] | None = None, presets_dir
                 txt2img = txt2img_tab.build(engine, d, history)
             with gr.Tab("img2img", id="img2img"):
                 img2img = img2img_tab.build(engine, d, history)
+            with gr.Tab("inpaint", id="inpaint"):
+                inpaint_tab.build(engine, d, history)
             with gr.Tab("hires fix", id="hires"):
                 hires = hires_fix_tab.build(engine, d, history)
             with gr.Tab("tiled upscale", id="upscale"):

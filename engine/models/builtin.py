@@ -68,10 +68,10 @@ def _build_sd(size: str, skeleton: frozenset[str] = frozenset()):
     make = _Maker(skeleton)
     tokenizer = load_tokenizer()
     eos, bos = tokenizer.eos_token_id, tokenizer.bos_token_id
-    if size == "tiny":
+    if size in ("tiny", "tiny-inpaint"):
         text_config = _text_config(len(tokenizer), 32, 2, 4, 64, eos, bos)
         unet = make("unet", lambda: UNet2DConditionModel(
-            sample_size=32, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+            sample_size=32, in_channels=9 if size == "tiny-inpaint" else 4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
             down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
             cross_attention_dim=32, attention_head_dim=8, norm_num_groups=32,
         ))
@@ -132,6 +132,8 @@ def _build_sdxl(size: str, skeleton: frozenset[str] = frozenset()):
 # name -> (family, builder(skeleton), description)
 BUILTINS: dict[str, tuple[str, Callable[[frozenset[str]], Any], str]] = {
     "tiny": ("sd1", lambda sk: _build_sd("tiny", sk), "SD 1.x architecture, tiny widths, random weights (tests, demos)"),
+    "tiny-inpaint": ("sd1", lambda sk: _build_sd("tiny-inpaint", sk),
+                     "SD 1.x inpainting architecture (9-channel UNet), tiny widths, random weights (tests)"),
     "tiny-sdxl": ("sdxl", lambda sk: _build_sdxl("tiny", sk), "SDXL architecture, tiny widths, random weights (tests)"),
     "sd15": ("sd1", lambda sk: _build_sd("sd15", sk), "SD 1.5 architecture, full size, random weights (benchmarks)"),
     "sdxl": ("sdxl", lambda sk: _build_sdxl("sdxl", sk), "SDXL base architecture, full size, random weights (benchmarks)"),

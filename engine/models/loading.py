@@ -75,6 +75,11 @@ class LoadedModel:
         return int(self.pipe.unet.config.sample_size) * self.vae_scale_factor
 
     @property
+    def is_inpainting(self) -> bool:
+        """An inpainting checkpoint: its UNet reads the latents, the mask and the masked picture (9 channels)."""
+        return getattr(self.pipe.unet.config, "in_channels", 4) == 9
+
+    @property
     def is_sdxl(self) -> bool:
         return self.family == "sdxl"
 

@@ -1,8 +1,8 @@
 """What to warm: the shapes the chosen tasks will really run, at the sizes a user picked.
 
 A shape differs by more than its size: without guidance (guidance <= 1, the `fastest` preset) the UNet
-runs at batch 1, not 2; VAE slicing decodes one image at a time; img2img, hires fix and tiles also run
-the VAE encoder; hires fix's second pass and tiled upscale's tiles run at sizes of their own.
+runs at batch 1, not 2; VAE slicing decodes one image at a time; img2img, inpaint, hires fix and tiles also
+run the VAE encoder (and every task, with an inpainting model); hires fix's second pass and tiled upscale's tiles run at sizes of their own.
 """
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from engine.requests import HiresFixRequest, TiledUpscaleRequest, Txt2ImgRequest
 from engine.runtimes.base import WarmupShape
 from engine.tasks.tiled_upscale import tile_batch_size, tile_layout
 
-TASKS = ("txt2img", "img2img", "hires_fix", "tiled_upscale")
+TASKS = ("txt2img", "img2img", "inpaint", "hires_fix", "tiled_upscale")
 HIRES_FACTOR = HiresFixRequest.model_fields["factor"].default
 UPSCALE_FACTOR = 2.0  # tiled upscale: the size given is the input's, upscaled by this
 TILE_SIZE, TILE_OVERLAP = (TiledUpscaleRequest.model_fields[n].default for n in ("tile_size", "tile_overlap"))
@@ -34,9 +34,9 @@ def warmup_shapes(model, sizes: list[tuple[int, int]], batch: int = 1, guidance:
 
     for w, h in sizes:
         req, _ = Txt2ImgRequest(width=w, height=h, batch_size=batch).snapped(f)
-        if "txt2img" in tasks or "hires_fix" in tasks:
-            add(req.width, req.height, batch, False)
-        if "img2img" in tasks:
+        if "txt2img" in tasks or "hires_fix" in tasks:  # an inpainting UNet's grey conditioning is encoded
+            add(req.width, req.height, batch, model.is_inpainting)
+        if "img2img" in tasks or "inpaint" in tasks:
             add(req.width, req.height, batch, True)
         if "hires_fix" in tasks:
             tw, th = snap_size(round(req.width * HIRES_FACTOR), f), snap_size(round(req.height * HIRES_FACTOR), f)

@@ -27,6 +27,8 @@ LABELS = {
     "size": "Size", "model_hash": "Model hash", "model": "Model", "strength": "Denoising strength",
     "hires_strength": "Denoising strength", "token_merging_ratio": "Token merging ratio",
     "factor": "Hires upscale", "hires_steps": "Hires steps", "upscaler": "Hires upscaler",
+    "mask_blur": "Mask blur", "inpaint_area": "Inpaint area", "only_masked_padding": "Masked area padding",
+    "masked_content": "Masked content", "invert_mask": "Mask mode",
     "lora_hashes": "Lora hashes", "styles": "Styles array",  # A1111's label: a JSON list, names may hold commas
     # ours, after A1111's
     "task": "Task", "runtime": "Runtime", "tile_size": "Tile size", "tile_overlap": "Tile overlap",
@@ -38,7 +40,11 @@ OPTION_LABELS = {"cfg_truncation": "CFG truncation", "deepcache_interval": "Deep
 LABELS.update(OPTION_LABELS)
 # labels earlier versions of this app wrote
 OLD_LABELS = {"Upscale factor": "factor", "Hires denoising strength": "hires_strength"}
-INTS = {"steps", "seed", "hires_steps", "tile_size", "tile_overlap", "deepcache_interval"}
+INTS = {"steps", "seed", "hires_steps", "tile_size", "tile_overlap", "deepcache_interval", "mask_blur",
+        "only_masked_padding"}
+INPAINT_FIELDS = ("mask_blur", "inpaint_area", "only_masked_padding", "masked_content", "invert_mask")
+# A1111's words for the inpaint values it writes (it leaves out "Whole picture" and "Inpaint masked")
+INPAINT_WORDS = {("inpaint_area", "only masked"): "Only masked", ("invert_mask", True): "Inpaint not masked"}
 FLOATS = {"guidance", "strength", "factor", "hires_strength", "cfg_truncation", "deepcache_start",
           "token_merging_ratio"}
 # A1111's re_param: a label may hold spaces, '-' and '/'; a quoted value may hold anything escaped
@@ -72,8 +78,16 @@ def _written(params: dict[str, Any]) -> dict[str, Any]:
     else:
         for name in ("factor", "hires_steps", "upscaler", "hires_strength"):
             fields.pop(name, None)
-        if fields.get("task") != "img2img":
+        if fields.get("task") not in ("img2img", "inpaint"):
             fields.pop("resize_mode", None)
+    if fields.get("task") == "inpaint":
+        for name in ("inpaint_area", "invert_mask"):
+            fields[name] = INPAINT_WORDS.get((name, fields.get(name)))
+        if fields["inpaint_area"] is None:
+            fields.pop("only_masked_padding", None)
+    else:
+        for name in INPAINT_FIELDS:
+            fields.pop(name, None)
     if "schedule" in fields and not fields["schedule"]:
         fields["schedule"] = AUTOMATIC
     return fields
@@ -143,6 +157,10 @@ def parse_parameters(text: str) -> dict[str, Any]:
             continue
         if key == "upscaler":
             out[key] = hires_upscaler_named(raw) or raw
+            continue
+        if key in ("inpaint_area", "invert_mask"):
+            out[key] = {"Only masked": "only masked", "Whole picture": "whole picture", "Inpaint not masked": True,
+                        "Inpaint masked": False}.get(raw, raw)
             continue
         try:
             out[key] = int(raw) if key in INTS else float(raw) if key in FLOATS else raw

@@ -38,7 +38,7 @@ class Task(ABC):
         self.image = None
         if self.takes_image:
             with IMAGE_SLOTS:  # decoded, then fitted by normalise: a waiting job keeps only what it will use
-                self.image = load_image(image)
+                self.read_inputs(image)
                 request, self.notices = self.normalise(request)
         else:
             request, self.notices = self.normalise(request)
@@ -46,6 +46,10 @@ class Task(ABC):
         self.loras = parse_prompt(self.request.prompt)[1]  # <lora:name:weight> tags; the Engine fuses them
         self.details: dict[str, Any] = {}  # what the Engine did for this job (a LoRA change), for the readout
         self.notices += prompt_notices(model, self.request) + few_step_notices(model, self.request, self.loras)
+
+    def read_inputs(self, image: Any) -> None:
+        """Decode what the caller sent into `self.image` (normalise fits it)."""
+        self.image = load_image(image)
 
     @abstractmethod
     def normalise(self, request) -> tuple[GenerationRequest, list[str]]:

@@ -81,13 +81,15 @@ def generators(seed: int, count: int, device: str) -> list[torch.Generator]:
 
 
 def derived_pipeline(model, task: str):
-    """The img2img pipeline sharing the loaded components (diffusers from_pipe): no second copy of weights."""
+    """The img2img or inpaint pipeline sharing the loaded components (diffusers from_pipe): no second copy of
+    weights."""
     cache = model.derived
     if task not in cache:
-        from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionXLImg2ImgPipeline
+        import diffusers
 
-        cls = StableDiffusionXLImg2ImgPipeline if model.is_sdxl else StableDiffusionImg2ImgPipeline
-        pipe = cls.from_pipe(model.pipe)
+        sd, sdxl = {"img2img": ("StableDiffusionImg2ImgPipeline", "StableDiffusionXLImg2ImgPipeline"),
+                    "inpaint": ("StableDiffusionInpaintPipeline", "StableDiffusionXLInpaintPipeline")}[task]
+        pipe = getattr(diffusers, sdxl if model.is_sdxl else sd).from_pipe(model.pipe)
         pipe.set_progress_bar_config(disable=True)
         cache[task] = pipe
     return cache[task]
@@ -95,9 +97,14 @@ def derived_pipeline(model, task: str):
 
 def denoise(model, pipe, runtime, embeds: PromptEmbeddings, ctx: DenoiseContext, request, *, steps: int,
             gens: list[torch.Generator], width: int, height: int, total: int,
-            image_latents: torch.Tensor | None = None, strength: float = 1.0) -> torch.Tensor:
+            image_latents: torch.Tensor | None = None, strength: float = 1.0,
+            extra: dict[str, Any] | None = None) -> torch.Tensor:
     """One diffusers denoising pass to latents (img2img from image_latents) with the request's sampler, schedule
-    type, eta and guidance; `total` is the job's step count."""
+    type, eta and guidance; `total` is the job's step count; `extra`: the inpaint pipeline's mask inputs. An
+    inpainting model (9-channel UNet) runs every task through its inpaint pipeline with the whole picture masked,
+    as A1111 conditions it."""
+    if model.is_inpainting and extra is None:
+        pipe, image_latents, extra = _whole_picture_masked(model, gens, width, height, image_latents)
     pipe.scheduler = make_scheduler(request.sampler, model.scheduler_config, request.schedule, sdxl=model.is_sdxl,
                                     seed=gens[0].initial_seed() if gens else None)
     expected = steps if image_latents is None else steps_for_strength(steps, strength)
@@ -112,7 +119,22 @@ def denoise(model, pipe, runtime, embeds: PromptEmbeddings, ctx: DenoiseContext,
     else:
         # diffusers runs int(steps * strength) steps; nudge so it runs round(steps * strength).
         kwargs.update(image=image_latents, strength=min(1.0, (expected + 1e-4) / steps))
-    return pipe(**kwargs).images
+    return pipe(**kwargs, **(extra or {})).images
+
+
+def _whole_picture_masked(model, gens, width: int, height: int, image_latents: torch.Tensor | None):
+    """An inpainting UNet's inputs for a task without a mask: everything masked, the masked picture all grey
+    (A1111's txt2img_image_conditioning); txt2img starts from zero latents at strength 1."""
+    f = model.vae_scale_factor
+    batch = len(gens)
+    if image_latents is None:
+        image_latents = torch.zeros(batch, model.pipe.vae.config.latent_channels, height // f, width // f)
+    else:
+        height, width = image_latents.shape[-2] * f, image_latents.shape[-1] * f
+    gray = encode_images(model, [Image.new("RGB", (width, height), (128, 128, 128))], gens[:1])
+    extra = dict(mask_image=Image.new("L", (width, height), 255), masked_image_latents=gray.expand(batch, -1, -1, -1),
+                 height=height, width=width)
+    return derived_pipeline(model, "inpaint"), image_latents, extra
 
 
 def steps_for_strength(steps: int, strength: float) -> int:

@@ -125,7 +125,8 @@ class CfgTruncation(Extension):
     conditional half of the embeddings (batch 1 per image), as diffusers' SDCFGCutoffCallback does, but for
     any batch size. `guided` / `unguided` count the steps of the job."""
 
-    tensor_inputs = ("prompt_embeds", "add_text_embeds", "add_time_ids")  # SD's and SDXL's conditioning
+    # SD's and SDXL's conditioning, and an inpaint pipeline's mask inputs (stacked for guidance too)
+    tensor_inputs = ("prompt_embeds", "add_text_embeds", "add_time_ids", "mask", "masked_image_latents")
 
     def __init__(self, fraction: float):
         self.fraction = fraction

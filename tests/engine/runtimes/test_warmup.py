@@ -9,6 +9,7 @@ from engine.runtimes.warmup import warmup_shapes
 
 class Model:  # what warmup_shapes reads of a loaded model
     vae_scale_factor = 8
+    is_inpainting = False
 
     def __init__(self, **options):
         self.options = Optimizations(**options)
@@ -43,4 +44,11 @@ def test_tiled_upscale_warms_its_tile_at_the_tile_batch():
 
 def test_unknown_task_is_a_clear_error():
     with pytest.raises(UserError, match="Unknown task"):
-        warmup_shapes(Model(), [(256, 256)], tasks=("inpaint",))
+        warmup_shapes(Model(), [(256, 256)], tasks=("outpaint",))
+
+
+def test_inpaint_warms_the_encoder_and_an_inpainting_model_encodes_for_every_task():
+    assert warmup_shapes(Model(), [(256, 256)], tasks=("inpaint",)) == [WarmupShape(256, 256, 1, True, 1, True)]
+    model = Model()
+    model.is_inpainting = True  # its grey conditioning picture is encoded even for txt2img
+    assert warmup_shapes(model, [(256, 256)], tasks=("txt2img",)) == [WarmupShape(256, 256, 1, True, 1, True)]

@@ -9,7 +9,7 @@ import re
 from typing import Any
 
 from engine import UserError
-from engine.requests import (HIRES_UPSCALER_NAMES, HiresFixRequest, Img2ImgRequest, Txt2ImgRequest,
+from engine.requests import (HIRES_UPSCALER_NAMES, HiresFixRequest, Img2ImgRequest, InpaintRequest, Txt2ImgRequest,
                              hires_upscaler_named, parse_request)
 from engine.samplers import parse_sampler
 from engine.store.metadata import VERSION
@@ -57,10 +57,11 @@ def refuse_unsupported(req: GenerationApi) -> None:
         raise ApiError(422, "firstphase_width: the deprecated first-phase size is not taken; send width, height and "
                             "hr_scale.")
     if isinstance(req, Img2ImgApi):
-        if req.mask:
-            raise ApiError(422, "mask: inpainting is not supported yet; send img2img without a mask.")
         if req.latent_mask:
-            raise ApiError(422, "latent_mask: inpainting is not supported yet.")
+            raise ApiError(422, "latent_mask: a second mask for the latents is not taken; the mask serves both.")
+        if req.mask and not req.mask_round:
+            raise ApiError(422, "mask_round false: the mask is rounded to 0 or 1 here (its blurred edge is kept "
+                                "for the paste back).")
         if not _off(req.initial_noise_multiplier, 1):
             raise ApiError(422, f"initial_noise_multiplier {req.initial_noise_multiplier}: the initial noise is not "
                                 f"scaled here (1 only).")
@@ -155,7 +156,27 @@ def _same_sampler(name: str, value: str, first: dict[str, Any]) -> bool:
         return False
 
 
-def img2img_request(req: Img2ImgApi) -> tuple[dict[str, Any], Any]:
+MASKED_CONTENT = ("fill", "original", "latent noise", "latent nothing")  # A1111's inpainting_fill 0..3
+
+
+def _inpaint_fields(req: Img2ImgApi) -> dict[str, Any]:
+    """A1111's inpaint fields (its defaults: fill, only masked, no padding) as ours."""
+    blur = req.mask_blur
+    if blur is None:
+        if req.mask_blur_x != req.mask_blur_y:
+            raise ApiError(422, f"mask_blur_x {req.mask_blur_x} / mask_blur_y {req.mask_blur_y}: one blur radius "
+                                f"for both directions here; send mask_blur.")
+        blur = req.mask_blur_x
+    if req.inpainting_fill not in range(len(MASKED_CONTENT)):
+        raise ApiError(422, f"inpainting_fill {req.inpainting_fill}: choose 0 (fill), 1 (original), 2 (latent "
+                            f"noise) or 3 (latent nothing).")
+    return {"mask_blur": blur, "masked_content": MASKED_CONTENT[req.inpainting_fill],
+            "inpaint_area": "only masked" if req.inpaint_full_res else "whole picture",
+            "only_masked_padding": req.inpaint_full_res_padding, "invert_mask": bool(req.inpainting_mask_invert)}
+
+
+def img2img_request(req: Img2ImgApi) -> tuple[str, dict[str, Any], Any]:
+    """("img2img" or, with a mask, "inpaint"; the request fields; the image or (image, mask))."""
     refuse_unsupported(req)
     if not req.init_images:
         raise ApiError(422, "init_images: img2img needs one image (base64).")
@@ -170,8 +191,12 @@ def img2img_request(req: Img2ImgApi) -> tuple[dict[str, Any], Any]:
     fields = {**common_fields(req), "width": req.width, "height": req.height,
               "resize_mode": RESIZE_MODES[req.resize_mode],
               "strength": 0.75 if req.denoising_strength is None else req.denoising_strength}
+    if req.mask:
+        fields.update(_inpaint_fields(req))
+        checked(InpaintRequest, fields)
+        return "inpaint", fields, (image, decode_image(req.mask, "mask"))
     checked(Img2ImgRequest, fields)
-    return fields, image
+    return "img2img", fields, image
 
 
 def png_base64(image, parameters_text: str | None = None) -> str:
@@ -199,10 +224,12 @@ def generation_response(result, req: GenerationApi, sent: dict[str, Any], extra:
         "denoising_strength": params.get("strength", params.get("hires_strength")),
         "extra_generation_params": {"Schedule type": params.get("schedule"),
                                     **{k: params[k] for k in ("task", "runtime", "factor", "upscaler", "hires_steps",
-                                                              "resize_mode") if k in params}},
+                                                              "resize_mode", "mask_blur", "masked_content",
+                                                              "inpaint_area") if k in params}},
         "index_of_first_image": 0, "infotexts": texts, "styles": list(params.get("styles") or []),
         "job_timestamp": extra.pop("job_timestamp"),
-        "clip_skip": 1, "is_using_inpainting_conditioning": False, "version": VERSION,
+        "clip_skip": 1, "is_using_inpainting_conditioning":
+            str(result.readout.details.get("inpainting_unet", "")).startswith("yes"), "version": VERSION,
         "fast_sd": {"readout": result.readout.to_dict(), "notices": list(result.notices),
                     "saved_paths": list(result.saved_paths), **extra},
     }

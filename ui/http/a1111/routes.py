@@ -187,9 +187,10 @@ class SdApi:
 
     def img2img(self, data: dict) -> dict:
         req = validated(Img2ImgApi, data)
-        fields, image = img2img_request(req)
+        task, fields, image = img2img_request(req)
         self._check_styles(req)
-        result, extra = self._run(req, lambda: self.engine.img2img(fields, image))
+        call = self.engine.inpaint if task == "inpaint" else self.engine.img2img
+        result, extra = self._run(req, lambda: call(fields, image))
         sent = req.model_dump()
         if not req.include_init_images:  # as A1111: the echo does not send the images back
             sent["init_images"], sent["mask"] = None, None
